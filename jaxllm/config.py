@@ -1,0 +1,144 @@
+"""Every configuration key, declared once, plus the model-size table and cross-field checks.
+
+Configs in `configs/` are small deltas on `base_config()`. Loaded with
+`config_flags.DEFINE_config_file(lock_config=True)`, so `--config.model.n_layerz=2` fails loudly.
+This module imports no jax, flax or other jaxllm module: it is plain data.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Published shapes. `source` is where each number was read; rope scaling (Llama 3.1+) is left to
+# the HF-conversion work and not modelled yet.
+MODEL_SIZES = {
+    # Ours: the CPU default, small enough to train in minutes on 2 cores.
+    'tiny': dict(source='jaxllm (this repo): CPU smoke/default model',
+                 vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=32,
+                 mlp_dim=384, rope_theta=10_000.0, norm_eps=1e-5, tie_embeddings=False),
+    'llama3.2-1b': dict(source='meta-llama/Llama-3.2-1B config.json (HF model card)',
+                        vocab_size=128_256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                        head_dim=64, mlp_dim=8192, rope_theta=500_000.0, norm_eps=1e-5,
+                        tie_embeddings=True),
+    'llama2-7b': dict(source='Touvron et al. 2023, Llama 2, Table 1; meta-llama/Llama-2-7b-hf '
+                             'config.json',
+                      vocab_size=32_000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                      head_dim=128, mlp_dim=11_008, rope_theta=10_000.0, norm_eps=1e-5,
+                      tie_embeddings=False),
+    'llama3-8b': dict(source='Meta 2024, The Llama 3 Herd of Models, Table 3; '
+                             'meta-llama/Meta-Llama-3-8B config.json',
+                      vocab_size=128_256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                      head_dim=128, mlp_dim=14_336, rope_theta=500_000.0, norm_eps=1e-5,
+                      tie_embeddings=False),
+}
+
+# Logical axis name -> mesh axis (or axes). One-to-one: Flax NNX applies it as a rename.
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('embed', 'fsdp'),
+    ('vocab', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('head_dim', None),
+    ('mlp', 'tensor'),
+    ('norm', None),
+    ('layers', None),
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All keys with their defaults; each line says what the key means and its unit."""
+  c = ml_collections.ConfigDict()
+  c.name = 'base'  # run name; the default workdir is runs/<name>
+  c.seed = 0  # seeds parameter init (data has its own seed below)
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 2048  # embedding rows; must be >= the tokenizer's vocabulary
+  m.d_model = 128  # residual width D
+  m.n_layers = 4  # decoder layers
+  m.n_heads = 4  # query heads H
+  m.n_kv_heads = 4  # key/value heads K (GQA when K < H; H % K == 0)
+  m.head_dim = 32  # per-head width Dh
+  m.mlp_dim = 384  # SwiGLU hidden width F
+  m.rope_theta = 10_000.0  # RoPE base frequency
+  m.norm_eps = 1e-5  # RMSNorm epsilon
+  m.tie_embeddings = False  # share embed_tokens with the output head
+  m.init_std = 0.02  # std of the normal init of every matrix
+  m.param_dtype = 'float32'  # parameter (and optimizer moment) storage dtype
+  m.dtype = 'float32'  # compute dtype: 'bfloat16' on accelerators; logits and loss stay float32
+  m.remat = 'none'  # activation recompute: none | full | save_dots | save_all_dots
+  m.scan_layers = True  # scan over stacked layers (compile time independent of depth)
+  m.attention = 'xla'  # jax.nn.dot_product_attention implementation: xla | cudnn | auto
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source_dir = ''  # directory of .txt files; '' = the corpus shipped in the package
+  d.cache_dir = ''  # where the array_record dataset is built; '' = <workdir>/data
+  d.tokenizer = ''  # sentencepiece model path; '' = train one into <workdir>/tokenizer.model
+  d.eval_files = 2  # whole source files held out for evaluation
+  d.seq_len = 256  # tokens per row (packed documents)
+  d.seed = 0  # shuffling seed
+
+  c.train = t = ml_collections.ConfigDict()
+  t.global_batch_size = 16  # rows per optimizer step, summed over all devices and micro-batches
+  t.microbatches = 1  # gradient accumulation: the step's batch is split into this many parts
+  t.num_steps = 300  # optimizer steps
+  t.log_every = 25  # steps between console/TensorBoard lines
+  t.eval_every = 100  # steps between held-out evaluations (and at the end); 0 = only at the end
+  t.eval_batches = 8  # held-out batches per evaluation (0 = the whole eval split)
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.peak_lr = 3e-3  # learning rate after warmup
+  o.warmup_steps = 30  # linear warmup from 0 to peak_lr
+  o.decay_steps = 0  # steps of cosine decay after warmup; 0 = until train.num_steps
+  o.final_lr_fraction = 0.1  # cosine ends at peak_lr x this
+  o.b1 = 0.9  # AdamW first-moment decay
+  o.b2 = 0.95  # AdamW second-moment decay
+  o.eps = 1e-8  # AdamW epsilon
+  o.weight_decay = 0.1  # decoupled weight decay (matrices only; not norms or other 1-D params)
+  o.clip_norm = 1.0  # global gradient-norm clip; 0 = off
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1  # pure data parallelism (replicated parameters)
+  c.mesh.fsdp = -1  # data parallelism with parameters sharded (ZeRO-3); -1 = the remaining devices
+  c.mesh.tensor = 1  # tensor parallelism over heads, mlp and vocab
+
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.rules = DEFAULT_RULES  # logical axis name -> mesh axis, one-to-one
+  return c
+
+
+def apply_size(config: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
+  """Sets the model shape from a MODEL_SIZES row."""
+  if size not in MODEL_SIZES:
+    raise ValueError(f'unknown model size {size!r}; known: {sorted(MODEL_SIZES)}')
+  config.model.update({k: v for k, v in MODEL_SIZES[size].items() if k != 'source'})
+  return config
+
+
+def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
+  """Cross-field checks; each error names the keys to change. `mesh_shape` is resolved."""
+  m, t = config.model, config.train
+  errors = []
+  if m.n_heads % m.n_kv_heads:
+    errors.append(f'model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}')
+  tensor = mesh_shape['tensor']
+  for key in ('n_heads', 'n_kv_heads', 'mlp_dim', 'vocab_size'):
+    if m[key] % tensor:
+      errors.append(f'model.{key}={m[key]} is not divisible by mesh.tensor={tensor}')
+  if m.d_model % mesh_shape['fsdp']:
+    errors.append(f'model.d_model={m.d_model} is not divisible by mesh.fsdp={mesh_shape["fsdp"]}')
+  if m.head_dim % 2:
+    errors.append(f'model.head_dim={m.head_dim} must be even for RoPE')
+  batch_ways = mesh_shape['data'] * mesh_shape['fsdp']
+  if t.microbatches < 1 or t.global_batch_size % t.microbatches:
+    errors.append(f'train.global_batch_size={t.global_batch_size} is not divisible by '
+                  f'train.microbatches={t.microbatches}')
+  elif (t.global_batch_size // t.microbatches) % batch_ways:
+    errors.append(f'train.global_batch_size={t.global_batch_size} / train.microbatches='
+                  f'{t.microbatches} must be divisible by mesh.data x mesh.fsdp = {batch_ways}')
+  if config.optim.warmup_steps > t.num_steps:
+    errors.append(f'optim.warmup_steps={config.optim.warmup_steps} exceeds '
+                  f'train.num_steps={t.num_steps}')
+  if errors:
+    raise ValueError('invalid config: ' + '; '.join(errors))

@@ -1,0 +1,239 @@
+"""Llama-family decoder in Flax NNX.
+
+Parameters carry logical axis names (see the sharding vocabulary in README.md); activations are
+constrained at block boundaries. Layers are created stacked (one leading `layers` dim) and run
+with a scan, so compile time does not grow with depth. Module and parameter names mirror Hugging
+Face Llama (`embed_tokens`, `q_proj`, ..., `input_layernorm`, `norm`, `lm_head`), so checkpoint
+conversion is a key table plus transposes and reshapes. RoPE rotates (first half, second half) like
+HF's `rotate_half`, so HF weights need no q/k permutation.
+
+Shape suffixes: B batch, L length, D width, H query heads, K kv heads, G = H // K, Dh head width,
+F mlp width, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.linen import partitioning as nn_partitioning
+
+REMAT_POLICIES = {
+    'none': None,  # keep every activation (most memory, no recompute)
+    'full': jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer in backward
+    # Save the outputs of weight matmuls (x @ W: no batch dims in dot_general terms) and recompute
+    # attention scores, norms and elementwise ops: the usual best trade on accelerators.
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'save_all_dots': jax.checkpoint_policies.checkpoint_dots,  # also keep attention matmuls
+}
+ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """Shape and numerics of a decoder; mirrors the `model` section of the config."""
+
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  init_std: float = 0.02  # normal init of every matrix; norms start at 1
+  param_dtype: str = 'float32'  # storage dtype of parameters (and so of optimizer moments)
+  dtype: str = 'float32'  # compute dtype of activations and matmuls; logits come out float32
+  remat: str = 'none'  # key of REMAT_POLICIES
+  scan_layers: bool = True  # False unrolls the layer loop (same math; for tests and profiling)
+  attention: str = 'xla'  # jax.nn.dot_product_attention implementation: 'xla', 'cudnn' or 'auto'
+
+  def __post_init__(self):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'model.remat={self.remat!r}: choose one of {sorted(REMAT_POLICIES)}')
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f'model.attention={self.attention!r}: choose one of {ATTENTION_IMPLS}')
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f'model.n_heads={self.n_heads} is not a multiple of '
+                       f'model.n_kv_heads={self.n_kv_heads}')
+
+  def num_params(self) -> int:
+    """Exact parameter count (embeddings and head included)."""
+    d, f, v = self.d_model, self.mlp_dim, self.vocab_size
+    attn = d * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+    per_layer = attn + 3 * d * f + 2 * d
+    head = 0 if self.tie_embeddings else d * v
+    return v * d + self.n_layers * per_layer + d + head
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_half: bool = True) -> float:
+  """Training FLOPs per token (forward + backward = 3x forward; a multiply-add counts 2).
+
+  6 x (every matmul parameter: attention and MLP projections and the output head; the embedding
+  lookup is a gather and does not count) + attention scores and values: 2 matmuls of
+  L x Dh per head and layer, 12 x n_layers x n_heads x head_dim x L per token, halved when causal
+  attention is counted as half (only the lower triangle is useful work). Remat recompute is not
+  counted (MFU, not hardware FLOPs utilisation).
+  """
+  d = cfg.d_model
+  matmul_params = cfg.n_layers * (d * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+                                  + 3 * d * cfg.mlp_dim) + d * cfg.vocab_size
+  attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+  return 6 * matmul_params + (attention / 2 if causal_half else attention)
+
+
+def _param(rngs: nnx.Rngs, shape, names, cfg: ModelConfig, *, std=None) -> nnx.Param:
+  """A parameter with logical axis names; `std=None` means ones (norm scales)."""
+  dtype = jnp.dtype(cfg.param_dtype)
+  init = nnx.initializers.ones if std is None else nnx.initializers.normal(std)
+  # Layout comes from the jit's out_shardings (derived from these names), not from eager
+  # placement, so the model can also be built with no mesh at all (tests, conversion).
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+def _constrain(x, names):
+  # A no-op without an active mesh and rules; otherwise pins the activation layout.
+  return nn_partitioning.with_sharding_constraint(x, names)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.weight = _param(rngs, (cfg.d_model,), ('norm',), cfg)
+    self.eps = cfg.norm_eps
+
+  def __call__(self, x):
+    # Normalise in float32 whatever the compute dtype, as HF does.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x_BLNDh, positions_BL, theta: float):
+  """Rotary embedding in HF's half-split layout: pairs are (i, i + Dh/2)."""
+  half = x_BLNDh.shape[-1] // 2
+  inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+  angles_BLh = positions_BL[..., None].astype(jnp.float32) * inv_freq
+  sin, cos = jnp.sin(angles_BLh)[:, :, None, :], jnp.cos(angles_BLh)[:, :, None, :]
+  x1, x2 = jnp.split(x_BLNDh.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BLNDh.dtype)
+
+
+def attention_mask(segment_ids_BL):
+  """[B, 1, L, L] mask: a token sees earlier tokens of its own document, never padding (id 0)."""
+  if segment_ids_BL is None:
+    return None
+  same = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+  return (same & (segment_ids_BL[:, None, :] > 0))[:, None, :, :]
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, h, k, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    std = cfg.init_std
+    self.q_proj = _param(rngs, (d, h, dh), ('embed', 'heads', 'head_dim'), cfg, std=std)
+    self.k_proj = _param(rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), cfg, std=std)
+    self.v_proj = _param(rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), cfg, std=std)
+    self.o_proj = _param(rngs, (h, dh, d), ('heads', 'head_dim', 'embed'), cfg, std=std)
+    self.cfg = cfg
+
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    q = jnp.einsum('bld,dhk->blhk', x_BLD, self.q_proj[...].astype(dt))
+    k = jnp.einsum('bld,dhk->blhk', x_BLD, self.k_proj[...].astype(dt))
+    v = jnp.einsum('bld,dhk->blhk', x_BLD, self.v_proj[...].astype(dt))
+    q = _constrain(rope(q, positions_BL, cfg.rope_theta), ('batch', 'length', 'heads', 'head_dim'))
+    k = _constrain(rope(k, positions_BL, cfg.rope_theta), ('batch', 'length', 'kv_heads', 'head_dim'))
+    v = _constrain(v, ('batch', 'length', 'kv_heads', 'head_dim'))
+    # GQA is native: H query heads attend in groups of H // K to each kv head.
+    impl = None if cfg.attention == 'auto' else cfg.attention
+    out_BLHDh = jax.nn.dot_product_attention(
+        q, k, v, mask=attention_mask(segment_ids_BL), is_causal=True, implementation=impl)
+    out_BLD = jnp.einsum('blhk,hkd->bld', out_BLHDh, self.o_proj[...].astype(dt))
+    return out_BLD
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, f, std = cfg.d_model, cfg.mlp_dim, cfg.init_std
+    self.gate_proj = _param(rngs, (d, f), ('embed', 'mlp'), cfg, std=std)
+    self.up_proj = _param(rngs, (d, f), ('embed', 'mlp'), cfg, std=std)
+    self.down_proj = _param(rngs, (f, d), ('mlp', 'embed'), cfg, std=std)
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, x_BLD):
+    dt = self.dtype
+    gate_BLF = jnp.einsum('bld,df->blf', x_BLD, self.gate_proj[...].astype(dt))
+    up_BLF = jnp.einsum('bld,df->blf', x_BLD, self.up_proj[...].astype(dt))
+    h_BLF = _constrain(jax.nn.silu(gate_BLF) * up_BLF, ('batch', 'length', 'mlp'))
+    return jnp.einsum('blf,fd->bld', h_BLF, self.down_proj[...].astype(dt))
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(cfg, rngs=rngs)
+    self.self_attn = Attention(cfg, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+    x_BLD = x_BLD + self.self_attn(self.input_layernorm(x_BLD), positions_BL, segment_ids_BL)
+    x_BLD = x_BLD + self.mlp(self.post_attention_layernorm(x_BLD))
+    return _constrain(x_BLD, ('batch', 'length', 'embed'))
+
+
+class Llama(nnx.Module):
+  """tokens [B, L] int -> logits [B, L, V] float32."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), cfg,
+                               std=cfg.init_std)
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make_layers(rngs):
+      return DecoderLayer(cfg, rngs=rngs)
+
+    self.layers = make_layers(rngs)  # every parameter gets a leading `layers` dim
+    self.norm = RMSNorm(cfg, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg,
+                            std=cfg.init_std)
+
+  def __call__(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None):
+    x_BLD = jnp.take(self.embed_tokens[...], tokens_BL, axis=0).astype(jnp.dtype(self.cfg.dtype))
+    return self.from_embeddings(x_BLD, positions_BL=positions_BL, segment_ids_BL=segment_ids_BL)
+
+  def from_embeddings(self, x_BLD, *, positions_BL=None, segment_ids_BL=None):
+    """The decoder stack and head on given input embeddings [B, L, D]."""
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
+    x_BLD = _constrain(x_BLD, ('batch', 'length', 'embed'))
+
+    def body(x_BLD, layer: DecoderLayer):
+      return layer(x_BLD, positions_BL, segment_ids_BL)
+
+    policy = REMAT_POLICIES[cfg.remat]
+    if cfg.remat != 'none':
+      body = nnx.remat(body, prevent_cse=False, policy=policy)
+    # unroll=True emits the layers as straight-line code: the same math, compile time grows
+    # with depth. Scanned is the default.
+    scan = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                    unroll=1 if cfg.scan_layers else True,
+                    transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    x_BLD = self.norm(scan(x_BLD, self.layers))
+    head_DV = (self.embed_tokens[...].T if cfg.tie_embeddings else self.lm_head[...])
+    logits_BLV = jnp.einsum('bld,dv->blv', x_BLD, head_DV.astype(dt),
+                            preferred_element_type=jnp.float32)
+    return _constrain(logits_BLV, ('batch', 'length', 'vocab'))

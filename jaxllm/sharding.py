@@ -1,0 +1,80 @@
+"""Device mesh, logical-to-mesh sharding, and host-local batches to global arrays.
+
+The mesh has axes (data, fsdp, tensor). Logical names ('batch', 'embed', 'heads', ...) are mapped
+to mesh axes by the rules table in the config; this module applies a table, it never defines one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax.linen import partitioning as nn_partitioning
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+
+def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Fills the one `-1` axis so the product is `num_devices`; errors name the mesh.* keys."""
+  shape = {axis: int(sizes[axis]) for axis in MESH_AXES}
+  keys = ' x '.join(f'mesh.{a}={shape[a]}' for a in MESH_AXES)
+  free = [a for a in MESH_AXES if shape[a] == -1]
+  if len(free) > 1 or any(v == 0 or v < -1 for v in shape.values()):
+    raise ValueError(f'{keys}: use positive sizes and at most one -1')
+  fixed = math.prod(v for v in shape.values() if v != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f'{keys}: the fixed axes ({fixed}) do not divide the {num_devices} devices;'
+                       ' change the mesh.* sizes')
+    shape[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ValueError(f'{keys} = {fixed} devices, but {num_devices} are present; change the mesh.* '
+                     'sizes or set one of them to -1')
+  return shape
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over `devices` (default: all) with Auto axes, so logical constraints drive GSPMD."""
+  devices = jax.devices() if devices is None else list(devices)
+  dims = tuple(shape[a] for a in MESH_AXES)
+  if len(devices) == jax.device_count():
+    # Orders devices so that inner axes (tensor, then fsdp) stay on the fastest links.
+    return jax.make_mesh(dims, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  return Mesh(np.asarray(devices).reshape(dims), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def logical_to_mesh(spec: P, rules: Rules) -> P:
+  """Renames each logical name of `spec` to its mesh axis; an unknown name is an error."""
+  table = dict(rules)
+  missing = [n for n in spec if n is not None and n not in table]
+  if missing:
+    raise ValueError(f'logical axis {missing[0]!r} has no entry in sharding.rules')
+  return P(*(None if n is None else table[n] for n in spec))
+
+
+def named_shardings(logical_specs, mesh: Mesh, rules: Rules):
+  """Tree of logical PartitionSpecs -> tree of NamedShardings on `mesh`."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_mesh(s, rules)), logical_specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+  """Rows split over the 'batch' mesh axes, positions whole."""
+  return NamedSharding(mesh, logical_to_mesh(P('batch', 'length'), rules))
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
+  """This process's rows -> one global jax.Array per key (multi-host safe)."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules):
+  """Mesh and rules in scope while tracing, so activation constraints resolve to mesh axes."""
+  with jax.set_mesh(mesh), nn_partitioning.axis_rules(rules):
+    yield

@@ -1,0 +1,270 @@
+"""Wiring: config -> mesh -> data -> model -> train step -> metrics. The only module that imports
+the others.
+
+The train state is a plain dict `{'step', 'params', 'opt_state'}` of jax.Arrays; `params` is the
+pure-dict form of the NNX model state (`nnx.merge(graphdef, params)` rebuilds the module inside the
+step). Shardings come from abstract shapes, so no device ever holds the full model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxllm import config as config_lib
+from jaxllm import data as data_lib
+from jaxllm import metrics as metrics_lib
+from jaxllm import model as model_lib
+from jaxllm import optim
+from jaxllm import sharding
+
+
+# What the data pipeline yields per step: int32 [batch, seq_len] arrays.
+BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions')
+
+
+def model_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
+  return model_lib.ModelConfig(**config.model)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """Everything the loop needs, built from abstract shapes (nothing allocated)."""
+
+  mesh: Mesh
+  rules: tuple
+  model_cfg: model_lib.ModelConfig
+  graphdef: nnx.GraphDef
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  abstract_state: dict  # ShapeDtypeStructs carrying their shardings
+  state_shardings: dict
+  batch_sharding: NamedSharding
+  microbatches: int
+  seed: int
+
+  def init_state(self) -> dict:
+    """Random init, each device computing only its own shards."""
+    def init():
+      params = nnx.to_pure_dict(nnx.state(
+          model_lib.Llama(self.model_cfg, rngs=nnx.Rngs(self.seed))))
+      return {'step': jnp.zeros((), jnp.int32), 'params': params,
+              'opt_state': self.tx.init(params)}
+    with sharding.activate(self.mesh, self.rules):
+      return jax.jit(init, out_shardings=self.state_shardings)()
+
+  @functools.cached_property
+  def train_step(self):
+    """(state, batch) -> (state, metrics); compiled once, state donated."""
+    return jax.jit(functools.partial(_train_step, self), donate_argnums=(0,),
+                   in_shardings=(self.state_shardings, self.batch_sharding),
+                   out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())))
+
+  @functools.cached_property
+  def eval_step(self):
+    """(params, batch) -> {'loss_sum', 'tokens'}."""
+    return jax.jit(functools.partial(_eval_step, self),
+                   in_shardings=(self.state_shardings['params'], self.batch_sharding),
+                   out_shardings=NamedSharding(self.mesh, P()))
+
+  def abstract_batch(self, batch_size: int, seq_len: int) -> dict:
+    sds = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=self.batch_sharding)
+    return {k: sds for k in BATCH_KEYS}
+
+  def compile_train_step(self, batch_size: int, seq_len: int):
+    """Ahead-of-time lower + compile from abstract shapes (no weights allocated)."""
+    with sharding.activate(self.mesh, self.rules):
+      lowered = self.train_step.lower(self.abstract_state, self.abstract_batch(batch_size, seq_len))
+    return lowered.compile()
+
+
+def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
+  """Abstract model and optimizer state, and their shardings on `mesh`."""
+  model_cfg = model_config(config)
+  rules = tuple(tuple(r) for r in config.sharding.rules)
+  graphdef, abs_params = nnx.split(
+      nnx.eval_shape(lambda: model_lib.Llama(model_cfg, rngs=nnx.Rngs(0))))
+  param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abs_params))
+  abs_params = nnx.to_pure_dict(abs_params)
+  o = config.optim
+  schedule = optim.learning_rate_schedule(
+      peak_lr=o.peak_lr, warmup_steps=o.warmup_steps,
+      decay_steps=(o.decay_steps or config.train.num_steps - o.warmup_steps),
+      final_lr_fraction=o.final_lr_fraction)
+  # Weight decay on matrices only: a parameter with one logical dim besides `layers` is a vector.
+  decay = jax.tree.map(lambda s: len([n for n in s if n != 'layers']) > 1, param_specs,
+                       is_leaf=lambda x: isinstance(x, P))
+  tx = optim.make_optimizer(schedule=schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                            weight_decay=o.weight_decay, clip_norm=o.clip_norm, decay_mask=decay)
+  abs_opt = jax.eval_shape(tx.init, abs_params)
+  opt_specs = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_specs,
+                                    transform_non_params=lambda _: P(),
+                                    is_leaf=lambda x: isinstance(x, P))
+  specs = {'step': P(), 'params': param_specs, 'opt_state': opt_specs}
+  shardings = sharding.named_shardings(specs, mesh, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abs_params,
+                           'opt_state': abs_opt}, shardings)
+  return Trainer(mesh=mesh, rules=rules, model_cfg=model_cfg, graphdef=graphdef, tx=tx,
+                 schedule=schedule, abstract_state=abstract, state_shardings=shardings,
+                 batch_sharding=sharding.batch_sharding(mesh, rules),
+                 microbatches=config.train.microbatches, seed=config.seed)
+
+
+def _loss_sums(trainer: Trainer, params, batch):
+  """Summed next-token NLL over real (non-padding) targets, and their count."""
+  model = nnx.merge(trainer.graphdef, params)
+  logits_BLV = model(batch['inputs'], positions_BL=batch['positions'],
+                     segment_ids_BL=batch['segment_ids'])
+  mask_BL = batch['segment_ids'] > 0
+  logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+  gold_BL = jnp.take_along_axis(logits_BLV, batch['targets'][..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(mask_BL, logz_BL - gold_BL, 0.0)), jnp.sum(mask_BL)
+
+
+def _train_step(trainer: Trainer, state, batch):
+  grad_fn = jax.value_and_grad(functools.partial(_loss_sums, trainer), has_aux=True)
+  params, m = state['params'], trainer.microbatches
+  if m == 1:
+    (loss_sum, tokens), grads = grad_fn(params, batch)
+  else:
+    # Micro-batch i takes rows i, i+m, i+2m, ... so every device holds a slice of each one.
+    split = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1),
+                         batch)
+
+    def accumulate(carry, micro):
+      (loss_sum, tokens), grads = grad_fn(params, micro)
+      return jax.tree.map(jnp.add, carry, (loss_sum, tokens, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
+             jax.tree.map(jnp.zeros_like, params))
+    (loss_sum, tokens, grads), _ = jax.lax.scan(accumulate, zeros, split)
+  # Mean over every real target token of the step, whatever the micro-batching.
+  grads = jax.tree.map(lambda g: g / tokens, grads)
+  updates, opt_state = trainer.tx.update(grads, state['opt_state'], params)
+  new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(params, updates),
+               'opt_state': opt_state}
+  metrics = {'loss': loss_sum / tokens, 'grad_norm': optax.global_norm(grads),
+             'lr': trainer.schedule(state['step']), 'tokens': tokens}
+  return new_state, metrics
+
+
+def _eval_step(trainer: Trainer, params, batch):
+  loss_sum, tokens = _loss_sums(trainer, params, batch)
+  return {'loss_sum': loss_sum, 'tokens': tokens}
+
+
+def evaluate(trainer: Trainer, params, batches: Iterator[Mapping[str, np.ndarray]]) -> dict:
+  """Mean held-out loss (nats per token) over `batches`."""
+  loss_sum, tokens = 0.0, 0
+  with sharding.activate(trainer.mesh, trainer.rules):
+    for batch in batches:
+      out = jax.device_get(trainer.eval_step(params, sharding.global_batch(batch,
+                                                                           trainer.batch_sharding)))
+      loss_sum, tokens = loss_sum + float(out['loss_sum']), tokens + int(out['tokens'])
+  return {'eval_loss': loss_sum / max(tokens, 1), 'eval_tokens': tokens}
+
+
+def _check_finite(step: int, metrics: Mapping[str, float]) -> None:
+  if not (np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])):
+    raise FloatingPointError(
+        f'non-finite loss or gradient at step {step} (loss={metrics["loss"]}, grad_norm='
+        f'{metrics["grad_norm"]}); lower optim.peak_lr or raise optim.warmup_steps')
+
+
+def make_pipeline(config: ml_collections.ConfigDict, workdir: str, batch_size: int):
+  d = config.data
+  return data_lib.make_pipeline(
+      source_dir=d.source_dir or None, cache_dir=d.cache_dir or os.path.join(workdir, 'data'),
+      tokenizer_path=d.tokenizer or os.path.join(workdir, 'tokenizer.model'),
+      vocab_size=config.model.vocab_size, seq_len=d.seq_len, batch_size=batch_size,
+      eval_files=d.eval_files, seed=d.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+
+def setup(config: ml_collections.ConfigDict) -> Trainer:
+  """Resolves and validates the config against the devices present, and builds the trainer."""
+  shape = sharding.resolve_mesh_shape(config.mesh, jax.device_count())
+  config_lib.validate(config, shape)
+  return make_trainer(config, sharding.make_mesh(shape))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config` in `workdir`; returns the last train and eval metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  trainer = setup(config)
+  t = config.train
+  local_batch = t.global_batch_size // jax.process_count()
+  pipeline = make_pipeline(config, workdir, local_batch)
+  if pipeline.tokenizer.vocab_size() > config.model.vocab_size:
+    raise ValueError(f'tokenizer has {pipeline.tokenizer.vocab_size()} tokens but '
+                     f'model.vocab_size={config.model.vocab_size}; raise model.vocab_size')
+  is_lead = jax.process_index() == 0
+  writer = metrics_lib.SummaryWriter(os.path.join(workdir, 'tensorboard'), enabled=is_lead)
+  writer.write_hparams(config.to_dict())
+  if is_lead:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  logging.info('mesh %s on %d devices (%s)', dict(trainer.mesh.shape), jax.device_count(),
+               jax.devices()[0].device_kind)
+  logging.info('config:\n%s', config)
+
+  state = trainer.init_state()
+  logging.info('parameters:\n%s', metrics_lib.parameter_table(state['params']))
+  reporter = metrics_lib.Reporter(
+      total_steps=t.num_steps, tokens_per_step=t.global_batch_size * config.data.seq_len,
+      flops_per_token=model_lib.flops_per_token(trainer.model_cfg, config.data.seq_len),
+      num_devices=jax.device_count(),
+      peak_flops=metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
+                                                   config.model.dtype),
+      writer=writer)
+
+  train_iter = pipeline.train_iter()
+  last, pending = {}, None
+  with sharding.activate(trainer.mesh, trainer.rules):
+    for step in range(int(state['step']), t.num_steps):
+      batch = sharding.global_batch(next(train_iter), trainer.batch_sharding)
+      state, step_metrics = trainer.train_step(state, batch)
+      # Read step N-1's metrics only now that step N is queued: the device never waits on us.
+      if pending is not None:
+        last.update(_finish_step(*pending, reporter, t))
+      pending = (step + 1, step_metrics)
+      if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.num_steps:
+        last.update(_run_eval(trainer, state, pipeline, step + 1, writer, t.eval_batches))
+    if pending is not None:
+      last.update(_finish_step(*pending, reporter, t))
+  last.update(_run_eval(trainer, state, pipeline, t.num_steps, writer, t.eval_batches))
+  writer.close()
+  last['state'] = state
+  return last
+
+
+def _finish_step(step: int, device_metrics, reporter, t) -> dict:
+  host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+  _check_finite(step, host)
+  if step % t.log_every == 0 or step == t.num_steps:
+    reporter.report(step, host)
+  return host
+
+
+def _run_eval(trainer, state, pipeline, step, writer, max_batches) -> dict:
+  start = time.perf_counter()
+  out = evaluate(trainer, state['params'], pipeline.eval_batches(max_batches=max_batches or None))
+  writer.write_scalars(step, {'eval/loss': out['eval_loss']})
+  writer.flush()
+  logging.info('eval at step %d: loss %.4f over %d tokens (%.1f s)', step, out['eval_loss'],
+               out['eval_tokens'], time.perf_counter() - start)
+  return out

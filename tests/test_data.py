@@ -1,0 +1,235 @@
+"""Tests of jaxllm.data on the embedded corpus: splits, tokenizer, packing, sharding, resume, errors."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxllm import data
+
+VOCAB, SEQ, BATCH = 512, 64, 8
+
+
+def _make(work, **overrides):
+  kwargs = dict(source_dir=None, cache_dir=str(work / 'data'), tokenizer_path=str(work / 'tokenizer.model'),
+                vocab_size=VOCAB, seq_len=SEQ, batch_size=BATCH, eval_files=2, seed=0)
+  return data.make_pipeline(**{**kwargs, **overrides})
+
+
+@pytest.fixture(scope='session')
+def work(tmp_path_factory):
+  return tmp_path_factory.mktemp('data_work')
+
+
+@pytest.fixture(scope='session')
+def pipe(work):
+  return _make(work)
+
+
+@pytest.fixture(scope='session')
+def corpus():
+  return {f.name: f.read_text('utf-8') for f in data.list_text_files(data.default_source_dir())}
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _same(a, b):
+  return len(a) == len(b) and all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+                                  for x, y in zip(a, b))
+
+
+def _segments(batch):
+  """(inputs, targets, positions) of every segment of every row."""
+  for r in range(batch['inputs'].shape[0]):
+    seg = batch['segment_ids'][r]
+    for s in np.unique(seg[seg > 0]):
+      m = seg == s
+      yield batch['inputs'][r][m], batch['targets'][r][m], batch['positions'][r][m]
+
+
+def _segment_text(tok, inputs, targets):
+  ids = [int(i) for i in inputs] + [int(targets[-1])]
+  return tok.decode([i for i in ids if i not in (tok.bos_id, tok.eos_id)])
+
+
+def test_corpus_is_found_in_the_package():
+  files = data.list_text_files(data.default_source_dir())
+  assert len(files) == 42 and (Path(data.default_source_dir()) / 'README.md').exists()
+
+
+def test_split_documents_keeps_text_and_size():
+  text = ('para one\nline\n\n' * 400) + ('x' * 40000) + '\n\n\n'
+  docs = data.split_documents(text)
+  assert ''.join(docs) == text  # nothing lost, order kept
+  assert all(len(d) <= 8 * data.DOC_CHARS for d in docs) and len(docs) > 3
+  assert all(len(d) >= data.DOC_CHARS for d in docs[:2])
+
+
+def test_determinism_same_seed_same_batches_other_seed_differs(pipe, work):
+  first = _take(pipe.train_iter(), 3)
+  assert _same(first, _take(pipe.train_iter(), 3))
+  assert _same(first, _take(_make(work).train_iter(), 3))
+  other = _make(work, seed=1)
+  assert not _same(first, _take(other.train_iter(), 3))
+  assert [pipe.train_doc_order()[i] for i in range(20)] != [other.train_doc_order()[i] for i in range(20)]
+
+
+def test_resume_from_saved_state_is_exact(pipe):
+  it = pipe.train_iter()
+  _take(it, 5)  # 5 batches of 8 rows: stops inside a packed group of 32 bins
+  state = json.loads(json.dumps(it.get_state()))  # must survive a JSON checkpoint
+  expected = _take(it, 6)
+  resumed = pipe.train_iter()
+  resumed.set_state(state)
+  assert _same(expected, _take(resumed, 6))
+  uninterrupted = _take(pipe.train_iter(), 11)[5:]
+  assert _same(expected, uninterrupted)
+
+
+def test_epochs_reshuffle_and_cover_every_document(pipe):
+  order = pipe.train_doc_order()
+  n = len(pipe.train_source)
+  e0, e1 = [order[i] for i in range(n)], [order[n + i] for i in range(n)]
+  assert sorted(e0) == sorted(e1) == list(range(n))
+  assert e0 != e1
+
+
+@pytest.mark.parametrize('split', ['train', 'eval'])
+def test_packing_invariants_and_no_mixed_documents(pipe, corpus, split):
+  batches = _take(pipe.train_iter(), 12) if split == 'train' else list(pipe.eval_batches(max_batches=12))
+  tok, text = pipe.tokenizer, '\x00'.join(corpus.values())
+  for b in batches:
+    assert set(b) == {'inputs', 'targets', 'segment_ids', 'positions'}
+    assert all(v.dtype == np.int32 and v.shape == (BATCH, SEQ) for v in b.values())
+    seg, pos = b['segment_ids'], b['positions']
+    same = (seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] > 0)
+    assert np.array_equal(b['targets'][:, :-1][same], b['inputs'][:, 1:][same])  # next token, same doc
+    starts = (seg > 0) & np.concatenate([np.ones((BATCH, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    assert np.all(pos[starts] == 0)
+    assert np.all(pos[:, 1:][same] == pos[:, :-1][same] + 1)
+    assert np.all(np.diff(seg, axis=1)[seg[:, 1:] > 0] >= 0) and np.all(seg[:, 0] == 1)
+    assert np.all((seg[:, 1:] == 0) | (seg[:, :-1] > 0))  # padding only at the end of a row
+    for inputs, targets, positions in _segments(b):
+      assert np.all(positions[inputs == tok.bos_id] == 0)  # bos only starts a segment
+      assert tok.eos_id not in targets[:-1]  # eos only ends one
+      assert _segment_text(tok, inputs, targets) in text
+  assert sum((b['segment_ids'] > 0).mean() for b in batches) / len(batches) > 0.9  # little padding
+
+
+def test_two_processes_read_disjoint_documents_covering_the_epoch(pipe, work):
+  procs = [_make(work, process_index=i, process_count=2) for i in range(2)]
+  n = len(pipe.train_source)
+  full = [{int(p.train_doc_order()[i]) for i in range(len(range(p.process_index, n, 2)))} for p in procs]
+  assert full[0].isdisjoint(full[1]) and full[0] | full[1] == set(range(n))
+  # Rows: long segments of each process come from its own documents and not the other's.
+  texts = ['\x00'.join(pipe.train_source[i]['text'].decode() for i in sorted(f)) for f in full]
+  for p, own, other in ((procs[0], texts[0], texts[1]), (procs[1], texts[1], texts[0])):
+    for b in _take(p.train_iter(), 3):
+      for inputs, targets, _ in _segments(b):
+        if len(inputs) >= 48:
+          s = _segment_text(pipe.tokenizer, inputs, targets)
+          assert s in own and s not in other
+
+
+def test_two_processes_split_each_eval_batch(pipe, work):
+  single = list(pipe.eval_batches())
+  procs = [list(_make(work, process_index=i, process_count=2).eval_batches()) for i in range(2)]
+  assert len(procs[0]) == len(procs[1]) == math.ceil(len(single) / 2)  # same step count on every process
+  for k in single[0]:
+    rows = np.concatenate([b[k] for b in single])
+    split = np.concatenate([np.concatenate([a[k], b[k]]) for a, b in zip(*procs)])
+    assert np.array_equal(split[:len(rows)], rows) and not split[len(rows):].any()  # extra rows are padding
+
+
+def test_eval_files_held_out_and_eval_is_deterministic(pipe, corpus):
+  assert len(pipe.eval_file_names) == 2 and set(pipe.eval_file_names) <= set(corpus)
+  train_files = {ex['file'].decode() for ex in pipe.train_source}
+  eval_files = {ex['file'].decode() for ex in pipe.eval_source}
+  assert eval_files == set(pipe.eval_file_names) and not train_files & eval_files
+  assert train_files | eval_files == set(corpus)
+  all_batches = list(pipe.eval_batches())
+  assert _same(all_batches, list(pipe.eval_batches()))
+  assert _same(all_batches[:3], list(pipe.eval_batches(max_batches=3)))
+
+
+def test_eval_stats_match_batches(pipe):
+  stats = pipe.eval_stats()
+  batches = list(pipe.eval_batches())
+  assert stats['tokens'] == sum(int((b['segment_ids'] > 0).sum()) for b in batches)
+  token_bytes = pipe.tokenizer.token_bytes()
+  counted = sum(int(token_bytes[b['targets']][b['segment_ids'] > 0].sum()) for b in batches)
+  assert abs(counted - stats['bytes']) <= stats['docs']  # only the dummy-prefix space differs
+
+
+def test_tokenizer_reused_and_round_trips_held_out_text(pipe, work, corpus):
+  path = work / 'tokenizer.model'
+  before = (path.stat().st_mtime_ns, path.read_bytes())
+  again = _make(work, seed=3)
+  assert (path.stat().st_mtime_ns, path.read_bytes()) == before
+  tok = again.tokenizer
+  assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.sp.unk_id(), tok.sp.pad_id()) == (VOCAB, 1, 2, 0, -1)
+  held_out = corpus[pipe.eval_file_names[0]]
+  lines = [line for line in held_out.splitlines() if line.strip()][100:140] + ['  Odd  spacing\t, 123 ünïcödé ✓\n']
+  for text in lines + [held_out[:5000]]:
+    assert tok.decode(tok.encode(text)) == text
+  with pytest.raises(ValueError, match='vocab_size'):
+    _make(work, vocab_size=VOCAB * 2)  # an existing tokenizer of another size is not silently used
+
+
+def test_unigram_entropy(pipe):
+  class Fixed:
+    vocab_size, eos_id = 8, 2
+    def encode(self, text):
+      return [3, 4]
+  assert data.unigram_entropy(Fixed(), ['a', 'b']) == pytest.approx(math.log(3))
+  assert 3.0 < pipe.train_unigram_entropy() < math.log(VOCAB)
+
+
+def test_changed_corpus_rebuilds_and_unchanged_reuses(pipe, work, corpus, tmp_path):
+  src = tmp_path / 'src'
+  src.mkdir()
+  for name in sorted(corpus)[:3]:
+    (src / name).write_text(corpus[name], 'utf-8')
+  kwargs = dict(source_dir=str(src), cache_dir=str(tmp_path / 'data'), eval_files=1)
+  first = _make(work, **kwargs)  # tokenizer of the fixture is reused, so no training on 3 files
+  assert _make(work, **kwargs).data_dir == first.data_dir
+  with open(src / sorted(corpus)[0], 'a', encoding='utf-8') as f:
+    f.write('\n\nA new scene.\n')
+  second = _make(work, **kwargs)
+  assert second.data_dir != first.data_dir
+  def has_new(p):
+    return any(b'A new scene.' in ex['text'] for split in (p.train_source, p.eval_source) for ex in split)
+  assert has_new(second) and not has_new(first)
+
+
+def test_small_corpus_with_too_large_vocab_fails_clearly(corpus, tmp_path):
+  src = tmp_path / 'src'
+  src.mkdir()
+  for name in ('phoenix_and_the_turtle.txt', 'passionate_pilgrim.txt'):
+    (src / name).write_text(corpus[name], 'utf-8')
+  with pytest.raises(ValueError, match='vocab_size=20000'):
+    _make(tmp_path, source_dir=str(src), vocab_size=20000, eval_files=1)
+
+
+def test_bad_inputs_name_the_path(tmp_path):
+  missing = tmp_path / 'nope'
+  with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+    _make(tmp_path, source_dir=str(missing))
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  with pytest.raises(ValueError, match=re.escape(str(empty))):
+    _make(tmp_path, source_dir=str(empty))
+  bad = tmp_path / 'bad'
+  bad.mkdir()
+  (bad / 'a.txt').write_text('fine text\n' * 10, 'utf-8')
+  (bad / 'b.txt').write_bytes(b'caf\xe9 au lait\n')  # latin-1, not UTF-8
+  with pytest.raises(ValueError, match=re.escape(str(bad / 'b.txt'))) as err:
+    _make(tmp_path, source_dir=str(bad), eval_files=1)
+  assert '\n' not in str(err.value)
+  with pytest.raises(ValueError, match='eval_files'):
+    _make(tmp_path, eval_files=42)
