@@ -157,7 +157,7 @@ def _train_step(trainer: Trainer, state, batch):
   updates, opt_state = trainer.tx.update(grads, state['opt_state'], params)
   new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(params, updates),
                'opt_state': opt_state}
-  metrics = {'loss': loss_sum / tokens, 'grad_norm': optax.global_norm(grads),
+  metrics = {'loss': loss_sum / tokens, 'grad_norm': optax.tree.norm(grads),
              'lr': trainer.schedule(state['step']), 'tokens': tokens}
   return new_state, metrics
 
@@ -209,9 +209,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t = config.train
   local_batch = t.global_batch_size // jax.process_count()
   pipeline = make_pipeline(config, workdir, local_batch)
-  if pipeline.tokenizer.vocab_size() > config.model.vocab_size:
-    raise ValueError(f'tokenizer has {pipeline.tokenizer.vocab_size()} tokens but '
-                     f'model.vocab_size={config.model.vocab_size}; raise model.vocab_size')
   is_lead = jax.process_index() == 0
   writer = metrics_lib.SummaryWriter(os.path.join(workdir, 'tensorboard'), enabled=is_lead)
   writer.write_hparams(config.to_dict())
@@ -220,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2))
   logging.info('mesh %s on %d devices (%s)', dict(trainer.mesh.shape), jax.device_count(),
                jax.devices()[0].device_kind)
-  logging.info('config:\n%s', config)
+  logging.info('config:\n%s', metrics_lib.format_config(config))
 
   state = trainer.init_state()
   logging.info('parameters:\n%s', metrics_lib.parameter_table(state['params']))
@@ -256,7 +253,7 @@ def _finish_step(step: int, device_metrics, reporter, t) -> dict:
   host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
   _check_finite(step, host)
   if step % t.log_every == 0 or step == t.num_steps:
-    reporter.report(step, host)
+    reporter.report(step, {k: host[k] for k in ('loss', 'lr', 'grad_norm')})
   return host
 
 
