@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.log_every = 25  # steps between console/TensorBoard lines
   t.eval_every = 100  # steps between held-out evaluations (and at the end); 0 = only at the end
   t.eval_batches = 8  # held-out batches per evaluation (0 = the whole eval split)
+  t.xla_gpu_flags = True  # add jaxllm's XLA GPU flags (see train.GPU_XLA_FLAGS) to XLA_FLAGS
 
   c.optim = o = ml_collections.ConfigDict()
   o.peak_lr = 3e-3  # learning rate after warmup

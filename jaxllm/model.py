@@ -14,10 +14,10 @@ F mlp width, V vocab.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 from flax.linen import partitioning as nn_partitioning
 
@@ -133,6 +133,25 @@ def attention_mask(segment_ids_BL):
   return (same & (segment_ids_BL[:, None, :] > 0))[:, None, :, :]
 
 
+def attention_implementation(cfg: ModelConfig) -> str:
+  """Resolves model.attention: 'auto' takes cuDNN flash attention where it applies."""
+  if cfg.attention != 'auto':
+    return cfg.attention
+  reasons = []
+  if jax.default_backend() != 'gpu':
+    reasons.append(f'backend is {jax.default_backend()}')
+  if cfg.dtype not in ('bfloat16', 'float16'):
+    reasons.append(f'model.dtype={cfg.dtype} (cuDNN needs bfloat16 or float16)')
+  if cfg.head_dim % 8 or cfg.head_dim > 256:
+    reasons.append(f'model.head_dim={cfg.head_dim} (cuDNN needs a multiple of 8, at most 256)')
+  if reasons:
+    logging.log_first_n(logging.INFO, 'attention: XLA, not cuDNN flash attention: %s', 1,
+                        '; '.join(reasons))
+    return 'xla'
+  logging.log_first_n(logging.INFO, 'attention: cuDNN flash attention', 1)
+  return 'cudnn'
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -153,9 +172,9 @@ class Attention(nnx.Module):
     k = _constrain(rope(k, positions_BL, cfg.rope_theta), ('batch', 'length', 'kv_heads', 'head_dim'))
     v = _constrain(v, ('batch', 'length', 'kv_heads', 'head_dim'))
     # GQA is native: H query heads attend in groups of H // K to each kv head.
-    impl = None if cfg.attention == 'auto' else cfg.attention
     out_BLHDh = jax.nn.dot_product_attention(
-        q, k, v, mask=attention_mask(segment_ids_BL), is_causal=True, implementation=impl)
+        q, k, v, mask=attention_mask(segment_ids_BL), is_causal=True,
+        implementation=attention_implementation(cfg))
     out_BLD = jnp.einsum('blhk,hkd->bld', out_BLHDh, self.o_proj[...].astype(dt))
     return out_BLD
 

@@ -8,6 +8,8 @@ import optax
 def learning_rate_schedule(*, peak_lr: float, warmup_steps: int, decay_steps: int,
                            final_lr_fraction: float) -> optax.Schedule:
   """0 -> peak_lr linearly over warmup_steps, then cosine down to peak_lr x final_lr_fraction."""
+  if warmup_steps == 0:
+    return optax.cosine_decay_schedule(peak_lr, decay_steps, alpha=final_lr_fraction)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
       decay_steps=warmup_steps + decay_steps, end_value=peak_lr * final_lr_fraction)

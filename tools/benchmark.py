@@ -1,0 +1,96 @@
+"""Times the real train step on the devices present, with synthetic tokens (no input pipeline).
+
+    python tools/benchmark.py --config=configs/1b.py --config.train.global_batch_size=4
+    python tools/benchmark.py --config=configs/peer_cpu.py --steps=25 --peer_line
+
+Compile and warm-up steps are not timed. Prints one JSON line: tokens/s (total and per device),
+step time median/min/max, compile time, MFU with the formula and the peak FLOP/s it assumed, and
+peak device memory where the backend reports it. `--peer_line` also prints
+`tokens_per_s=... step_ms=... compile_s=...`, the line ../shared/bench/ prints for MaxText and HF.
+"""
+
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxllm import metrics, model, sharding, train
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps.')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compile.')
+_PEER_LINE = flags.DEFINE_bool('peer_line', False, 'Also print the peer-benchmark line.')
+flags.mark_flags_as_required(['config'])
+
+MFU_FORMULA = ('MFU = tokens/s/device x flops_per_token / peak; flops_per_token = 6 x (attention '
+               'and MLP projection params + output head) + 6 x n_layers x n_heads x head_dim x '
+               'seq_len (causal attention counted as half of 12x); embedding lookup not counted; '
+               'remat recompute not counted')
+
+
+def synthetic_batches(trainer, n: int, batch: int, seq: int, vocab: int) -> list[dict]:
+  """`n` distinct batches already on device: one document per row, no padding."""
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(n):
+    tokens = rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32)
+    host = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
+    out.append(sharding.global_batch(host, trainer.batch_sharding))
+  return out
+
+
+def run(config, steps: int, warmup: int) -> dict:
+  train.set_xla_flags(config.train.xla_gpu_flags)
+  trainer = train.setup(config)
+  batch, seq = config.train.global_batch_size, config.data.seq_len
+  start = time.perf_counter()
+  compiled = trainer.compile_train_step(batch, seq, keys=('inputs', 'targets'))
+  compile_s = time.perf_counter() - start
+  state = trainer.init_state()
+  batches = synthetic_batches(trainer, 4, batch, seq, config.model.vocab_size)
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    state, step_metrics = compiled(state, batches[i % len(batches)])
+    loss = float(step_metrics['loss'])  # waits for the step: each step is timed alone
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  if not np.isfinite(loss):
+    raise FloatingPointError(f'benchmark loss is {loss}')
+  n_dev = jax.device_count()
+  median = statistics.median(times)
+  tokens_per_s = batch * seq / median
+  flops = model.flops_per_token(trainer.model_cfg, seq)
+  kind = jax.devices()[0].device_kind
+  peak = metrics.peak_flops_per_device(kind, config.model.dtype)
+  return {
+      'config': config.name, 'params': trainer.model_cfg.num_params(),
+      'n_layers': config.model.n_layers, 'seq_len': seq, 'global_batch': batch,
+      'dtype': config.model.dtype, 'remat': config.model.remat,
+      'attention': model.attention_implementation(trainer.model_cfg),
+      'mesh': dict(trainer.mesh.shape), 'devices': n_dev, 'device_kind': kind,
+      'jax': jax.__version__,
+      'tokens_per_s': tokens_per_s, 'tokens_per_s_per_device': tokens_per_s / n_dev,
+      'step_s': {'median': median, 'min': min(times), 'max': max(times)},
+      'compile_s': compile_s, 'steps_timed': steps, 'final_loss': loss,
+      'flops_per_token': flops, 'peak_flops_per_device': peak,
+      'mfu': metrics.mfu(tokens_per_s / n_dev, flops, peak), 'mfu_formula': MFU_FORMULA,
+      'peak_memory_bytes': metrics.peak_memory_bytes(jax.devices()[0]),
+  }
+
+
+def main(argv):
+  del argv
+  result = run(_CONFIG.value, _STEPS.value, _WARMUP.value)
+  print(json.dumps(result), flush=True)
+  if _PEER_LINE.value:
+    print(f"tokens_per_s={result['tokens_per_s']:.1f} step_ms={result['step_s']['median'] * 1e3:.1f}"
+          f" compile_s={result['compile_s']:.1f}", flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
