@@ -3,6 +3,7 @@
 import math
 import os
 import pathlib
+import time
 
 import jax
 import numpy as np
@@ -74,13 +75,16 @@ def test_logical_rules_errors_and_batch_sharding():
 def test_7b_train_step_compiles_ahead_of_time(trainer_7b):
   """The real 7B step (seq 4096, batch 64, full remat, bf16) lowers and compiles for 8 devices
   from abstract shapes; no weight is ever allocated."""
+  start = time.perf_counter()
   compiled = trainer_7b.compile_train_step(batch_size=64, seq_len=4096)
+  seconds = time.perf_counter() - start
   mem = compiled.memory_analysis()
   gib = 2 ** 30
   per_device = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
                 + mem.temp_size_in_bytes)
   print(f'7B fsdp=8 per-device estimate (CPU backend): args {mem.argument_size_in_bytes / gib:.2f}'
-        f' GiB, temp {mem.temp_size_in_bytes / gib:.2f} GiB, total {per_device / gib:.2f} GiB')
+        f' GiB, temp {mem.temp_size_in_bytes / gib:.2f} GiB, total {per_device / gib:.2f} GiB;'
+        f' lower + compile {seconds:.1f} s')
   # Donation aliases the whole train state: the step needs no second copy of it.
   assert mem.alias_size_in_bytes >= 12 * 6_738_415_616 / 8 * 0.999
   assert mem.argument_size_in_bytes / gib == pytest.approx(12 * 6_738_415_616 / 8 / gib, rel=0.01)
