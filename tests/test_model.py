@@ -79,9 +79,21 @@ def test_future_tokens_do_not_change_past_logits(base, tokens):
 
 
 def test_scan_equals_unrolled(base, tokens):
-  _, _, ref = base
+  _, params, ref = base
   fwd, state = logits_fn(dataclasses.replace(CFG, scan_layers=False))
   np.testing.assert_allclose(fwd(state, tokens), ref, rtol=1e-5, atol=1e-5)
+
+  # And equals a plain Python loop over per-layer slices of the stacked parameters, through
+  # separately built single layers: catches a wrong stacking axis or layer order in the scan.
+  layer_def, _ = nnx.split(model_lib.DecoderLayer(CFG, rngs=nnx.Rngs(0)))
+  pos = jnp.broadcast_to(jnp.arange(L), tokens.shape)
+  x = jnp.take(params['embed_tokens'], tokens, axis=0)
+  for i in range(CFG.n_layers):
+    layer_params = jax.tree.map(lambda a: a[i], params['layers'])
+    x = nnx.merge(layer_def, layer_params)(x, pos, None)
+  norm = nnx.merge(nnx.split(model_lib.RMSNorm(CFG, rngs=nnx.Rngs(0)))[0], params['norm'])
+  logits = norm(x) @ params['lm_head']
+  np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('policy', ['full', 'save_dots'])
