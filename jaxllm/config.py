@@ -70,6 +70,16 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat = 'none'  # activation recompute: none | full | save_dots | save_all_dots
   m.scan_layers = True  # scan over stacked layers (compile time independent of depth)
   m.attention = 'xla'  # jax.nn.dot_product_attention implementation: xla | cudnn | auto
+  # Llama-family variants (jaxllm/convert/hf.py sets these when importing a Hugging Face model).
+  m.qkv_bias = False  # biases on the q/k/v projections (Qwen2)
+  m.o_bias = False  # bias on the attention output projection (Llama/Qwen3 attention_bias=True)
+  m.qk_norm = False  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3)
+  m.sliding_window = 0  # attend to the last this many tokens (self included); 0 = all (Mistral)
+  m.rope_scaling = 'none'  # none | llama3 (Llama 3.1+ context extension of RoPE)
+  m.rope_scaling_factor = 8.0  # llama3: factor by which low frequencies are stretched
+  m.rope_low_freq_factor = 1.0  # llama3: wavelengths over rope_original_max_len / this are stretched
+  m.rope_high_freq_factor = 4.0  # llama3: wavelengths below rope_original_max_len / this are kept
+  m.rope_original_max_len = 8192  # llama3: pre-training context length in tokens
 
   c.data = d = ml_collections.ConfigDict()
   d.source_dir = ''  # directory of .txt files; '' = the corpus shipped in the package
@@ -98,6 +108,15 @@ def base_config() -> ml_collections.ConfigDict:
   o.eps = 1e-8  # AdamW epsilon
   o.weight_decay = 0.1  # decoupled weight decay (matrices only; not norms or other 1-D params)
   o.clip_norm = 1.0  # global gradient-norm clip; 0 = off
+
+  c.checkpoint = k = ml_collections.ConfigDict()
+  k.dir = ''  # where checkpoints go ('' = <workdir>/checkpoints); a restart resumes from the latest
+  k.every = 100  # steps between async saves; also at the end and on SIGTERM/SIGINT (0: only then)
+  k.keep_latest = 3  # the newest checkpoints kept; older ones are deleted unless kept by keep_every
+  k.keep_every = 0  # steps that are multiples of this are kept for good; 0 = none
+  k.async_save = True  # write in a background thread; the loop waits only for the host copy
+  k.init_from = ''  # another run's checkpoint dir: take only its parameters (new optimizer, step 0)
+  k.init_from_step = -1  # the step of checkpoint.init_from to read; -1 = its latest
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # pure data parallelism (replicated parameters)
@@ -141,5 +160,8 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> N
   if config.optim.warmup_steps > t.num_steps:
     errors.append(f'optim.warmup_steps={config.optim.warmup_steps} exceeds '
                   f'train.num_steps={t.num_steps}')
+  if config.checkpoint.every < 0 or config.checkpoint.keep_latest < 1:
+    errors.append(f'checkpoint.every={config.checkpoint.every} must be >= 0 and '
+                  f'checkpoint.keep_latest={config.checkpoint.keep_latest} >= 1')
   if errors:
     raise ValueError('invalid config: ' + '; '.join(errors))

@@ -5,7 +5,8 @@ constrained at block boundaries. Layers are created stacked (one leading `layers
 with a scan, so compile time does not grow with depth. Module and parameter names mirror Hugging
 Face Llama (`embed_tokens`, `q_proj`, ..., `input_layernorm`, `norm`, `lm_head`), so checkpoint
 conversion is a key table plus transposes and reshapes. RoPE rotates (first half, second half) like
-HF's `rotate_half`, so HF weights need no q/k permutation.
+HF's `rotate_half`, so HF weights need no q/k permutation. The few switches of the Llama-family
+variants (q/k/v and output biases, q/k norm, sliding window, llama3 RoPE scaling) default off.
 
 Shape suffixes: B batch, L length, D width, H query heads, K kv heads, G = H // K, Dh head width,
 F mlp width, V vocab.
@@ -17,6 +18,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from flax import nnx
 from flax.linen import partitioning as nn_partitioning
@@ -30,6 +32,7 @@ REMAT_POLICIES = {
     'save_all_dots': jax.checkpoint_policies.checkpoint_dots,  # also keep attention matmuls
 }
 ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
+ROPE_SCALINGS = ('none', 'llama3')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,12 +55,24 @@ class ModelConfig:
   remat: str = 'none'  # key of REMAT_POLICIES
   scan_layers: bool = True  # False unrolls the layer loop (same math; for tests and profiling)
   attention: str = 'xla'  # jax.nn.dot_product_attention implementation: 'xla', 'cudnn' or 'auto'
+  # Switches of the Llama-family variants (see jaxllm/convert/hf.py); the defaults are plain Llama.
+  qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
+  o_bias: bool = False  # bias on the attention output projection (Llama/Qwen3 attention_bias)
+  qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3)
+  sliding_window: int = 0  # see self and the sliding_window - 1 tokens before; 0 = all (Mistral)
+  rope_scaling: str = 'none'  # ROPE_SCALINGS: 'llama3' stretches low frequencies (Llama 3.1+)
+  rope_scaling_factor: float = 8.0  # llama3: how much the low frequencies are stretched
+  rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max / this are stretched
+  rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max / this are kept
+  rope_original_max_len: int = 8192  # llama3: the context length of pre-training
 
   def __post_init__(self):
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'model.remat={self.remat!r}: choose one of {sorted(REMAT_POLICIES)}')
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(f'model.attention={self.attention!r}: choose one of {ATTENTION_IMPLS}')
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise ValueError(f'model.rope_scaling={self.rope_scaling!r}: choose one of {ROPE_SCALINGS}')
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f'model.n_heads={self.n_heads} is not a multiple of '
                        f'model.n_kv_heads={self.n_kv_heads}')
@@ -66,6 +81,8 @@ class ModelConfig:
     """Exact parameter count (embeddings and head included)."""
     d, f, v = self.d_model, self.mlp_dim, self.vocab_size
     attn = d * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+    attn += self.qkv_bias * self.head_dim * (self.n_heads + 2 * self.n_kv_heads)
+    attn += self.o_bias * d + self.qk_norm * 2 * self.head_dim
     per_layer = attn + 3 * d * f + 2 * d
     head = 0 if self.tie_embeddings else d * v
     return v * d + self.n_layers * per_layer + d + head
@@ -87,10 +104,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_half: bool = True)
   return 6 * matmul_params + (attention / 2 if causal_half else attention)
 
 
-def _param(rngs: nnx.Rngs, shape, names, cfg: ModelConfig, *, std=None) -> nnx.Param:
-  """A parameter with logical axis names; `std=None` means ones (norm scales)."""
+def _param(rngs: nnx.Rngs, shape, names, cfg: ModelConfig, *, std=None, zeros=False) -> nnx.Param:
+  """A parameter with logical axis names; `std=None` means ones (norm scales), `zeros` biases."""
   dtype = jnp.dtype(cfg.param_dtype)
   init = nnx.initializers.ones if std is None else nnx.initializers.normal(std)
+  init = nnx.initializers.zeros if zeros else init
   # Layout comes from the jit's out_shardings (derived from these names), not from eager
   # placement, so the model can also be built with no mesh at all (tests, conversion).
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
@@ -103,8 +121,8 @@ def _constrain(x, names):
 
 class RMSNorm(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.weight = _param(rngs, (cfg.d_model,), ('norm',), cfg)
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dim: int | None = None):
+    self.weight = _param(rngs, (dim or cfg.d_model,), ('norm',), cfg)
     self.eps = cfg.norm_eps
 
   def __call__(self, x):
@@ -114,11 +132,36 @@ class RMSNorm(nnx.Module):
     return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x_BLNDh, positions_BL, theta: float):
-  """Rotary embedding in HF's half-split layout: pairs are (i, i + Dh/2)."""
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [Dh/2] float32, with cfg.rope_scaling applied."""
+  half = cfg.head_dim // 2
+  inv_freq = (1.0 / cfg.rope_theta ** (np.arange(half, dtype=np.float32) / half)).astype(np.float32)
+  if cfg.rope_scaling == 'llama3':
+    inv_freq = _llama3_scaling(inv_freq, cfg)
+  return inv_freq
+
+
+def _llama3_scaling(inv_freq, cfg: ModelConfig) -> np.ndarray:
+  """Llama 3.1's context extension: wavelengths longer than the pre-training context / low
+  factor are stretched by `factor`, shorter than context / high factor kept, those between
+  interpolated smoothly (Meta's reference `apply_scaling`)."""
+  old_len, factor = cfg.rope_original_max_len, cfg.rope_scaling_factor
+  low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  wavelen = (2 * np.pi / inv_freq).astype(np.float32)
+  scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  between = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  out = np.where(between, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+  return out.astype(np.float32)
+
+
+def rope(x_BLNDh, positions_BL, theta: float, inv_freq_h=None):
+  """Rotary embedding in HF's half-split layout: pairs are (i, i + Dh/2). `inv_freq_h` (from
+  rope_frequencies) overrides the plain frequencies of `theta`."""
   half = x_BLNDh.shape[-1] // 2
-  inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
-  angles_BLh = positions_BL[..., None].astype(jnp.float32) * inv_freq
+  if inv_freq_h is None:
+    inv_freq_h = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+  angles_BLh = positions_BL[..., None].astype(jnp.float32) * inv_freq_h
   sin, cos = jnp.sin(angles_BLh)[:, :, None, :], jnp.cos(angles_BLh)[:, :, None, :]
   x1, x2 = jnp.split(x_BLNDh.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -161,21 +204,45 @@ class Attention(nnx.Module):
     self.k_proj = _param(rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), cfg, std=std)
     self.v_proj = _param(rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), cfg, std=std)
     self.o_proj = _param(rngs, (h, dh, d), ('heads', 'head_dim', 'embed'), cfg, std=std)
+    # Variant parameters are created after the Llama ones, so plain Llama's init is unchanged.
+    if cfg.qkv_bias:
+      self.q_bias = _param(rngs, (h, dh), ('heads', 'head_dim'), cfg, zeros=True)
+      self.k_bias = _param(rngs, (k, dh), ('kv_heads', 'head_dim'), cfg, zeros=True)
+      self.v_bias = _param(rngs, (k, dh), ('kv_heads', 'head_dim'), cfg, zeros=True)
+    if cfg.o_bias:
+      self.o_bias = _param(rngs, (d,), ('embed',), cfg, zeros=True)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(cfg, rngs=rngs, dim=dh)
+      self.k_norm = RMSNorm(cfg, rngs=rngs, dim=dh)
     self.cfg = cfg
+
+  def _project(self, x_BLD, name):
+    """x @ {name}_proj (+ its bias), [B, L, heads, Dh] in the compute dtype."""
+    dt = jnp.dtype(self.cfg.dtype)
+    y = jnp.einsum('bld,dhk->blhk', x_BLD, getattr(self, f'{name}_proj')[...].astype(dt))
+    if self.cfg.qkv_bias:
+      y = y + getattr(self, f'{name}_bias')[...].astype(dt)
+    return y
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    q = jnp.einsum('bld,dhk->blhk', x_BLD, self.q_proj[...].astype(dt))
-    k = jnp.einsum('bld,dhk->blhk', x_BLD, self.k_proj[...].astype(dt))
-    v = jnp.einsum('bld,dhk->blhk', x_BLD, self.v_proj[...].astype(dt))
-    q = _constrain(rope(q, positions_BL, cfg.rope_theta), ('batch', 'length', 'heads', 'head_dim'))
-    k = _constrain(rope(k, positions_BL, cfg.rope_theta), ('batch', 'length', 'kv_heads', 'head_dim'))
+    q, k, v = (self._project(x_BLD, name) for name in 'qkv')
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq = rope_frequencies(cfg)
+    q = _constrain(rope(q, positions_BL, cfg.rope_theta, inv_freq),
+                   ('batch', 'length', 'heads', 'head_dim'))
+    k = _constrain(rope(k, positions_BL, cfg.rope_theta, inv_freq),
+                   ('batch', 'length', 'kv_heads', 'head_dim'))
     v = _constrain(v, ('batch', 'length', 'kv_heads', 'head_dim'))
     # GQA is native: H query heads attend in groups of H // K to each kv head.
+    window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
     out_BLHDh = jax.nn.dot_product_attention(
-        q, k, v, mask=attention_mask(segment_ids_BL), is_causal=True,
+        q, k, v, mask=attention_mask(segment_ids_BL), is_causal=True, local_window_size=window,
         implementation=attention_implementation(cfg))
     out_BLD = jnp.einsum('blhk,hkd->bld', out_BLHDh, self.o_proj[...].astype(dt))
+    if cfg.o_bias:
+      out_BLD = out_BLD + self.o_bias[...].astype(dt)
     return out_BLD
 
 

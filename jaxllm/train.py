@@ -1,5 +1,5 @@
-"""Wiring: config -> mesh -> data -> model -> train step -> metrics. The only module that imports
-the others.
+"""Wiring: config -> mesh -> data -> model -> train step -> checkpoint / metrics. The only module
+that imports the others.
 
 The train state is a plain dict `{'step', 'params', 'opt_state'}` of jax.Arrays; `params` is the
 pure-dict form of the NNX model state (`nnx.merge(graphdef, params)` rebuilds the module inside the
@@ -12,6 +12,8 @@ import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping
 
@@ -22,8 +24,10 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
 from jaxllm import data as data_lib
 from jaxllm import metrics as metrics_lib
@@ -236,14 +240,104 @@ def setup(config: ml_collections.ConfigDict) -> Trainer:
   return make_trainer(config, sharding.make_mesh(shape))
 
 
+def make_checkpointer(config: ml_collections.ConfigDict,
+                      workdir: str) -> checkpoint_lib.Checkpointer:
+  k = config.checkpoint
+  return checkpoint_lib.Checkpointer(k.dir or os.path.join(workdir, 'checkpoints'),
+                                     keep_latest=k.keep_latest, keep_every=k.keep_every,
+                                     async_save=k.async_save)
+
+
+def initial_state(trainer: Trainer, ckpt: checkpoint_lib.Checkpointer,
+                  config: ml_collections.ConfigDict, train_iter) -> dict:
+  """The latest checkpoint of this run (data position included), else `checkpoint.init_from`'s
+  parameters with a fresh optimizer, else a random init."""
+  latest = ckpt.latest_step()
+  if latest is not None:
+    logging.info('resuming from %s', ckpt.step_dir(latest))
+    # Abstract targets carry this run's shardings: Orbax reshards onto whatever mesh we have now.
+    state = ckpt.restore(latest, trainer.abstract_state, train_iter)
+    _log_config_changes(ckpt.saved_config(latest), config)
+    return state
+  state = trainer.init_state()
+  if config.checkpoint.init_from:
+    source, step = checkpoint_lib.open_for_init(config.checkpoint.init_from,
+                                                config.checkpoint.init_from_step)
+    state['params'] = source.restore_params(step, trainer.abstract_state['params'])
+    source.close()
+  return state
+
+
+def _log_config_changes(saved: Mapping, config: ml_collections.ConfigDict) -> None:
+  """Resuming with other settings (say a longer train.num_steps) is allowed; say which."""
+  before = metrics_lib.flatten_config(saved)
+  now = metrics_lib.flatten_config(json.loads(config.to_json_best_effort()))
+  changed = [f'{k}: {before.get(k)!r} -> {v!r}' for k, v in sorted(now.items())
+             if before.get(k) != v]
+  if changed:
+    logging.warning('config differs from the checkpoint in: %s', '; '.join(changed))
+
+
+class PreemptionWatch:
+  """Asks, at each step boundary, whether to save and stop.
+
+  One process: SIGTERM or SIGINT sets a flag (a second signal acts as usual). Several processes:
+  JAX's preemption sync point, which picks the same step on all of them (JAX's own notifier owns
+  SIGTERM there, so no Python handler is installed).
+  """
+
+  def __init__(self):
+    self.signal = None
+    self._multi = jax.process_count() > 1
+    self._previous = {}
+
+  def __enter__(self):
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signal = signal.Signals(signum).name
+    signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+    logging.warning('%s received: saving a checkpoint at the next step boundary', self.signal)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def should_stop(self, step: int) -> bool:
+    if self._multi:
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # jax_enable_preemption_service is off: no preemption notices
+        return False
+    return self.signal is not None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config` in `workdir`; returns the last train and eval metrics."""
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last train
+  and eval metrics, the final state, and `preempted_at` (a step) if a signal stopped it."""
   set_xla_flags(config.train.xla_gpu_flags)
   os.makedirs(workdir, exist_ok=True)
   trainer = setup(config)
   t = config.train
-  local_batch = t.global_batch_size // jax.process_count()
-  pipeline = make_pipeline(config, workdir, local_batch)
+  pipeline = make_pipeline(config, workdir, t.global_batch_size // jax.process_count())
+  ckpt = make_checkpointer(config, workdir)
+  train_iter = pipeline.train_iter()
+  try:
+    # Before anything is written: a checkpoint that does not fit must leave the workdir as it was.
+    state = initial_state(trainer, ckpt, config, train_iter)
+    writer = _start_logging(config, workdir, trainer)
+    logging.info('parameters:\n%s', metrics_lib.parameter_table(state['params']))
+    last = _train_loop(config, trainer, state, train_iter, pipeline, ckpt, writer)
+    writer.close()
+  finally:
+    ckpt.close()  # waits for a save in flight to commit, on errors too
+  return last
+
+
+def _start_logging(config, workdir: str, trainer: Trainer):
   is_lead = jax.process_index() == 0
   writer = metrics_lib.SummaryWriter(os.path.join(workdir, 'tensorboard'), enabled=is_lead)
   writer.write_hparams(config.to_dict())
@@ -253,9 +347,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info('mesh %s on %d devices (%s)', dict(trainer.mesh.shape), jax.device_count(),
                jax.devices()[0].device_kind)
   logging.info('config:\n%s', metrics_lib.format_config(config))
+  return writer
 
-  state = trainer.init_state()
-  logging.info('parameters:\n%s', metrics_lib.parameter_table(state['params']))
+
+def _train_loop(config, trainer: Trainer, state, train_iter, pipeline, ckpt, writer) -> dict:
+  t, every = config.train, config.checkpoint.every
+  config_dict = json.loads(config.to_json_best_effort())
   reporter = metrics_lib.Reporter(
       total_steps=t.num_steps, tokens_per_step=t.global_batch_size * config.data.seq_len,
       flops_per_token=model_lib.flops_per_token(trainer.model_cfg, config.data.seq_len),
@@ -263,23 +360,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       peak_flops=metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
                                                    config.model.dtype),
       writer=writer)
-
-  train_iter = pipeline.train_iter()
-  last, pending = {}, None
-  with sharding.activate(trainer.mesh, trainer.rules):
-    for step in range(int(state['step']), t.num_steps):
+  last, pending, step = {}, None, int(state['step'])
+  with PreemptionWatch() as watch, sharding.activate(trainer.mesh, trainer.rules):
+    for step in range(step + 1, t.num_steps + 1):
       batch = sharding.global_batch(next(train_iter), trainer.batch_sharding)
       state, step_metrics = trainer.train_step(state, batch)
       # Read step N-1's metrics only now that step N is queued: the device never waits on us.
       if pending is not None:
         last.update(_finish_step(*pending, reporter, t))
-      pending = (step + 1, step_metrics)
-      if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.num_steps:
-        last.update(_run_eval(trainer, state, pipeline, step + 1, writer, t.eval_batches))
+      pending = (step, step_metrics)
+      stop = watch.should_stop(step)
+      if stop or (every and step % every == 0) or step == t.num_steps:
+        # Check this step's loss first so a non-finite state is never saved. The iterator has
+        # given exactly `step` batches here: its state is the position to resume from.
+        last.update(_finish_step(*pending, reporter, t))
+        pending = None
+        ckpt.save(step, state, train_iter, config_dict)
+      if stop:
+        ckpt.wait()
+        logging.warning('stopped by %s after step %d; checkpoint saved in %s; run the same command '
+                        'to resume', watch.signal or 'preemption', step, ckpt.step_dir(step))
+        return {**last, 'state': state, 'preempted_at': step}
+      if t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
+        last.update(_run_eval(trainer, state, pipeline, step, writer, t.eval_batches))
     if pending is not None:
       last.update(_finish_step(*pending, reporter, t))
   last.update(_run_eval(trainer, state, pipeline, t.num_steps, writer, t.eval_batches))
-  writer.close()
   last['state'] = state
   return last
 

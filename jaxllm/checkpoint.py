@@ -1,0 +1,187 @@
+"""Orbax checkpoints of the train state, the data iterator and the config; restore onto any mesh.
+
+A checkpoint is `<directory>/<step>/` with four items: `params` and `opt_state` (sharded arrays,
+OCDBT), `meta` (JSON: step and resolved config) and `data` (one grain iterator state per process).
+Orbax writes each step into a temporary directory and renames it when complete, so a process
+killed mid-save leaves the previous step as the latest; leftover temporary directories are never
+listed as steps. This module never decides when to save: the train loop does.
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+_policies = ocp.checkpoint_managers
+
+
+class _QuietOrbax(py_logging.Filter):
+  """Orbax logs some 50 INFO lines per save through absl; keep its warnings and errors only."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
+logging.get_absl_logger().addFilter(_QuietOrbax())
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used: missing, unreadable, or of another model shape."""
+
+
+def _flat(tree) -> dict[str, Any]:
+  """'layers.q_proj.kernel' -> leaf, for error messages that name a parameter."""
+  def name(path):
+    return '.'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
+  return {name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_shapes(saved, target, *, where: str) -> None:
+  """Raises CheckpointError naming the first parameter whose saved shape differs from `target`."""
+  saved_flat, target_flat = _flat(saved), _flat(target)
+  for key, want in target_flat.items():
+    if key not in saved_flat:
+      raise CheckpointError(f'{where} has no parameter {key!r} (it has {sorted(saved_flat)[:8]}): '
+                            'it was written by a different model config')
+    got = tuple(saved_flat[key].shape)
+    if got != tuple(want.shape):
+      raise CheckpointError(f'{where}: parameter {key!r} has shape {got} in the checkpoint but '
+                            f'{tuple(want.shape)} in this config; restore with the model.* keys '
+                            'the checkpoint was written with, or use a fresh workdir')
+  extra = sorted(set(saved_flat) - set(target_flat))
+  if extra:
+    raise CheckpointError(f'{where} has parameter {extra[0]!r} that this config does not: it was '
+                          'written by a different model config')
+
+
+def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  """Which handler reads each item: needed to read metadata before anything was saved."""
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  items = {'params': (ocp.args.StandardSave, ocp.args.StandardRestore,
+                      ocp.handlers.StandardCheckpointHandler),
+           'opt_state': (ocp.args.StandardSave, ocp.args.StandardRestore,
+                         ocp.handlers.StandardCheckpointHandler),
+           'meta': (ocp.args.JsonSave, ocp.args.JsonRestore, ocp.handlers.JsonCheckpointHandler),
+           'data': (grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore,
+                    grain.checkpoint.CheckpointHandler)}
+  for item, (save, restore, handler_type) in items.items():
+    handler = handler_type()
+    registry.add(item, save, handler)
+    registry.add(item, restore, handler)
+  return registry
+
+
+class Checkpointer:
+  """Async saves into `directory`; keeps the latest `keep_latest` and every `keep_every`-th step."""
+
+  def __init__(self, directory: str, *, keep_latest: int = 3, keep_every: int = 0,
+               async_save: bool = True, read_only: bool = False):
+    self.directory = os.path.abspath(directory)
+    keep = [_policies.LatestN(keep_latest)]
+    if keep_every:
+      keep.append(_policies.EveryNSteps(keep_every))
+    self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
+        preservation_policy=_policies.AnyPreservationPolicy(keep)), handler_registry=_handlers())
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def save(self, step: int, state: Mapping[str, Any], data_iter: grain.DatasetIterator,
+           config: Mapping[str, Any]) -> bool:
+    """Starts saving; returns once the arrays are copied to host memory (the state may then be
+    donated). The iterator's state is read now, so call it before taking the next batch.
+    False if `step` is not newer than the latest checkpoint."""
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(state['params']),
+        opt_state=ocp.args.StandardSave(state['opt_state']),
+        meta=ocp.args.JsonSave({'step': step, 'config': dict(config)}),
+        data=grain.checkpoint.CheckpointSave(data_iter))
+    started = self._manager.save(step, args=args)
+    if started:
+      logging.info('saving checkpoint %s', self.step_dir(step))
+    return started
+
+  def params_metadata(self, step: int):
+    """Saved parameter shapes, read from metadata only."""
+    try:
+      return self._manager.item_metadata(step)['params'].tree
+    except Exception as e:  # Orbax raises many types for a missing or damaged directory
+      raise self._unreadable(step, e) from e
+
+  def restore(self, step: int, abstract_state: Mapping[str, Any],
+              data_iter: grain.DatasetIterator | None) -> dict:
+    """The full state at `step` on the shardings of `abstract_state` (any mesh); `data_iter` is
+    moved to the position saved with it."""
+    check_shapes(self.params_metadata(step), abstract_state['params'], where=self.step_dir(step))
+    items = dict(params=ocp.args.StandardRestore(abstract_state['params']),
+                 opt_state=ocp.args.StandardRestore(abstract_state['opt_state']),
+                 meta=ocp.args.JsonRestore())
+    if data_iter is not None:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:
+      raise self._unreadable(step, e) from e
+    step_sharding = abstract_state['step'].sharding
+    return {'step': jax.device_put(np.int32(out['meta']['step']), step_sharding),
+            'params': out['params'], 'opt_state': out['opt_state']}
+
+  def restore_params(self, step: int, abstract_params: Mapping[str, Any]) -> dict:
+    """Only the parameters at `step` (fine-tuning from another run)."""
+    check_shapes(self.params_metadata(step), abstract_params, where=self.step_dir(step))
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_params)))
+    except Exception as e:
+      raise self._unreadable(step, e) from e
+    return out['params']
+
+  def saved_config(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+        'meta']['config']
+
+  def _unreadable(self, step: int, e: Exception) -> CheckpointError:
+    older = [s for s in self.all_steps() if s < step]
+    hint = (f'move it out of {self.directory} to resume from step {older[-1]}' if older else
+            f'move it out of {self.directory} to start afresh')
+    return CheckpointError(f'checkpoint {self.step_dir(step)} is incomplete or corrupt '
+                           f'({type(e).__name__}: {str(e)[:300]}); {hint}')
+
+  def wait(self) -> None:
+    """Blocks until every started save is committed (renamed from its temporary directory)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def open_for_init(path: str, step: int = -1) -> tuple[Checkpointer, int]:
+  """A read-only Checkpointer on another run's checkpoint directory and the step to read."""
+  if not os.path.isdir(path):
+    raise CheckpointError(f'checkpoint.init_from={path!r} is not a directory')
+  ckpt = Checkpointer(path, read_only=True, async_save=False)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise CheckpointError(f'checkpoint.init_from={path!r} holds no complete checkpoint (expected '
+                          'numbered step directories, as written under <workdir>/checkpoints)')
+  if step < 0:
+    step = steps[-1]
+  elif step not in steps:
+    raise CheckpointError(f'checkpoint.init_from_step={step} is not in {path!r}; it has {steps}')
+  logging.info('initialising parameters from %s', ckpt.step_dir(step))
+  return ckpt, step

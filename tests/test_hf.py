@@ -1,0 +1,265 @@
+"""Hugging Face interop, proven against transformers: import, export, refusals, tokenizer.
+
+Needs the `hf` extra (torch, transformers, safetensors); skipped without it. Every model is a tiny
+random one built from its config (no download).
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+
+import pytest
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+torch = pytest.importorskip('torch', reason='the hf extra (torch) is not installed')
+transformers = pytest.importorskip('transformers', reason='the hf extra is not installed')
+pytest.importorskip('safetensors', reason='the hf extra (safetensors) is not installed')
+
+import jax  # noqa: E402
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from jaxllm import checkpoint as checkpoint_lib  # noqa: E402
+from jaxllm import model as model_lib  # noqa: E402
+from jaxllm.convert import hf  # noqa: E402
+
+REPO = pathlib.Path(__file__).parent.parent
+B, L = 2, 16
+
+
+def _tool(name):
+  spec = importlib.util.spec_from_file_location(name, REPO / 'tools' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+to_hf_tool, from_hf_tool = _tool('convert_to_hf'), _tool('convert_from_hf')
+
+# Tiny shape shared by every family: hidden 64, 2 layers, vocab 128, GQA 4/2 unless changed.
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rms_norm_eps=1e-6, attn_implementation='eager')
+LLAMA3_ROPE = dict(rope_type='llama3', rope_theta=500_000.0, factor=8.0, low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=64)
+
+# name -> (config class, overrides). Together: MHA and GQA, tied and untied, rope scaling on and
+# off, each family's switch (q/k/v bias, o bias, q/k norm, sliding window).
+CASES = {
+    'llama2': ('LlamaConfig', dict(num_key_value_heads=4, tie_word_embeddings=False)),
+    'llama3': ('LlamaConfig', dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE)),
+    'mistral': ('MistralConfig', dict(tie_word_embeddings=False, sliding_window=5)),
+    'qwen2': ('Qwen2Config', dict(tie_word_embeddings=True)),
+    'qwen3': ('Qwen3Config', dict(head_dim=32, tie_word_embeddings=False, attention_bias=True)),
+}
+LARGEST = {}  # (case, direction) -> max |logit difference|, printed at the end
+
+
+def hf_model(case, seed=0):
+  cls_name, overrides = CASES[case]
+  config = getattr(transformers, cls_name)(**(TINY | overrides))
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config).eval()
+  # HF zero-inits biases and one-inits norms: randomise everything so each tensor is tested.
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.copy_(torch.randn_like(p) * (0.1 if 'norm' in name else 0.05) + ('norm' in name))
+  return model
+
+
+def hf_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.from_numpy(tokens).long()).logits.float().numpy()
+
+
+def jax_logits(params, model_section, tokens):
+  cfg = hf.model_config(model_section)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.Llama(cfg, rngs=nnx.Rngs(0))))
+  return np.asarray(jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens))
+
+
+@pytest.fixture(scope='module')
+def tokens():
+  return np.random.default_rng(0).integers(0, TINY['vocab_size'], (B, L)).astype(np.int32)
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_import_and_export_match_transformers(case, tokens, tmp_path):
+  model = hf_model(case)
+  # Qwen2 is saved sharded to prove sharded import; the others as one file.
+  model.save_pretrained(tmp_path / 'hf', max_shard_size='40KB' if case == 'qwen2' else '5GB')
+  expected = hf_logits(model, tokens)
+
+  params, section = from_hf_tool.load_hf(str(tmp_path / 'hf'))
+  ours = jax_logits(params, section, tokens)
+  LARGEST[case, 'import'] = float(np.abs(ours - expected).max())
+  np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+
+  # Llama 2 is exported sharded (a tiny shard limit) to prove the index.
+  limit = 40_000 if case == 'llama2' else hf.MAX_SHARD_BYTES
+  to_hf_tool.export(params, section, str(tmp_path / 'out'), max_shard_bytes=limit)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / 'out', dtype=torch.float32, attn_implementation='eager').eval()
+  assert type(reloaded).__name__ == type(model).__name__ or case == 'llama2'
+  again = hf_logits(reloaded, tokens)
+  LARGEST[case, 'export'] = float(np.abs(again - ours).max())
+  np.testing.assert_allclose(again, ours, atol=1e-5, rtol=0)
+  # float32 round trip is exact, tensor by tensor.
+  original = {k: v.numpy() for k, v in model.state_dict().items()}
+  for k, v in reloaded.state_dict().items():
+    np.testing.assert_array_equal(v.numpy(), original[k], err_msg=k)
+  if case == 'llama2':
+    files = sorted(os.listdir(tmp_path / 'out'))
+    index = json.loads((tmp_path / 'out' / 'model.safetensors.index.json').read_text())
+    shards = sorted(set(index['weight_map'].values()))
+    assert len(shards) > 1 and shards[0] == f'model-00001-of-{len(shards):05d}.safetensors'
+    assert set(shards) <= set(files) and 'model.safetensors' not in files
+
+
+def test_bfloat16_export(tokens, tmp_path):
+  model = hf_model('llama3')
+  model.save_pretrained(tmp_path / 'hf')
+  params, section = from_hf_tool.load_hf(str(tmp_path / 'hf'))
+  to_hf_tool.export(params, section, str(tmp_path / 'out'), dtype='bfloat16')
+  config = json.loads((tmp_path / 'out' / 'config.json').read_text())
+  assert config['dtype'] == config['torch_dtype'] == 'bfloat16'
+  with safe_open(str(tmp_path / 'out' / 'model.safetensors'), 'numpy') as f:
+    embed = f.get_tensor('model.embed_tokens.weight')
+  assert embed.dtype == ml_dtypes.bfloat16
+  np.testing.assert_array_equal(embed, params['embed_tokens'].astype(ml_dtypes.bfloat16))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out', dtype='auto')
+  assert reloaded.dtype == torch.bfloat16
+  logits = hf_logits(reloaded, tokens)
+  assert np.abs(logits - hf_logits(model, tokens)).max() < 0.05  # bf16 weights: loose
+
+
+def test_config_json_has_both_transformers_forms():
+  section = hf.model_config_from_hf(transformers.LlamaConfig(
+      **TINY, rope_parameters=LLAMA3_ROPE).to_dict())
+  config = hf.model_config_to_hf(section)
+  assert config['rope_parameters']['rope_type'] == config['rope_scaling']['rope_type'] == 'llama3'
+  assert config['rope_theta'] == config['rope_parameters']['rope_theta'] == 500_000.0
+  # The 4.x form alone (rope_theta + rope_scaling with `type`) reads the same.
+  old = {k: v for k, v in config.items() if k != 'rope_parameters'}
+  old['rope_scaling'] = {k if k != 'rope_type' else 'type': v
+                         for k, v in config['rope_scaling'].items()}
+  assert hf.model_config_from_hf(old) == section
+  loaded = transformers.LlamaConfig.from_dict(old)
+  assert loaded.rope_parameters['rope_type'] == 'llama3'
+  assert loaded.rope_parameters['rope_theta'] == 500_000.0
+
+
+def test_import_writes_a_checkpoint_that_init_from_reads(tmp_path):
+  model = hf_model('qwen3')
+  model.save_pretrained(tmp_path / 'hf')
+  section = from_hf_tool.convert(str(tmp_path / 'hf'), str(tmp_path / 'out'))
+  ckpt, step = checkpoint_lib.open_for_init(str(tmp_path / 'out' / 'checkpoints'))
+  cfg = hf.model_config(section)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = to_hf_tool._nest_shapes(hf.param_shapes(cfg), 'float32', device)
+  params = ckpt.restore_params(step, abstract)
+  ckpt.close()
+  q = model.state_dict()['model.layers.1.self_attn.q_proj.weight'].numpy()
+  np.testing.assert_array_equal(np.asarray(params['layers']['self_attn']['q_proj'][1]),
+                                q.T.reshape(64, 4, 32))
+  # The written config file is a jaxllm config with the model section and init_from set.
+  spec = importlib.util.spec_from_file_location('cfg', tmp_path / 'out' / 'config.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  assert config.model.qk_norm and config.model.head_dim == 32
+  assert config.checkpoint.init_from == str(tmp_path / 'out' / 'checkpoints')
+
+
+def test_command_lines_round_trip(tokens, tmp_path):
+  """HF -> tools/convert_from_hf.py -> a jaxllm checkpoint dir -> tools/convert_to_hf.py -> HF."""
+  import subprocess
+  model = hf_model('llama3')
+  model.save_pretrained(tmp_path / 'hf')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  run = lambda *args: subprocess.run([sys.executable, *args], cwd=REPO, env=env, check=True,
+                                     capture_output=True, text=True)
+  run('tools/convert_from_hf.py', f'--hf={tmp_path / "hf"}', f'--out={tmp_path / "jax"}')
+  # The import's output directory has the layout of a run's workdir (config.json, checkpoints/).
+  out = run('tools/convert_to_hf.py', f'--workdir={tmp_path / "jax"}', f'--out={tmp_path / "out"}')
+  assert 'from step 0' in out.stdout
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / 'out', dtype=torch.float32, attn_implementation='eager')
+  np.testing.assert_array_equal(hf_logits(reloaded, tokens), hf_logits(model, tokens))
+
+
+def test_pickled_weights_are_refused(tmp_path):
+  (tmp_path / 'pytorch_model.bin').write_bytes(b'not read')
+  (tmp_path / 'config.json').write_text(json.dumps(transformers.LlamaConfig(**TINY).to_dict()))
+  with pytest.raises(hf.UnsupportedError, match='pytorch_model.bin.*unpickling runs arbitrary'):
+    from_hf_tool.load_hf(str(tmp_path))
+
+
+@pytest.mark.parametrize('change, named', [
+    (dict(model_type='gpt2'), "model_type='gpt2'"),
+    (dict(rope_parameters=dict(rope_type='yarn', rope_theta=1e4, factor=4.0)), "'yarn'"),
+    (dict(rope_parameters=None, rope_scaling=dict(type='dynamic', factor=2.0)), "'dynamic'"),
+    (dict(mlp_bias=True), 'mlp_bias'),
+    (dict(hidden_act='gelu'), 'hidden_act'),
+    (dict(architectures=['LlamaForSequenceClassification']), 'architectures'),
+])
+def test_unsupported_config_is_refused_by_name(change, named):
+  config = transformers.LlamaConfig(**TINY).to_dict() | change
+  with pytest.raises(hf.UnsupportedError, match=named.replace('(', r'\(')):
+    hf.model_config_from_hf(config)
+
+
+def test_qwen_sliding_window_is_refused():
+  config = transformers.Qwen2Config(**TINY, use_sliding_window=True).to_dict()
+  with pytest.raises(hf.UnsupportedError, match='use_sliding_window'):
+    hf.model_config_from_hf(config)
+
+
+def test_unknown_tensor_is_refused():
+  section = hf.model_config_from_hf(transformers.LlamaConfig(**TINY).to_dict())
+  cfg = hf.model_config(section)
+  names = list(hf.hf_tensor_shapes(cfg)) + ['model.layers.0.mlp.up_proj.bias']
+  with pytest.raises(hf.UnsupportedError, match='up_proj.bias'):
+    hf.from_hf(names, lambda n: None, cfg)
+
+
+def test_key_table_covers_every_parameter_of_every_variant():
+  cfg = model_lib.ModelConfig(vocab_size=16, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1,
+                              head_dim=4, mlp_dim=8, qkv_bias=True, o_bias=True, qk_norm=True)
+  specs = hf.tensor_specs(cfg)
+  assert len(specs) == 3 + 2 * 15
+  assert sum(np.prod(s.hf_shape) for s in specs) == cfg.num_params()
+
+
+def test_shard_plan():
+  plan = hf.shard_plan([('a', 4), ('b', 4), ('c', 10), ('d', 1)], max_shard_bytes=8)
+  assert plan == [['a', 'b'], ['c'], ['d']]
+  assert hf.shard_index(plan, 19)['weight_map']['c'] == 'model-00002-of-00003.safetensors'
+
+
+def test_exported_tokenizer_encodes_like_jaxllm(tmp_path):
+  """AutoTokenizer, offline, on the exported files: bos + the ids of jaxllm's tokenizer."""
+  from jaxllm import data
+  files = data.list_text_files(data.default_source_dir())
+  train = data.split_documents(data.read_text(files[0]))[:200]
+  held_out = data.split_documents(data.read_text(files[1]))[:40]
+  data.train_tokenizer(str(tmp_path / 'tokenizer.model'), train, 512)
+  (tmp_path / 'out').mkdir()
+  to_hf_tool.write_tokenizer(str(tmp_path / 'tokenizer.model'), str(tmp_path / 'out'),
+                             model_max_length=1 << 20)
+  ours = data.Tokenizer(str(tmp_path / 'tokenizer.model'))
+  theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / 'out')
+  for text in held_out + ['Two  spaces,\n\nnewlines\tand a tab; ünïcödé ☃ 12345']:
+    ids = theirs(text)['input_ids']
+    assert ids == [ours.bos_id] + ours.encode(text), text[:60]
+    assert theirs.decode(ids, skip_special_tokens=True) == text
+
+
+def test_largest_differences_report():
+  """Not a check: prints the largest logit differences the tests above saw (run with -s)."""
+  for (case, direction), diff in sorted(LARGEST.items()):
+    print(f'{case:8s} {direction}: max |logit diff| = {diff:.2e}')

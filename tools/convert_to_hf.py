@@ -1,0 +1,166 @@
+"""Export a jaxllm checkpoint as a Hugging Face transformers model directory.
+
+    python tools/convert_to_hf.py --workdir=runs/tiny --out=/tmp/hf [--step=N] [--dtype=bfloat16]
+
+Writes config.json (loads in transformers 4.4x and 5.x), generation_config.json, model.safetensors
+(or model-0000x-of-0000y.safetensors plus model.safetensors.index.json above --max_shard_gb) and
+the tokenizer: the run's sentencepiece tokenizer.model and a tokenizer_config.json for
+AutoTokenizer. Tensors are converted and written one at a time. The mapping is
+jaxllm/convert/hf.py; this file only reads and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxllm.convert import hf
+
+_SAFETENSORS_DTYPES = {'float32': 'F32', 'bfloat16': 'BF16'}
+
+
+def write_safetensors(path: str, tensors: Iterator[tuple[str, np.ndarray]],
+                      layout: list[tuple[str, tuple[int, ...]]], dtype: str) -> None:
+  """Streams `tensors` (in `layout` order) into one safetensors file: the header is written from
+  the shapes first, then each tensor's bytes as it arrives, so only one is held at a time."""
+  itemsize = hf.DTYPES[dtype].itemsize
+  header: dict[str, Any] = {'__metadata__': {'format': 'pt'}}
+  offset = 0
+  for name, shape in layout:
+    nbytes = int(np.prod(shape)) * itemsize
+    header[name] = {'dtype': _SAFETENSORS_DTYPES[dtype], 'shape': list(shape),
+                    'data_offsets': [offset, offset + nbytes]}
+    offset += nbytes
+  blob = json.dumps(header, separators=(',', ':')).encode()
+  blob += b' ' * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+  tmp = path + '.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(struct.pack('<Q', len(blob)) + blob)
+    for name, shape in layout:
+      got_name, x = next(tensors)
+      assert got_name == name and x.shape == tuple(shape), (got_name, name, x.shape, shape)
+      f.write(np.ascontiguousarray(x, hf.DTYPES[dtype]).tobytes())
+  os.replace(tmp, path)
+
+
+def write_weights(params: Mapping, model: Mapping[str, Any], out: str, *, dtype: str,
+                  max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> list[str]:
+  """The safetensors file(s) and, when sharded, the index; returns the file names."""
+  cfg = hf.model_config(model)
+  shapes = hf.hf_tensor_shapes(cfg)
+  itemsize = hf.DTYPES[dtype].itemsize
+  sizes = [(n, int(np.prod(s)) * itemsize) for n, s in shapes.items()]
+  shards = hf.shard_plan(sizes, max_shard_bytes)
+  files = hf.shard_file_names(len(shards))
+  tensors = hf.to_hf(params, cfg, dtype=dtype)
+  for file, names in zip(files, shards):
+    write_safetensors(os.path.join(out, file), tensors, [(n, shapes[n]) for n in names], dtype)
+  if len(shards) > 1:
+    _write_json(os.path.join(out, 'model.safetensors.index.json'),
+                hf.shard_index(shards, sum(b for _, b in sizes)))
+  return files
+
+
+def write_tokenizer(tokenizer_model: str, out: str, *, model_max_length: int) -> None:
+  """The sentencepiece model plus what AutoTokenizer needs to load it as a LlamaTokenizer."""
+  import sentencepiece as spm  # jaxllm's own tokenizer dependency
+  sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
+  shutil.copyfile(tokenizer_model, os.path.join(out, 'tokenizer.model'))
+  specials = dict(bos=sp.id_to_piece(sp.bos_id()), eos=sp.id_to_piece(sp.eos_id()),
+                  unk=sp.id_to_piece(sp.unk_id()))
+  _write_json(os.path.join(out, 'tokenizer_config.json'),
+              hf.tokenizer_config(**specials, model_max_length=model_max_length))
+  _write_json(os.path.join(out, 'special_tokens_map.json'),
+              {'bos_token': specials['bos'], 'eos_token': specials['eos'],
+               'unk_token': specials['unk']})
+
+
+def export(params: Mapping, model: Mapping[str, Any], out: str, *, dtype: str = 'float32',
+           family: str | None = None, tokenizer_model: str | None = None,
+           max_position_embeddings: int | None = None, bos_token_id: int | None = 1,
+           eos_token_id: int | None = 2, max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> None:
+  """An HF model directory from a params pure dict and a jaxllm `model` config section."""
+  if dtype not in hf.DTYPES:
+    raise ValueError(f'--dtype={dtype!r}: choose one of {sorted(hf.DTYPES)}')
+  # Validate the config before writing anything.
+  config = hf.model_config_to_hf(model, family=family, dtype=dtype,
+                                 max_position_embeddings=max_position_embeddings,
+                                 bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+  os.makedirs(out, exist_ok=True)
+  write_weights(params, model, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+  _write_json(os.path.join(out, 'config.json'), config)
+  _write_json(os.path.join(out, 'generation_config.json'),
+              hf.generation_config(bos_token_id=bos_token_id, eos_token_id=eos_token_id))
+  if tokenizer_model:
+    write_tokenizer(tokenizer_model, out, model_max_length=config['max_position_embeddings'])
+
+
+def _write_json(path: str, obj) -> None:
+  with open(path, 'w') as f:
+    json.dump(obj, f, indent=2)
+    f.write('\n')
+
+
+def load_checkpoint(workdir: str, step: int = -1) -> tuple[dict, dict, dict]:
+  """(params as host arrays, the run's resolved config dict, step) from <workdir>/checkpoints."""
+  import jax
+  from jaxllm import checkpoint as checkpoint_lib
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = json.load(f)
+  directory = config.get('checkpoint', {}).get('dir') or os.path.join(workdir, 'checkpoints')
+  ckpt, step = checkpoint_lib.open_for_init(directory, step)
+  try:
+    config = ckpt.saved_config(step)  # the config the parameters were written with
+    cfg = hf.model_config(config['model'])
+    # Parameters land on one (CPU) device; the export then reads them one tensor at a time.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
+    abstract = _nest_shapes(hf.param_shapes(cfg), cfg.param_dtype, device)
+    params = ckpt.restore_params(step, abstract)
+  finally:
+    ckpt.close()
+  return params, config, step
+
+
+def _nest_shapes(shapes, dtype, sharding) -> dict:
+  import jax
+  out: dict = {}
+  for path, shape in shapes.items():
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding)
+  return out
+
+
+def main(argv) -> None:
+  del argv
+  params, config, step = load_checkpoint(FLAGS.workdir, FLAGS.step)
+  tokenizer = config.get('data', {}).get('tokenizer') or os.path.join(FLAGS.workdir,
+                                                                       'tokenizer.model')
+  seq_len = config.get('data', {}).get('seq_len')
+  export(params, config['model'], FLAGS.out, dtype=FLAGS.dtype, family=FLAGS.family or None,
+         tokenizer_model=tokenizer if os.path.exists(tokenizer) else None,
+         max_position_embeddings=FLAGS.max_position_embeddings or seq_len,
+         max_shard_bytes=int(FLAGS.max_shard_gb * 10**9))
+  print(f'wrote {FLAGS.out} from step {step} of {FLAGS.workdir} ({FLAGS.dtype})')
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  flags.DEFINE_string('workdir', None, 'the jaxllm run directory (its checkpoints and config.json)')
+  flags.DEFINE_integer('step', -1, 'checkpoint step to export; -1 = the latest')
+  flags.DEFINE_string('out', None, 'the HF model directory to write')
+  flags.DEFINE_enum('dtype', 'float32', sorted(hf.DTYPES), 'dtype of the exported tensors')
+  flags.DEFINE_string('family', '', f'HF family to write, one of {sorted(hf.FAMILIES)}; '
+                      "'' = the plainest one that expresses the model")
+  flags.DEFINE_integer('max_position_embeddings', 0, "config.json's value; 0 = data.seq_len")
+  flags.DEFINE_float('max_shard_gb', 5.0, 'safetensors shard size limit, GB (10^9 bytes)')
+  flags.mark_flags_as_required(['workdir', 'out'])
+  FLAGS = flags.FLAGS
+  app.run(main)
