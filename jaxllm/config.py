@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
-# Published shapes. `source` is where each number was read; rope scaling (Llama 3.1+) is left to
-# the HF-conversion work and not modelled yet.
+# Published shapes. `source` is where each number was read. Llama 3.1+ checkpoints also carry
+# rope scaling (model.rope_scaling='llama3'), set by tools/convert_from_hf.py when importing them.
 MODEL_SIZES = {
     # Ours: the CPU default, small enough to train in minutes on 2 cores.
     'tiny': dict(source='jaxllm (this repo): CPU smoke/default model',
@@ -83,6 +83,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = d = ml_collections.ConfigDict()
   d.source_dir = ''  # directory of .txt files; '' = the corpus shipped in the package
+  d.sources = ''  # 'SPEC[@WEIGHT],...': dirs/globs/files of .txt/.jsonl/.parquet or tfds:NAME:SPLIT
+  d.eval_source = ''  # a SPEC read whole for eval; '' = eval_files whole files of the first source
+  d.text_field = 'text'  # jsonl field, parquet column or TFDS feature that holds the text
+  d.tfds_data_dir = ''  # where tfds:NAME:SPLIT datasets are prepared (array_record); '' = TFDS default
+  d.skip_bad_records = False  # skip, count and log bad files/records instead of failing
+  d.pretokenize = False  # train from token ids cached under <cache_dir>/tokens (tools/prepare_data.py)
+  d.worker_count = 0  # grain worker processes (resume stays exact; batch order differs from 0)
   d.cache_dir = ''  # where the array_record dataset is built; '' = <workdir>/data
   d.tokenizer = ''  # sentencepiece model path; '' = train one into <workdir>/tokenizer.model
   d.eval_files = 2  # whole source files held out for evaluation
@@ -123,6 +130,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = -1  # data parallelism with parameters sharded (ZeRO-3); -1 = the remaining devices
   c.mesh.tensor = 1  # tensor parallelism over heads, mlp and vocab
 
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ''  # host:port of process 0; '' = auto-detect (see README)
+  c.distributed.num_processes = 0  # processes in the job; 0 = auto-detect
+  c.distributed.process_id = -1  # this process's index; -1 = auto-detect
+
   c.sharding = ml_collections.ConfigDict()
   c.sharding.rules = DEFAULT_RULES  # logical axis name -> mesh axis, one-to-one
   return c
@@ -157,9 +169,10 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> N
   elif (t.global_batch_size // t.microbatches) % batch_ways:
     errors.append(f'train.global_batch_size={t.global_batch_size} / train.microbatches='
                   f'{t.microbatches} must be divisible by mesh.data x mesh.fsdp = {batch_ways}')
-  if config.optim.warmup_steps > t.num_steps:
-    errors.append(f'optim.warmup_steps={config.optim.warmup_steps} exceeds '
-                  f'train.num_steps={t.num_steps}')
+  o = config.optim
+  if o.decay_steps < 0 or (o.decay_steps == 0 and o.warmup_steps >= t.num_steps):
+    errors.append(f'optim.warmup_steps={o.warmup_steps} leaves no steps of decay before '
+                  f'train.num_steps={t.num_steps}; lower it or set optim.decay_steps > 0')
   if config.checkpoint.every < 0 or config.checkpoint.keep_latest < 1:
     errors.append(f'checkpoint.every={config.checkpoint.every} must be >= 0 and '
                   f'checkpoint.keep_latest={config.checkpoint.keep_latest} >= 1')

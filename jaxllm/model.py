@@ -224,7 +224,8 @@ class Attention(nnx.Module):
       y = y + getattr(self, f'{name}_bias')[...].astype(dt)
     return y
 
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+  def __call__(self, x_BLD, positions_BL, mask_B1LL):
+    """`mask_B1LL`: attention_mask(segment_ids), or None for one document per row."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     q, k, v = (self._project(x_BLD, name) for name in 'qkv')
     if cfg.qk_norm:
@@ -238,7 +239,7 @@ class Attention(nnx.Module):
     # GQA is native: H query heads attend in groups of H // K to each kv head.
     window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
     out_BLHDh = jax.nn.dot_product_attention(
-        q, k, v, mask=attention_mask(segment_ids_BL), is_causal=True, local_window_size=window,
+        q, k, v, mask=mask_B1LL, is_causal=True, local_window_size=window,
         implementation=attention_implementation(cfg))
     out_BLD = jnp.einsum('blhk,hkd->bld', out_BLHDh, self.o_proj[...].astype(dt))
     if cfg.o_bias:
@@ -271,8 +272,8 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
-    x_BLD = x_BLD + self.self_attn(self.input_layernorm(x_BLD), positions_BL, segment_ids_BL)
+  def __call__(self, x_BLD, positions_BL, mask_B1LL):
+    x_BLD = x_BLD + self.self_attn(self.input_layernorm(x_BLD), positions_BL, mask_B1LL)
     x_BLD = x_BLD + self.mlp(self.post_attention_layernorm(x_BLD))
     return _constrain(x_BLD, ('batch', 'length', 'embed'))
 
@@ -306,9 +307,10 @@ class Llama(nnx.Module):
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
     x_BLD = _constrain(x_BLD, ('batch', 'length', 'embed'))
+    mask_B1LL = attention_mask(segment_ids_BL)  # once, shared by every layer
 
     def body(x_BLD, layer: DecoderLayer):
-      return layer(x_BLD, positions_BL, segment_ids_BL)
+      return layer(x_BLD, positions_BL, mask_B1LL)
 
     policy = REMAT_POLICIES[cfg.remat]
     if cfg.remat != 'none':

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -71,6 +72,34 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
   """This process's rows -> one global jax.Array per key (multi-host safe)."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def process_batch_size(batch_sharding: NamedSharding, global_batch: int, seq_len: int) -> int:
+  """Rows this process feeds: those its devices hold. Each process must own distinct rows (the
+  data pipeline shards by process), so a batch axis may span hosts but `tensor` may not."""
+  index = batch_sharding.addressable_devices_indices_map((global_batch, seq_len))
+  rows = set().union(*(range(*idx[0].indices(global_batch)) for idx in index.values()))
+  if len(rows) * jax.process_count() != global_batch:
+    raise ValueError(f'this process holds {len(rows)} of {global_batch} rows over '
+                     f'{jax.process_count()} processes: keep mesh.tensor within one host and make '
+                     'train.global_batch_size divisible by mesh.data x mesh.fsdp')
+  return len(rows)
+
+
+def initialize_distributed(*, coordinator_address: str, num_processes: int,
+                           process_id: int) -> None:
+  """Joins a multi-process job. Explicit values win; otherwise JAX detects SLURM, Open MPI,
+  Cloud TPU pods and Kubernetes (indexed jobs) from their environment. Without any of those
+  (or with JAX_COORDINATOR_ADDRESS unset), a single process needs no set-up and nothing happens."""
+  explicit = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  detected = any(int(os.environ.get(v, '1')) > 1 for v in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
+  detected |= 'JOB_COMPLETION_INDEX' in os.environ or bool(os.environ.get('TPU_WORKER_HOSTNAMES'))
+  if not (explicit or detected):
+    return
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address or None,
+      num_processes=num_processes if num_processes > 0 else None,
+      process_id=process_id if process_id >= 0 else None)
 
 
 @contextlib.contextmanager

@@ -136,9 +136,10 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
       peak_lr=o.peak_lr, warmup_steps=o.warmup_steps,
       decay_steps=(o.decay_steps or config.train.num_steps - o.warmup_steps),
       final_lr_fraction=o.final_lr_fraction)
-  # Weight decay on matrices only: a parameter with one logical dim besides `layers` is a vector.
-  decay = jax.tree.map(lambda s: len([n for n in s if n != 'layers']) > 1, param_specs,
-                       is_leaf=lambda x: isinstance(x, P))
+  # Weight decay on weight matrices only: they have two or more dims besides `layers` and one
+  # of them is the model width. Norm scales, biases and q/k norms are not decayed.
+  decay = jax.tree.map(lambda s: len([n for n in s if n != 'layers']) > 1 and 'embed' in s,
+                       param_specs, is_leaf=lambda x: isinstance(x, P))
   tx = optim.make_optimizer(schedule=schedule, b1=o.b1, b2=o.b2, eps=o.eps,
                             weight_decay=o.weight_decay, clip_norm=o.clip_norm, decay_mask=decay)
   abs_opt = jax.eval_shape(tx.init, abs_params)
@@ -230,7 +231,9 @@ def make_pipeline(config: ml_collections.ConfigDict, workdir: str, batch_size: i
       tokenizer_path=d.tokenizer or os.path.join(workdir, 'tokenizer.model'),
       vocab_size=config.model.vocab_size, seq_len=d.seq_len, batch_size=batch_size,
       eval_files=d.eval_files, seed=d.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), sources=d.sources, eval_source=d.eval_source,
+      text_field=d.text_field, tfds_data_dir=d.tfds_data_dir or None,
+      skip_bad_records=d.skip_bad_records, pretokenize=d.pretokenize, worker_count=d.worker_count)
 
 
 def setup(config: ml_collections.ConfigDict) -> Trainer:
@@ -319,10 +322,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last train
   and eval metrics, the final state, and `preempted_at` (a step) if a signal stopped it."""
   set_xla_flags(config.train.xla_gpu_flags)
+  d = config.distributed  # before anything starts JAX's backends
+  sharding.initialize_distributed(coordinator_address=d.coordinator_address,
+                                  num_processes=d.num_processes, process_id=d.process_id)
   os.makedirs(workdir, exist_ok=True)
   trainer = setup(config)
   t = config.train
-  pipeline = make_pipeline(config, workdir, t.global_batch_size // jax.process_count())
+  pipeline = make_pipeline(config, workdir, sharding.process_batch_size(
+      trainer.batch_sharding, t.global_batch_size, config.data.seq_len))
   ckpt = make_checkpointer(config, workdir)
   train_iter = pipeline.train_iter()
   try:
@@ -334,6 +341,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
   finally:
     ckpt.close()  # waits for a save in flight to commit, on errors too
+    if hasattr(train_iter, 'close'):
+      train_iter.close()  # stops grain's worker processes, if any
   return last
 
 

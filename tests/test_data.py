@@ -94,7 +94,7 @@ def test_resume_from_saved_state_is_exact(pipe):
 def test_epochs_reshuffle_and_cover_every_document(pipe):
   order = pipe.train_doc_order()
   n = len(pipe.train_source)
-  e0, e1 = [order[i] for i in range(n)], [order[n + i] for i in range(n)]
+  e0, e1 = [order[i][1] for i in range(n)], [order[n + i][1] for i in range(n)]
   assert sorted(e0) == sorted(e1) == list(range(n))
   assert e0 != e1
 
@@ -124,7 +124,7 @@ def test_packing_invariants_and_no_mixed_documents(pipe, corpus, split):
 def test_two_processes_read_disjoint_documents_covering_the_epoch(pipe, work):
   procs = [_make(work, process_index=i, process_count=2) for i in range(2)]
   n = len(pipe.train_source)
-  full = [{int(p.train_doc_order()[i]) for i in range(len(range(p.process_index, n, 2)))} for p in procs]
+  full = [{p.train_doc_order()[i][1] for i in range(len(range(p.process_index, n, 2)))} for p in procs]
   assert full[0].isdisjoint(full[1]) and full[0] | full[1] == set(range(n))
   # Rows: long segments of each process come from its own documents and not the other's.
   texts = ['\x00'.join(pipe.train_source[i]['text'].decode() for i in sorted(f)) for f in full]
@@ -233,3 +233,170 @@ def test_bad_inputs_name_the_path(tmp_path):
   assert '\n' not in str(err.value)
   with pytest.raises(ValueError, match='eval_files'):
     _make(tmp_path, eval_files=42)
+
+
+# Sources beyond a directory of .txt: jsonl, parquet, TFDS by name, mixtures, the token cache.
+
+
+class TinyLines(__import__('tensorflow_datasets').core.GeneratorBasedBuilder, skip_registration=True):
+  """A prepared TFDS dataset for the tfds:NAME:SPLIT route (unregistered: read back from its files)."""
+
+  VERSION = __import__('tensorflow_datasets').core.Version('1.0.0')
+  DOCS = {'train': 40, 'test': 6}
+
+  def _info(self):
+    tfds = __import__('tensorflow_datasets')
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {'sentence': tfds.features.Text()}), disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    return {split: self._generate_examples(split, n) for split, n in self.DOCS.items()}
+
+  def _generate_examples(self, split, n):
+    for i in range(n):
+      yield i, {'sentence': f'{split} line {i}: ' + 'the quick brown fox jumps over the lazy dog. ' * (i % 7 + 1)}
+
+
+@pytest.fixture(scope='session')
+def mixed_dir(tmp_path_factory, corpus):
+  """Corpus documents as two .jsonl files (field 'body') and one .parquet file (column 'body')."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  root = tmp_path_factory.mktemp('mixed')
+  docs = [d for name in sorted(corpus)[:6] for d in data.split_documents(corpus[name])]
+  (root / 'j').mkdir()
+  for k in range(2):
+    with open(root / 'j' / f'part{k}.jsonl', 'w', encoding='utf-8') as f:
+      for d in docs[k::3]:
+        f.write(json.dumps({'id': 1, 'body': d}) + '\n')
+  pq.write_table(pa.table({'body': docs[2::3]}), root / 'p.parquet')
+  return root, docs
+
+
+def _mix(work, root, **overrides):
+  return _make(work, **{'sources': f'{root}/j/*.jsonl@3, {root}/p.parquet@1', 'source_dir': None,
+                        'eval_source': data.default_source_dir(), 'text_field': 'body',
+                        'cache_dir': str(root / 'cache'), **overrides})
+
+
+@pytest.fixture(scope='session')
+def mix(work, mixed_dir):
+  return _mix(work, mixed_dir[0])
+
+
+def test_parse_sources():
+  assert data.parse_sources('a/*.jsonl@0.7, tfds:c4/en:3.0.1:train@0.3,b') == [
+      ('a/*.jsonl', 0.7), ('tfds:c4/en:3.0.1:train', 0.3), ('b', 1.0)]
+  for bad in ('a@x', 'a@0', '', ' , '):
+    with pytest.raises(ValueError, match='SPEC|no sources'):
+      data.parse_sources(bad)
+
+
+def test_jsonl_and_parquet_sources_hold_every_document(mix, mixed_dir):
+  _, docs = mixed_dir
+  jsonl, parquet = mix.sources.train
+  texts = lambda d: [d.text(i) for i in range(len(d))]
+  assert texts(jsonl) == docs[0::3] + docs[1::3] and texts(parquet) == docs[2::3]
+  assert len(mix.sources.eval) > 2000 and not mix.eval_file_names  # all of eval_source
+
+
+def test_mixture_weights_and_determinism(mix, work, mixed_dir):
+  order = mix.train_doc_order()
+  tags = [order[i][0] for i in range(4000)]
+  assert tags.count(0) / len(tags) == pytest.approx(0.75, abs=0.02)
+  first = _take(mix.train_iter(), 4)
+  assert _same(first, _take(_mix(work, mixed_dir[0]).train_iter(), 4))
+  assert not _same(first, _take(_mix(work, mixed_dir[0], seed=5).train_iter(), 4))
+  it = mix.train_iter()
+  _take(it, 3)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, 4)
+  resumed = mix.train_iter()
+  resumed.set_state(state)
+  assert _same(expected, _take(resumed, 4))
+
+
+def test_tfds_dataset_by_name_and_split(work, tmp_path):
+  TinyLines(data_dir=str(tmp_path / 'tfds'), file_format='array_record').download_and_prepare()
+  p = _make(work, sources='tfds:tiny_lines:train', tfds_data_dir=str(tmp_path / 'tfds'),
+            eval_source='tfds:tiny_lines:test', text_field='sentence', cache_dir=str(tmp_path / 'c'))
+  assert len(p.sources.train[0]) == 40 and p.sources.eval.text(5).startswith('test line 5: the quick')
+  assert len(_take(p.train_iter(), 2)) == 2
+  assert sum(int((b['segment_ids'] > 0).sum()) for b in p.eval_batches()) == p.eval_stats()['tokens']
+  opts = dict(tfds_data_dir=str(tmp_path / 'tfds'), cache_dir=str(tmp_path / 'c'), text_field='sentence')
+  with pytest.raises(ValueError, match='eval_source'):
+    _make(work, sources='tfds:tiny_lines:train', **opts)
+  with pytest.raises(ValueError, match="no split 'nope'"):
+    _make(work, sources='tfds:tiny_lines:nope', eval_source='tfds:tiny_lines:test', **opts)
+  with pytest.raises(FileNotFoundError, match='tfds:not_here:train'):
+    _make(work, sources='tfds:not_here:train', eval_source='tfds:tiny_lines:test', **opts)
+
+
+def test_token_cache_gives_the_same_batches(pipe, work):
+  cached = _make(work, pretokenize=True)
+  assert cached.caches and len(cached.caches[0]) == len(pipe.train_source)
+  assert _same(_take(pipe.train_iter(), 4), _take(cached.train_iter(), 4))
+  assert _same(list(pipe.eval_batches(max_batches=5)), list(cached.eval_batches(max_batches=5)))
+  assert cached.eval_stats() == pipe.eval_stats()
+  cached.sources.train[0].text = None  # proves the cached route does no text work
+  it = cached.train_iter()
+  _take(it, 2)
+  state = it.get_state()
+  expected = _take(it, 3)
+  it.set_state(state)
+  assert _same(expected, _take(it, 3))
+  assert cached.train_unigram_entropy() == pytest.approx(pipe.train_unigram_entropy())
+
+
+def test_bad_records_name_the_line_or_are_skipped_and_counted(work, tmp_path):
+  src = tmp_path / 'src'
+  src.mkdir()
+  good = ''.join(json.dumps({'text': f'document {i} ' * 50}) + '\n' for i in range(20))
+  (src / 'a.jsonl').write_text(good + '{"txt": "oops"}\n' + good, 'utf-8')
+  opts = dict(sources=str(src), eval_source=data.default_source_dir(), cache_dir=str(tmp_path / 'c'))
+  with pytest.raises(ValueError, match=re.escape(f"{src / 'a.jsonl'}:21: no string field 'text' (has: txt)")) as e:
+    _make(work, **opts)
+  assert '\n' not in str(e.value) and 'text_field' in str(e.value)
+  p = _make(work, skip_bad_records=True, **opts)
+  assert p.skipped == {str(src / 'a.jsonl'): 1} and len(p.sources.train[0]) == 40
+  (src / 'a.jsonl').write_text(good, 'utf-8')
+  (src / 'b.jsonl').write_bytes(b'{"text": "caf\xe9"}\n')
+  with pytest.raises(ValueError, match=re.escape(f"{src / 'b.jsonl'}:1: not valid UTF-8")):
+    _make(work, **opts)
+  (src / 'b.jsonl').write_text('not json\n', 'utf-8')
+  with pytest.raises(ValueError, match=re.escape(f"{src / 'b.jsonl'}:1: not a JSON object")):
+    _make(work, **opts)
+  (src / 'b.jsonl').unlink()
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.table({'content': ['x']}), src / 'c.parquet')
+  with pytest.raises(ValueError, match=re.escape(f"{src / 'c.parquet'}: no column 'text' (has: content)")):
+    _make(work, **opts)
+  with pytest.raises(FileNotFoundError, match='glob matches nothing'):
+    _make(work, **{**opts, 'sources': str(tmp_path / 'none' / '*.jsonl')})
+
+
+def test_worker_processes_resume_exactly(work):
+  p = _make(work, worker_count=2)
+  it = p.train_iter()
+  _take(it, 3)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, 4)
+  resumed = p.train_iter()
+  resumed.set_state(state)
+  try:
+    assert _same(expected, _take(resumed, 4))
+  finally:
+    for i in (it, resumed):
+      i.close()  # stops the worker processes now, not at interpreter exit
+
+
+def test_train_tokenizer_options_and_compression(pipe, tmp_path):
+  texts = [pipe.sources.train[0].text(i) for i in range(0, 400, 4)]
+  path = str(tmp_path / 'u.model')
+  data.train_tokenizer(path, texts, 400, model_type='unigram', user_defined_symbols=['<tool>'])
+  tok = data.Tokenizer(path)
+  assert tok.sp.piece_to_id('<tool>') > 2 and tok.encode('a <tool> b').count(tok.sp.piece_to_id('<tool>')) == 1
+  held_out = [pipe.sources.eval.text(i) for i in range(20)]
+  assert all(tok.decode(tok.encode(t)) == t for t in held_out)  # identity normalization by default
+  assert 1.0 < data.bytes_per_token(tok, held_out) < data.bytes_per_token(pipe.tokenizer, held_out)  # 400 < 512 pieces
