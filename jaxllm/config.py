@@ -129,6 +129,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = 1  # pure data parallelism (replicated parameters)
   c.mesh.fsdp = -1  # data parallelism with parameters sharded (ZeRO-3); -1 = the remaining devices
   c.mesh.tensor = 1  # tensor parallelism over heads, mlp and vocab
+  # The three sizes above are per slice (one host, or one TPU slice: fast ICI/NVLink links).
+  # Across slices (DCN, the data-centre network), each of these multiplies its axis:
+  c.mesh.dcn_data = 1  # slices doing data parallelism (total data axis = data x dcn_data)
+  c.mesh.dcn_fsdp = 1  # slices sharing FSDP shards (total fsdp axis = fsdp x dcn_fsdp)
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ''  # host:port of process 0; '' = auto-detect (see README)

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from flax.linen import partitioning as nn_partitioning
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -21,7 +22,14 @@ Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
 def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
-  """Fills the one `-1` axis so the product is `num_devices`; errors name the mesh.* keys."""
+  """Total size of each mesh axis: the within-slice sizes mesh.{data,fsdp,tensor} (one `-1`
+  fills the slice) times the across-slice factors mesh.dcn_{data,fsdp}. Errors name the keys."""
+  dcn = dcn_shape(sizes)
+  slices = math.prod(dcn.values())
+  if num_devices % slices:
+    raise ValueError(f'mesh.dcn_data x mesh.dcn_fsdp = {slices} slices do not divide the '
+                     f'{num_devices} devices; change the mesh.dcn_* sizes')
+  per_slice = num_devices // slices
   shape = {axis: int(sizes[axis]) for axis in MESH_AXES}
   keys = ' x '.join(f'mesh.{a}={shape[a]}' for a in MESH_AXES)
   free = [a for a in MESH_AXES if shape[a] == -1]
@@ -29,24 +37,42 @@ def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, 
     raise ValueError(f'{keys}: use positive sizes and at most one -1')
   fixed = math.prod(v for v in shape.values() if v != -1)
   if free:
-    if num_devices % fixed:
-      raise ValueError(f'{keys}: the fixed axes ({fixed}) do not divide the {num_devices} devices;'
+    if per_slice % fixed:
+      raise ValueError(f'{keys}: the fixed axes ({fixed}) do not divide the {per_slice} devices;'
                        ' change the mesh.* sizes')
-    shape[free[0]] = num_devices // fixed
-  elif fixed != num_devices:
-    raise ValueError(f'{keys} = {fixed} devices, but {num_devices} are present; change the mesh.* '
+    shape[free[0]] = per_slice // fixed
+  elif fixed != per_slice:
+    raise ValueError(f'{keys} = {fixed} devices, but {per_slice} are present; change the mesh.* '
                      'sizes or set one of them to -1')
-  return shape
+  return {a: shape[a] * dcn[a] for a in MESH_AXES}
 
 
-def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh over `devices` (default: all) with Auto axes, so logical constraints drive GSPMD."""
+def dcn_shape(sizes: Mapping[str, int]) -> dict[str, int]:
+  """Across-slice (DCN: between hosts or TPU slices) factor of each axis; tensor never crosses."""
+  return {'data': int(sizes.get('dcn_data', 1)), 'fsdp': int(sizes.get('dcn_fsdp', 1)),
+          'tensor': 1}
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None, *,
+              dcn: Mapping[str, int] | None = None) -> Mesh:
+  """A mesh over `devices` (default: all) with Auto axes, so logical constraints drive GSPMD.
+
+  With `dcn` factors above 1, devices are grouped by slice (TPU multislice) or else by process
+  (GPU hosts), so each axis's DCN factor spans groups and the rest stays on the fast links."""
   devices = jax.devices() if devices is None else list(devices)
   dims = tuple(shape[a] for a in MESH_AXES)
+  axis_types = (AxisType.Auto,) * 3
+  dcn_dims = tuple((dcn or {}).get(a, 1) for a in MESH_AXES)
+  if math.prod(dcn_dims) > 1:
+    ici_dims = tuple(d // f for d, f in zip(dims, dcn_dims))
+    one_slice = len({getattr(d, 'slice_index', 0) for d in devices}) == 1
+    grid = mesh_utils.create_hybrid_device_mesh(ici_dims, dcn_dims, devices,
+                                                process_is_granule=one_slice)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
   if len(devices) == jax.device_count():
     # Orders devices so that inner axes (tensor, then fsdp) stay on the fastest links.
-    return jax.make_mesh(dims, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
-  return Mesh(np.asarray(devices).reshape(dims), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return jax.make_mesh(dims, MESH_AXES, axis_types=axis_types, devices=devices)
+  return Mesh(np.asarray(devices).reshape(dims), MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_mesh(spec: P, rules: Rules) -> P:

@@ -240,7 +240,7 @@ def setup(config: ml_collections.ConfigDict) -> Trainer:
   """Resolves and validates the config against the devices present, and builds the trainer."""
   shape = sharding.resolve_mesh_shape(config.mesh, jax.device_count())
   config_lib.validate(config, shape)
-  return make_trainer(config, sharding.make_mesh(shape))
+  return make_trainer(config, sharding.make_mesh(shape, dcn=sharding.dcn_shape(config.mesh)))
 
 
 def make_checkpointer(config: ml_collections.ConfigDict,

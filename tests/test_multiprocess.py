@@ -26,7 +26,10 @@ OVERRIDES = ['--config.train.num_steps=4', '--config.train.log_every=1',
              '--config.train.eval_every=0', '--config.train.eval_batches=1',
              '--config.optim.warmup_steps=1', '--config.model.vocab_size=512',
              '--config.data.seq_len=64', '--config.model.n_layers=2',
-             '--config.mesh.data=2', '--config.checkpoint.every=4']
+             '--config.checkpoint.every=4']
+# The two processes build a hybrid mesh: data across them (DCN), fsdp=4 within each.
+TWO_PROCESS = ['--config.mesh.dcn_data=2']
+ONE_PROCESS = ['--config.mesh.data=2']
 
 
 def free_port() -> int:
@@ -41,7 +44,7 @@ def run_two_processes(workdir):
   env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'jaxllm.main', '--config=configs/tiny.py', f'--workdir={workdir}',
-       *OVERRIDES, f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+       *OVERRIDES, *TWO_PROCESS, f'--config.distributed.coordinator_address=127.0.0.1:{port}',
        '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}'],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
@@ -53,7 +56,7 @@ def run_two_processes(workdir):
 
 def reference(workdir):
   """One process, 8 devices, fed the two processes' rows side by side."""
-  config = load('configs/tiny.py', *OVERRIDES)
+  config = load('configs/tiny.py', *OVERRIDES, *ONE_PROCESS)
   trainer = train.setup(config)
   half = config.train.global_batch_size // 2
   pipes = [data_lib.make_pipeline(
