@@ -135,6 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.dcn_fsdp = 1  # slices sharing FSDP shards (total fsdp axis = fsdp x dcn_fsdp)
 
   c.distributed = ml_collections.ConfigDict()
+  # auto: join a multi-process job when a launcher is detected (SLURM with several tasks, Open MPI,
+  # a Kubernetes indexed job) or a coordinator is given; always: let JAX detect the cluster (TPU
+  # pods); never: one process.
+  c.distributed.initialize = 'auto'
   c.distributed.coordinator_address = ''  # host:port of process 0; '' = auto-detect (see README)
   c.distributed.num_processes = 0  # processes in the job; 0 = auto-detect
   c.distributed.process_id = -1  # this process's index; -1 = auto-detect

@@ -112,15 +112,16 @@ def process_batch_size(batch_sharding: NamedSharding, global_batch: int, seq_len
   return len(rows)
 
 
-def initialize_distributed(*, coordinator_address: str, num_processes: int,
+def initialize_distributed(*, initialize: str, coordinator_address: str, num_processes: int,
                            process_id: int) -> None:
-  """Joins a multi-process job. Explicit values win; otherwise JAX detects SLURM, Open MPI,
-  Cloud TPU pods and Kubernetes (indexed jobs) from their environment. Without any of those
-  (or with JAX_COORDINATOR_ADDRESS unset), a single process needs no set-up and nothing happens."""
+  """Joins a multi-process job (see the `distributed` config section). Explicit values win; JAX
+  detects the rest from SLURM, Open MPI, Cloud TPU or Kubernetes. One process needs nothing."""
+  if initialize not in ('auto', 'always', 'never'):
+    raise ValueError(f'distributed.initialize={initialize!r}: choose auto, always or never')
   explicit = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
   detected = any(int(os.environ.get(v, '1')) > 1 for v in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
   detected |= 'JOB_COMPLETION_INDEX' in os.environ or bool(os.environ.get('TPU_WORKER_HOSTNAMES'))
-  if not (explicit or detected):
+  if initialize == 'never' or (initialize == 'auto' and not (explicit or detected)):
     return
   jax.distributed.initialize(
       coordinator_address=coordinator_address or None,

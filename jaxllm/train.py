@@ -323,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   and eval metrics, the final state, and `preempted_at` (a step) if a signal stopped it."""
   set_xla_flags(config.train.xla_gpu_flags)
   d = config.distributed  # before anything starts JAX's backends
-  sharding.initialize_distributed(coordinator_address=d.coordinator_address,
+  sharding.initialize_distributed(initialize=d.initialize, coordinator_address=d.coordinator_address,
                                   num_processes=d.num_processes, process_id=d.process_id)
   os.makedirs(workdir, exist_ok=True)
   trainer = setup(config)

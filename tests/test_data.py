@@ -1,14 +1,15 @@
-"""Tests of jaxllm.data on the embedded corpus: splits, tokenizer, packing, sharding, resume, errors."""
+"""Tests of jaxllm.data on the embedded corpus: splits, tokenizer, packing, sharding, resume, errors.
+
+The source-reading tests (document rules, SPEC syntax, bad input) are in test_sources.py.
+"""
 
 import json
 import math
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from jaxllm import data
+from jaxllm import data, sources
 
 VOCAB, SEQ, BATCH = 512, 64, 8
 
@@ -31,7 +32,7 @@ def pipe(work):
 
 @pytest.fixture(scope='session')
 def corpus():
-  return {f.name: f.read_text('utf-8') for f in data.list_text_files(data.default_source_dir())}
+  return {f.name: f.read_text('utf-8') for f in sources.list_text_files(sources.default_source_dir())}
 
 
 def _take(it, n):
@@ -55,19 +56,6 @@ def _segments(batch):
 def _segment_text(tok, inputs, targets):
   ids = [int(i) for i in inputs] + [int(targets[-1])]
   return tok.decode([i for i in ids if i not in (tok.bos_id, tok.eos_id)])
-
-
-def test_corpus_is_found_in_the_package():
-  files = data.list_text_files(data.default_source_dir())
-  assert len(files) == 42 and (Path(data.default_source_dir()) / 'README.md').exists()
-
-
-def test_split_documents_keeps_text_and_size():
-  text = ('para one\nline\n\n' * 400) + ('x' * 40000) + '\n\n\n'
-  docs = data.split_documents(text)
-  assert ''.join(docs) == text  # nothing lost, order kept
-  assert all(len(d) <= 8 * data.DOC_CHARS for d in docs) and len(docs) > 3
-  assert all(len(d) >= data.DOC_CHARS for d in docs[:2])
 
 
 def test_determinism_same_seed_same_batches_other_seed_differs(pipe, work):
@@ -216,25 +204,6 @@ def test_small_corpus_with_too_large_vocab_fails_clearly(corpus, tmp_path):
     _make(tmp_path, source_dir=str(src), vocab_size=20000, eval_files=1)
 
 
-def test_bad_inputs_name_the_path(tmp_path):
-  missing = tmp_path / 'nope'
-  with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
-    _make(tmp_path, source_dir=str(missing))
-  empty = tmp_path / 'empty'
-  empty.mkdir()
-  with pytest.raises(ValueError, match=re.escape(str(empty))):
-    _make(tmp_path, source_dir=str(empty))
-  bad = tmp_path / 'bad'
-  bad.mkdir()
-  (bad / 'a.txt').write_text('fine text\n' * 10, 'utf-8')
-  (bad / 'b.txt').write_bytes(b'caf\xe9 au lait\n')  # latin-1, not UTF-8
-  with pytest.raises(ValueError, match=re.escape(str(bad / 'b.txt'))) as err:
-    _make(tmp_path, source_dir=str(bad), eval_files=1)
-  assert '\n' not in str(err.value)
-  with pytest.raises(ValueError, match='eval_files'):
-    _make(tmp_path, eval_files=42)
-
-
 # Sources beyond a directory of .txt: jsonl, parquet, TFDS by name, mixtures, the token cache.
 
 
@@ -263,7 +232,7 @@ def mixed_dir(tmp_path_factory, corpus):
   import pyarrow as pa
   import pyarrow.parquet as pq
   root = tmp_path_factory.mktemp('mixed')
-  docs = [d for name in sorted(corpus)[:6] for d in data.split_documents(corpus[name])]
+  docs = [d for name in sorted(corpus)[:6] for d in sources.split_documents(corpus[name])]
   (root / 'j').mkdir()
   for k in range(2):
     with open(root / 'j' / f'part{k}.jsonl', 'w', encoding='utf-8') as f:
@@ -275,21 +244,13 @@ def mixed_dir(tmp_path_factory, corpus):
 
 def _mix(work, root, **overrides):
   return _make(work, **{'sources': f'{root}/j/*.jsonl@3, {root}/p.parquet@1', 'source_dir': None,
-                        'eval_source': data.default_source_dir(), 'text_field': 'body',
+                        'eval_source': sources.default_source_dir(), 'text_field': 'body',
                         'cache_dir': str(root / 'cache'), **overrides})
 
 
 @pytest.fixture(scope='session')
 def mix(work, mixed_dir):
   return _mix(work, mixed_dir[0])
-
-
-def test_parse_sources():
-  assert data.parse_sources('a/*.jsonl@0.7, tfds:c4/en:3.0.1:train@0.3,b') == [
-      ('a/*.jsonl', 0.7), ('tfds:c4/en:3.0.1:train', 0.3), ('b', 1.0)]
-  for bad in ('a@x', 'a@0', '', ' , '):
-    with pytest.raises(ValueError, match='SPEC|no sources'):
-      data.parse_sources(bad)
 
 
 def test_jsonl_and_parquet_sources_hold_every_document(mix, mixed_dir):
@@ -346,34 +307,6 @@ def test_token_cache_gives_the_same_batches(pipe, work):
   it.set_state(state)
   assert _same(expected, _take(it, 3))
   assert cached.train_unigram_entropy() == pytest.approx(pipe.train_unigram_entropy())
-
-
-def test_bad_records_name_the_line_or_are_skipped_and_counted(work, tmp_path):
-  src = tmp_path / 'src'
-  src.mkdir()
-  good = ''.join(json.dumps({'text': f'document {i} ' * 50}) + '\n' for i in range(20))
-  (src / 'a.jsonl').write_text(good + '{"txt": "oops"}\n' + good, 'utf-8')
-  opts = dict(sources=str(src), eval_source=data.default_source_dir(), cache_dir=str(tmp_path / 'c'))
-  with pytest.raises(ValueError, match=re.escape(f"{src / 'a.jsonl'}:21: no string field 'text' (has: txt)")) as e:
-    _make(work, **opts)
-  assert '\n' not in str(e.value) and 'text_field' in str(e.value)
-  p = _make(work, skip_bad_records=True, **opts)
-  assert p.skipped == {str(src / 'a.jsonl'): 1} and len(p.sources.train[0]) == 40
-  (src / 'a.jsonl').write_text(good, 'utf-8')
-  (src / 'b.jsonl').write_bytes(b'{"text": "caf\xe9"}\n')
-  with pytest.raises(ValueError, match=re.escape(f"{src / 'b.jsonl'}:1: not valid UTF-8")):
-    _make(work, **opts)
-  (src / 'b.jsonl').write_text('not json\n', 'utf-8')
-  with pytest.raises(ValueError, match=re.escape(f"{src / 'b.jsonl'}:1: not a JSON object")):
-    _make(work, **opts)
-  (src / 'b.jsonl').unlink()
-  import pyarrow as pa
-  import pyarrow.parquet as pq
-  pq.write_table(pa.table({'content': ['x']}), src / 'c.parquet')
-  with pytest.raises(ValueError, match=re.escape(f"{src / 'c.parquet'}: no column 'text' (has: content)")):
-    _make(work, **opts)
-  with pytest.raises(FileNotFoundError, match='glob matches nothing'):
-    _make(work, **{**opts, 'sources': str(tmp_path / 'none' / '*.jsonl')})
 
 
 def test_worker_processes_resume_exactly(work):

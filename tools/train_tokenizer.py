@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 
-from jaxllm import data
+from jaxllm import data, sources
 
 
 def main() -> None:
@@ -34,10 +34,10 @@ def main() -> None:
   p.add_argument('--max_docs', type=int, default=data._TOKENIZER_DOCS, help='train documents sampled')
   p.add_argument('--eval_docs', type=int, default=2000, help='held-out documents for the compression figure')
   a = p.parse_args()
-  specs = data.parse_sources(a.sources) if a.sources else [(data.default_source_dir(), 1.0)]
+  specs = sources.parse_sources(a.sources) if a.sources else [(sources.default_source_dir(), 1.0)]
   with tempfile.TemporaryDirectory() as tmp:
-    found = data.open_sources(specs, cache_dir=a.cache_dir or tmp, eval_files=a.eval_files,
-                              eval_source=a.eval_source, text_field=a.text_field, tfds_data_dir=a.tfds_data_dir)
+    found = sources.open_sources(specs, cache_dir=a.cache_dir or tmp, eval_files=a.eval_files,
+                                 eval_source=a.eval_source, text_field=a.text_field, tfds_data_dir=a.tfds_data_dir)
     data.train_tokenizer(a.out, data.tokenizer_sample(found, a.max_docs), a.vocab_size, model_type=a.model_type,
                          byte_fallback=not a.no_byte_fallback, normalization=a.normalization,
                          user_defined_symbols=[s for s in a.special_tokens.split(',') if s])
