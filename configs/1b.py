@@ -13,15 +13,5 @@ from jaxllm import config as config_lib
 def get_config():
   c = config_lib.apply_size(config_lib.base_config(), 'llama3.2-1b')
   c.name = '1b'
-  c.model.dtype = 'bfloat16'
-  c.model.remat = 'save_dots'
-  c.model.attention = 'auto'  # cuDNN flash attention where available, else XLA
-  c.data.seq_len = 4096
-  c.data.eval_files = 2
-  c.train.global_batch_size = 64
-  c.train.num_steps = 20_000
-  c.train.log_every = 50
-  c.train.eval_every = 1000
-  c.optim.peak_lr = 3e-4
-  c.optim.warmup_steps = 1000
-  return c
+  return config_lib.accelerator_recipe(c, seq_len=4096, global_batch_size=64, remat='save_dots',
+                                       num_steps=20_000, warmup_steps=1_000)

@@ -14,14 +14,5 @@ from jaxllm import config as config_lib
 def get_config():
   c = config_lib.apply_size(config_lib.base_config(), 'llama3-8b')
   c.name = '8b'
-  c.model.dtype = 'bfloat16'
-  c.model.remat = 'full'
-  c.model.attention = 'auto'  # cuDNN flash attention where available, else XLA
-  c.data.seq_len = 8192
-  c.train.global_batch_size = 64
-  c.train.num_steps = 50_000
-  c.train.log_every = 10
-  c.train.eval_every = 1000
-  c.optim.peak_lr = 3e-4
-  c.optim.warmup_steps = 2000
-  return c
+  return config_lib.accelerator_recipe(c, seq_len=8192, global_batch_size=64, remat='full',
+                                       num_steps=50_000, warmup_steps=2_000)

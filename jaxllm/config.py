@@ -156,6 +156,19 @@ def apply_size(config: ml_collections.ConfigDict, size: str) -> ml_collections.C
   return config
 
 
+def accelerator_recipe(config: ml_collections.ConfigDict, *, seq_len: int, global_batch_size: int,
+                       remat: str, num_steps: int, warmup_steps: int,
+                       peak_lr: float = 3e-4) -> ml_collections.ConfigDict:
+  """What the GPU/TPU configs share: bf16 compute over float32 parameters, cuDNN flash attention
+  where available, a remat policy, AdamW at `peak_lr` with warmup, logs every 10 steps."""
+  config.model.update(dtype='bfloat16', remat=remat, attention='auto')
+  config.data.seq_len = seq_len
+  config.train.update(global_batch_size=global_batch_size, num_steps=num_steps, log_every=10,
+                      eval_every=1000)
+  config.optim.update(peak_lr=peak_lr, warmup_steps=warmup_steps)
+  return config
+
+
 def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
   """Cross-field checks; each error names the keys to change. `mesh_shape` is resolved."""
   m, t = config.model, config.train
