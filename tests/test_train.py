@@ -27,20 +27,20 @@ def small_config(microbatches=1):
 
 
 def synthetic_batches():
-  """Rows of two packed documents each, with padding at the end: exercises the masks too.
-  The same batch every step, so the loss must fall (memorisation)."""
+  """Rows of two packed documents each, then a different amount of padding per row, so
+  micro-batches hold different numbers of real tokens: a mean of per-micro-batch means would
+  differ from the token mean. The same batch every step, so the loss must fall (memorisation)."""
   rng = np.random.default_rng(0)
-  out = []
-  for _ in range(1):
-    tokens = rng.integers(3, 256, (BATCH, SEQ + 1), dtype=np.int32)
-    cut = rng.integers(5, SEQ - 8, BATCH)
-    seg = np.where(np.arange(SEQ)[None] < cut[:, None], 1, 2).astype(np.int32)
-    seg[:, -3:] = 0
-    pos = np.where(seg == 1, np.arange(SEQ)[None], np.arange(SEQ)[None] - cut[:, None])
-    pos = np.where(seg == 0, 0, pos).astype(np.int32)
-    out.append({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': seg,
-                'positions': pos})
-  return out * STEPS
+  tokens = rng.integers(3, 256, (BATCH, SEQ + 1), dtype=np.int32)
+  cut = rng.integers(5, SEQ - 12, BATCH)
+  seg = np.where(np.arange(SEQ)[None] < cut[:, None], 1, 2).astype(np.int32)
+  for row in range(BATCH):
+    seg[row, SEQ - 1 - 3 * (row % 4):] = 0
+  pos = np.where(seg == 1, np.arange(SEQ)[None], np.arange(SEQ)[None] - cut[:, None])
+  pos = np.where(seg == 0, 0, pos).astype(np.int32)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': seg,
+           'positions': pos}
+  return [batch] * STEPS
 
 
 def run_steps(mesh_shape, microbatches=1, devices=None):
