@@ -131,6 +131,11 @@ def initialize_distributed(*, initialize: str, coordinator_address: str, num_pro
 
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: Rules):
-  """Mesh and rules in scope while tracing, so activation constraints resolve to mesh axes."""
+  """Mesh and rules in scope while tracing, so activation constraints resolve to mesh axes.
+
+  Activation constraints go through Flax's linen rule engine, which gives each mesh axis to the
+  first logical dim that asks for it: in ('batch', 'length', 'embed') `batch` takes fsdp, so
+  `embed` stays whole and activations are sharded over examples only, as FSDP wants. Parameters
+  never have a `batch` dim, so for them the table is a plain rename (logical_to_mesh)."""
   with jax.set_mesh(mesh), nn_partitioning.axis_rules(rules):
     yield
