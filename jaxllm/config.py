@@ -103,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.log_every = 25  # steps between console/TensorBoard lines
   t.eval_every = 100  # steps between held-out evaluations (and at the end); 0 = only at the end
   t.eval_batches = 8  # held-out batches per evaluation (0 = the whole eval split)
+  t.sample_prompts = ('ROMEO:', 'To be, or not')  # prompts sampled at each eval (TensorBoard text)
+  t.sample_tokens = 48  # tokens generated per prompt at each eval; 0 = no samples
+  t.sample_temperature = 0.8  # sampling temperature of the eval samples; 0 = greedy
   t.xla_gpu_flags = True  # add jaxllm's XLA GPU flags (see train.GPU_XLA_FLAGS) to XLA_FLAGS
 
   c.optim = o = ml_collections.ConfigDict()

@@ -224,9 +224,9 @@ class Attention(nnx.Module):
       y = y + getattr(self, f'{name}_bias')[...].astype(dt)
     return y
 
-  def __call__(self, x_BLD, positions_BL, mask_B1LL):
-    """`mask_B1LL`: attention_mask(segment_ids), or None for one document per row."""
-    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+  def _qkv(self, x_BLD, positions_BL):
+    """Queries, keys and values [B, L, heads, Dh]: projected, q/k-normed, rotated, constrained."""
+    cfg = self.cfg
     q, k, v = (self._project(x_BLD, name) for name in 'qkv')
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
@@ -235,16 +235,39 @@ class Attention(nnx.Module):
                    ('batch', 'length', 'heads', 'head_dim'))
     k = _constrain(rope(k, positions_BL, cfg.rope_theta, inv_freq),
                    ('batch', 'length', 'kv_heads', 'head_dim'))
-    v = _constrain(v, ('batch', 'length', 'kv_heads', 'head_dim'))
+    return q, k, _constrain(v, ('batch', 'length', 'kv_heads', 'head_dim'))
+
+  def _output(self, out_BLHDh):
+    dt = jnp.dtype(self.cfg.dtype)
+    out_BLD = jnp.einsum('blhk,hkd->bld', out_BLHDh, self.o_proj[...].astype(dt))
+    if self.cfg.o_bias:
+      out_BLD = out_BLD + self.o_bias[...].astype(dt)
+    return out_BLD
+
+  def __call__(self, x_BLD, positions_BL, mask_B1LL):
+    """`mask_B1LL`: attention_mask(segment_ids), or None for one document per row."""
+    cfg = self.cfg
+    q, k, v = self._qkv(x_BLD, positions_BL)
     # GQA is native: H query heads attend in groups of H // K to each kv head.
     window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
     out_BLHDh = jax.nn.dot_product_attention(
         q, k, v, mask=mask_B1LL, is_causal=True, local_window_size=window,
         implementation=attention_implementation(cfg))
-    out_BLD = jnp.einsum('blhk,hkd->bld', out_BLHDh, self.o_proj[...].astype(dt))
-    if cfg.o_bias:
-      out_BLD = out_BLD + self.o_bias[...].astype(dt)
-    return out_BLD
+    return self._output(out_BLHDh)
+
+  def decode(self, x_BTD, positions_BT, mask_B1TS, k_BSKDh, v_BSKDh, index):
+    """T new tokens at cache slots [index, index + T): writes their keys and values into the
+    cache, attends over all S slots under `mask_B1TS`; returns (out, k cache, v cache)."""
+    q, k, v = self._qkv(x_BTD, positions_BT)
+    names = ('batch', 'length', 'kv_heads', 'head_dim')
+    k_BSKDh = _constrain(jax.lax.dynamic_update_slice_in_dim(
+        k_BSKDh, k.astype(k_BSKDh.dtype), index, axis=1), names)
+    v_BSKDh = _constrain(jax.lax.dynamic_update_slice_in_dim(
+        v_BSKDh, v.astype(v_BSKDh.dtype), index, axis=1), names)
+    # The mask carries causality, padding and the sliding window; XLA's kernel takes any mask.
+    out_BTHDh = jax.nn.dot_product_attention(q, k_BSKDh, v_BSKDh, mask=mask_B1TS,
+                                             implementation='xla')
+    return self._output(out_BTHDh), k_BSKDh, v_BSKDh
 
 
 class MLP(nnx.Module):
@@ -277,6 +300,13 @@ class DecoderLayer(nnx.Module):
     x_BLD = x_BLD + self.mlp(self.post_attention_layernorm(x_BLD))
     return _constrain(x_BLD, ('batch', 'length', 'embed'))
 
+  def decode(self, x_BTD, positions_BT, mask_B1TS, k_BSKDh, v_BSKDh, index):
+    attn_BTD, k_BSKDh, v_BSKDh = self.self_attn.decode(
+        self.input_layernorm(x_BTD), positions_BT, mask_B1TS, k_BSKDh, v_BSKDh, index)
+    x_BTD = x_BTD + attn_BTD
+    x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+    return _constrain(x_BTD, ('batch', 'length', 'embed')), k_BSKDh, v_BSKDh
+
 
 class Llama(nnx.Module):
   """tokens [B, L] int -> logits [B, L, V] float32."""
@@ -303,7 +333,7 @@ class Llama(nnx.Module):
 
   def from_embeddings(self, x_BLD, *, positions_BL=None, segment_ids_BL=None):
     """The decoder stack and head on given input embeddings [B, L, D]."""
-    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    cfg = self.cfg
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
     x_BLD = _constrain(x_BLD, ('batch', 'length', 'embed'))
@@ -320,8 +350,57 @@ class Llama(nnx.Module):
     scan = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
                     unroll=1 if cfg.scan_layers else True,
                     transform_metadata={nnx.PARTITION_NAME: 'layers'})
-    x_BLD = self.norm(scan(x_BLD, self.layers))
+    return self._head(scan(x_BLD, self.layers))
+
+  def _head(self, x_BLD):
+    """Final norm and output projection: logits [B, L, V] in float32."""
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    x_BLD = self.norm(x_BLD)
     head_DV = (self.embed_tokens[...].T if cfg.tie_embeddings else self.lm_head[...])
     logits_BLV = jnp.einsum('bld,dv->blv', x_BLD, head_DV.astype(dt),
                             preferred_element_type=jnp.float32)
     return _constrain(logits_BLV, ('batch', 'length', 'vocab'))
+
+  def decode(self, tokens_BT, cache: dict, *, index, starts_B):
+    """Runs T new tokens per row against a KV cache from init_cache; returns (logits [B, T, V],
+    the updated cache). Rows are left-padded: row b's first real token sits at cache slot
+    starts_B[b], so its RoPE position at slot s is s - starts_B[b]. The new tokens take slots
+    [index, index + T): the prompt is index 0 and T its padded length, then one token a step."""
+    cfg = self.cfg
+    S = cache['k'].shape[2]
+    slots_T = index + jnp.arange(tokens_BT.shape[1])
+    positions_BT = jnp.maximum(slots_T[None, :] - starts_B[:, None], 0)
+    mask_B1TS = decode_mask(slots_T, starts_B, S, cfg.sliding_window)
+    x_BTD = jnp.take(self.embed_tokens[...], tokens_BT, axis=0).astype(jnp.dtype(cfg.dtype))
+    x_BTD = _constrain(x_BTD, ('batch', 'length', 'embed'))
+
+    def body(x_BTD, layer: DecoderLayer, k_BSKDh, v_BSKDh):
+      x_BTD, k_BSKDh, v_BSKDh = layer.decode(x_BTD, positions_BT, mask_B1TS, k_BSKDh, v_BSKDh,
+                                             index)
+      return x_BTD, (k_BSKDh, v_BSKDh)
+
+    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
+                    unroll=1 if cfg.scan_layers else True,
+                    transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    x_BTD, (k_cache, v_cache) = scan(x_BTD, self.layers, cache['k'], cache['v'])
+    return self._head(x_BTD), {'k': k_cache, 'v': v_cache}
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+  """Zero keys and values [layers, B, S, K, Dh] in the compute dtype for decode()."""
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  return {'k': jnp.zeros(shape, cfg.dtype), 'v': jnp.zeros(shape, cfg.dtype)}
+
+
+CACHE_NAMES = ('layers', 'batch', 'length', 'kv_heads', 'head_dim')  # logical dims of a cache
+
+
+def decode_mask(slots_T, starts_B, cache_len: int, sliding_window: int = 0):
+  """[B, 1, T, S]: the query at slot i sees key slots j <= i from its row's first real token on
+  (and, with a window, only the last `sliding_window`). A padding query sees itself, so that no
+  softmax row is empty."""
+  i_T1, j_1S = slots_T[:, None], jnp.arange(cache_len)[None, :]
+  visible_BTS = (j_1S <= i_T1)[None] & (j_1S[None] >= starts_B[:, None, None])
+  if sliding_window:
+    visible_BTS &= (i_T1 - j_1S < sliding_window)[None]
+  return (visible_BTS | (j_1S == i_T1)[None])[:, None]

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,7 @@ from jaxllm import data as data_lib
 from jaxllm import metrics as metrics_lib
 from jaxllm import model as model_lib
 from jaxllm import optim
+from jaxllm import sample as sample_lib
 from jaxllm import sharding
 
 
@@ -206,15 +208,63 @@ def _eval_step(trainer: Trainer, params, batch):
   return {'loss_sum': loss_sum, 'tokens': tokens}
 
 
-def evaluate(trainer: Trainer, params, batches: Iterator[Mapping[str, np.ndarray]]) -> dict:
-  """Mean held-out loss (nats per token) over `batches`."""
-  loss_sum, tokens = 0.0, 0
+def evaluate(trainer: Trainer, params, batches: Iterator[Mapping[str, np.ndarray]], *,
+             count_bytes: Callable[[Mapping[str, np.ndarray]], int] | None = None) -> dict:
+  """Mean held-out loss (nats per token) and perplexity over `batches`; with `count_bytes`
+  (text_bytes_counter) also bits per byte: total nats / ln 2 / total UTF-8 bytes of the text the
+  targets spell, which compares runs whatever their tokenizers."""
+  loss_sum, tokens, text_bytes = 0.0, 0, 0
   with sharding.activate(trainer.mesh, trainer.rules):
     for batch in batches:
       out = jax.device_get(trainer.eval_step(params, sharding.global_batch(batch,
                                                                            trainer.batch_sharding)))
       loss_sum, tokens = loss_sum + float(out['loss_sum']), tokens + int(out['tokens'])
-  return {'eval_loss': loss_sum / max(tokens, 1), 'eval_tokens': tokens}
+      text_bytes += count_bytes(batch) if count_bytes else 0
+  if jax.process_count() > 1 and count_bytes:  # each process counted only its own rows
+    text_bytes = int(np.sum(multihost_utils.process_allgather(np.int64(text_bytes))))
+  loss = loss_sum / max(tokens, 1)
+  out = {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 700.0)), 'eval_tokens': tokens}
+  if count_bytes:
+    out.update(eval_bytes=text_bytes,
+               eval_bits_per_byte=loss_sum / math.log(2) / max(text_bytes, 1))
+  return out
+
+
+def text_bytes_counter(tokenizer: data_lib.Tokenizer) -> Callable[[Mapping[str, np.ndarray]], int]:
+  """batch -> UTF-8 bytes of the text its real targets stand for (Tokenizer.token_bytes; EOS is
+  0), less the space sentencepiece prefixes to every document (its dummy prefix, which decoding
+  drops): one byte at each document's first target, the one after BOS."""
+  table = tokenizer.token_bytes()
+  dummy = int(tokenizer.sp.encode_as_pieces('a')[0].startswith('\u2581'))
+
+  def count(batch):
+    real = batch['segment_ids'] > 0
+    target_bytes = table[batch['targets']]
+    starts = real & (batch['inputs'] == tokenizer.bos_id) & (target_bytes > 0)
+    return int(target_bytes[real].sum()) - dummy * int(starts.sum())
+  return count
+
+
+def _batch_ways(trainer: Trainer) -> int:
+  """Devices the batch dim is split over (data x fsdp with the default rules)."""
+  axes = trainer.batch_sharding.spec[0] or ()
+  return math.prod(trainer.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def sample_texts(trainer: Trainer, params, tokenizer: data_lib.Tokenizer, prompts: Sequence[str],
+                 *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0) -> list[str]:
+  """Each prompt and its continuation (up to EOS or max_new_tokens), decoded; generated with
+  the KV cache on the trainer's mesh. Prompts start with BOS, as every training document does."""
+  ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+  tokens_BP, starts_B = sample_lib.left_pad(ids, rows=_batch_ways(trainer))
+  with sharding.activate(trainer.mesh, trainer.rules):
+    out = sample_lib.generate(trainer.graphdef, params, tokens_BP, starts_B, jax.random.key(seed),
+                              max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id)
+  out = jax.device_get(out)
+  return [tokenizer.decode(ids[b][1:] + out['tokens'][b, :out['lengths'][b]].tolist())
+          for b in range(len(prompts))]
 
 
 def _check_finite(step: int, metrics: Mapping[str, float]) -> None:
@@ -391,10 +441,10 @@ def _train_loop(config, trainer: Trainer, state, train_iter, pipeline, ckpt, wri
                         'to resume', watch.signal or 'preemption', step, ckpt.step_dir(step))
         return {**last, 'state': state, 'preempted_at': step}
       if t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
-        last.update(_run_eval(trainer, state, pipeline, step, writer, t.eval_batches))
+        last.update(_run_eval(config, trainer, state, pipeline, step, writer))
     if pending is not None:
       last.update(_finish_step(*pending, reporter, t))
-  last.update(_run_eval(trainer, state, pipeline, t.num_steps, writer, t.eval_batches))
+  last.update(_run_eval(config, trainer, state, pipeline, t.num_steps, writer))
   last['state'] = state
   return last
 
@@ -407,11 +457,68 @@ def _finish_step(step: int, device_metrics, reporter, t) -> dict:
   return host
 
 
-def _run_eval(trainer, state, pipeline, step, writer, max_batches) -> dict:
-  start = time.perf_counter()
-  out = evaluate(trainer, state['params'], pipeline.eval_batches(max_batches=max_batches or None))
-  writer.write_scalars(step, {'eval/loss': out['eval_loss']})
+def _run_eval(config, trainer, state, pipeline, step, writer) -> dict:
+  """Held-out loss, perplexity and bits per byte, and samples from train.sample_prompts."""
+  t, start = config.train, time.perf_counter()
+  batches = pipeline.eval_batches(max_batches=t.eval_batches or None)
+  out = evaluate(trainer, state['params'], batches,
+                 count_bytes=text_bytes_counter(pipeline.tokenizer))
+  writer.write_scalars(step, {'eval/loss': out['eval_loss'],
+                              'eval/perplexity': out['eval_perplexity'],
+                              'eval/bits_per_byte': out['eval_bits_per_byte']})
+  logging.info('eval at step %d: loss %.4f, perplexity %.1f, %.3f bits/byte over %d tokens '
+               '(%.1f s)', step, out['eval_loss'], out['eval_perplexity'],
+               out['eval_bits_per_byte'], out['eval_tokens'], time.perf_counter() - start)
+  if t.sample_tokens and t.sample_prompts:
+    texts = sample_texts(trainer, state['params'], pipeline.tokenizer, t.sample_prompts,
+                         max_new_tokens=t.sample_tokens, temperature=t.sample_temperature,
+                         seed=config.seed)
+    # Fenced as code: markdown would fold the play's line breaks into one paragraph.
+    writer.write_texts(step, {f'samples/{i}': f'```\n{text}\n```' for i, text in enumerate(texts)})
+    logging.info('sample at step %d: %r', step, texts[0])
   writer.flush()
-  logging.info('eval at step %d: loss %.4f over %d tokens (%.1f s)', step, out['eval_loss'],
-               out['eval_tokens'], time.perf_counter() - start)
   return out
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run wrote to <workdir>/config.json, over today's defaults (so keys
+  added since the run have their default values)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: pass the --workdir of a jaxllm.main run')
+  config = config_lib.base_config()
+  with open(path) as f:
+    config.update(json.load(f))
+  return config
+
+
+def load_run(workdir: str, *,
+             step: int = -1) -> tuple[ml_collections.ConfigDict, Trainer, dict, int]:
+  """(config, trainer, params, step) of a run's checkpoint (`step` -1: the latest), the
+  parameters placed on this machine's mesh."""
+  config = load_config(workdir)
+  trainer = setup(config)
+  directory = config.checkpoint.dir or os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'{directory} does not exist: {workdir} has no checkpoint yet')
+  ckpt, step = checkpoint_lib.open_for_init(directory, step)
+  try:
+    params = ckpt.restore_params(step, trainer.abstract_state['params'])
+  finally:
+    ckpt.close()
+  return config, trainer, params, step
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> data_lib.Tokenizer:
+  return data_lib.Tokenizer(config.data.tokenizer or os.path.join(workdir, 'tokenizer.model'))
+
+
+def evaluate_run(workdir: str, *, step: int = -1, max_batches: int | None = None) -> dict:
+  """Held-out loss, perplexity and bits per byte of a run's checkpoint on its eval split
+  (`max_batches` None: all of it)."""
+  config, trainer, params, step = load_run(workdir, step=step)
+  pipeline = make_pipeline(config, workdir, sharding.process_batch_size(
+      trainer.batch_sharding, config.train.global_batch_size, config.data.seq_len))
+  out = evaluate(trainer, params, pipeline.eval_batches(max_batches=max_batches),
+                 count_bytes=text_bytes_counter(pipeline.tokenizer))
+  return {'step': step, **out}

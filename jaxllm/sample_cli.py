@@ -1,0 +1,41 @@
+"""`python -m jaxllm.sample`: continue prompts with a run's latest checkpoint and tokenizer.
+
+    python -m jaxllm.sample --workdir=runs/tiny --prompt="ROMEO:" [--prompt="..."]
+        [--max_new_tokens=100 --temperature=0.8 --top_k=0 --top_p=0.95 --seed=0 --step=-1]
+
+Several --prompt flags are decoded together as one batch. The tokenizing lives here, not in
+jaxllm/sample.py, which works on token ids only.
+"""
+
+from absl import app
+from absl import flags
+
+from jaxllm import train
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'the --workdir of a jaxllm.main run', required=True)
+_PROMPT = flags.DEFINE_multi_string('prompt', [''], 'text to continue; repeat for a batch')
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 100, 'tokens generated per prompt at most')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'softmax temperature; 0 = greedy')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'sample from the k most likely tokens only; 0 = all')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'sample from the smallest set holding this probability')
+_SEED = flags.DEFINE_integer('seed', 0, 'sampling seed')
+_STEP = flags.DEFINE_integer('step', -1, 'checkpoint step; -1 = the latest')
+
+
+def main(argv):
+  del argv
+  config, trainer, params, _ = train.load_run(_WORKDIR.value, step=_STEP.value)
+  tokenizer = train.load_tokenizer(config, _WORKDIR.value)
+  texts = train.sample_texts(trainer, params, tokenizer, _PROMPT.value,
+                             max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
+                             top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+  for text in texts:
+    print(text, end='\n\n')
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()
