@@ -118,6 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   o.eps = 1e-8  # AdamW epsilon
   o.weight_decay = 0.1  # decoupled weight decay (matrices only; not norms or other 1-D params)
   o.clip_norm = 1.0  # global gradient-norm clip; 0 = off
+  o.skip_nonfinite = 0  # skip updates with a non-finite loss/gradient, at most this many in a row; 0 = stop
 
   c.checkpoint = k = ml_collections.ConfigDict()
   k.dir = ''  # where checkpoints go ('' = <workdir>/checkpoints); a restart resumes from the latest

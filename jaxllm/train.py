@@ -88,6 +88,7 @@ class Trainer:
   batch_sharding: NamedSharding
   microbatches: int
   seed: int
+  skip_nonfinite: bool = False  # keep the old params and optimizer state when a step is not finite
 
   def init_state(self) -> dict:
     """Random init, each device computing only its own shards."""
@@ -156,7 +157,8 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
   return Trainer(mesh=mesh, rules=rules, model_cfg=model_cfg, graphdef=graphdef, tx=tx,
                  schedule=schedule, abstract_state=abstract, state_shardings=shardings,
                  batch_sharding=sharding.batch_sharding(mesh, rules),
-                 microbatches=config.train.microbatches, seed=config.seed)
+                 microbatches=config.train.microbatches, seed=config.seed,
+                 skip_nonfinite=config.optim.skip_nonfinite > 0)
 
 
 def _loss_sums(trainer: Trainer, params, batch):
@@ -196,11 +198,15 @@ def _train_step(trainer: Trainer, state, batch):
   # Mean over every real target token of the step, whatever the micro-batching.
   grads = jax.tree.map(lambda g: g / tokens, grads)
   updates, opt_state = trainer.tx.update(grads, state['opt_state'], params)
-  new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(params, updates),
-               'opt_state': opt_state}
+  new_params = optax.apply_updates(params, updates)
   metrics = {'loss': loss_sum / tokens, 'grad_norm': optax.tree.norm(grads),
              'lr': trainer.schedule(state['step']), 'tokens': tokens}
-  return new_state, metrics
+  if trainer.skip_nonfinite:
+    # A bad step leaves params and optimizer state as they were; its batch is still consumed.
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+    new_params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (new_params, opt_state), (params, state['opt_state']))
+  return {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state}, metrics
 
 
 def _eval_step(trainer: Trainer, params, batch):
@@ -267,11 +273,26 @@ def sample_texts(trainer: Trainer, params, tokenizer: data_lib.Tokenizer, prompt
           for b in range(len(prompts))]
 
 
-def _check_finite(step: int, metrics: Mapping[str, float]) -> None:
-  if not (np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])):
-    raise FloatingPointError(
-        f'non-finite loss or gradient at step {step} (loss={metrics["loss"]}, grad_norm='
-        f'{metrics["grad_norm"]}); lower optim.peak_lr or raise optim.warmup_steps')
+class NonFiniteGuard:
+  """Stops the run at a non-finite loss or gradient or, with optim.skip_nonfinite = K > 0, lets
+  up to K skipped steps in a row pass (the step itself kept the old state) and counts them."""
+
+  def __init__(self, max_in_a_row: int = 0):
+    self.max_in_a_row, self.in_a_row, self.skipped = max_in_a_row, 0, 0
+
+  def check(self, step: int, metrics: Mapping[str, float]) -> None:
+    if np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm']):
+      self.in_a_row = 0
+      return
+    what = f'non-finite loss or gradient at step {step} (loss={metrics["loss"]}, grad_norm=' \
+           f'{metrics["grad_norm"]})'
+    self.in_a_row, self.skipped = self.in_a_row + 1, self.skipped + 1
+    if self.in_a_row > self.max_in_a_row:
+      limit = (f'{self.in_a_row} in a row, more than optim.skip_nonfinite={self.max_in_a_row}; '
+               if self.max_in_a_row else '')
+      raise FloatingPointError(f'{what}; {limit}lower optim.peak_lr or raise optim.warmup_steps')
+    logging.warning('%s: update skipped (%d in a row, %d in this process so far)', what,
+                    self.in_a_row, self.skipped)
 
 
 def make_pipeline(config: ml_collections.ConfigDict, workdir: str, batch_size: int):
@@ -419,6 +440,7 @@ def _train_loop(config, trainer: Trainer, state, train_iter, pipeline, ckpt, wri
       peak_flops=metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
                                                    config.model.dtype),
       writer=writer)
+  guard = NonFiniteGuard(config.optim.skip_nonfinite)
   last, pending, step = {}, None, int(state['step'])
   with PreemptionWatch() as watch, sharding.activate(trainer.mesh, trainer.rules):
     for step in range(step + 1, t.num_steps + 1):
@@ -426,13 +448,13 @@ def _train_loop(config, trainer: Trainer, state, train_iter, pipeline, ckpt, wri
       state, step_metrics = trainer.train_step(state, batch)
       # Read step N-1's metrics only now that step N is queued: the device never waits on us.
       if pending is not None:
-        last.update(_finish_step(*pending, reporter, t))
+        last.update(_finish_step(*pending, reporter, guard, t))
       pending = (step, step_metrics)
       stop = watch.should_stop(step)
       if stop or (every and step % every == 0) or step == t.num_steps:
         # Check this step's loss first so a non-finite state is never saved. The iterator has
         # given exactly `step` batches here: its state is the position to resume from.
-        last.update(_finish_step(*pending, reporter, t))
+        last.update(_finish_step(*pending, reporter, guard, t))
         pending = None
         ckpt.save(step, state, train_iter, config_dict)
       if stop:
@@ -443,17 +465,20 @@ def _train_loop(config, trainer: Trainer, state, train_iter, pipeline, ckpt, wri
       if t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
         last.update(_run_eval(config, trainer, state, pipeline, step, writer))
     if pending is not None:
-      last.update(_finish_step(*pending, reporter, t))
+      last.update(_finish_step(*pending, reporter, guard, t))
   last.update(_run_eval(config, trainer, state, pipeline, t.num_steps, writer))
   last['state'] = state
   return last
 
 
-def _finish_step(step: int, device_metrics, reporter, t) -> dict:
+def _finish_step(step: int, device_metrics, reporter, guard: NonFiniteGuard, t) -> dict:
   host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-  _check_finite(step, host)
+  guard.check(step, host)
   if step % t.log_every == 0 or step == t.num_steps:
-    reporter.report(step, {k: host[k] for k in ('loss', 'lr', 'grad_norm')})
+    scalars = {k: host[k] for k in ('loss', 'lr', 'grad_norm')}
+    if guard.max_in_a_row:
+      scalars['skipped_steps'] = guard.skipped
+    reporter.report(step, scalars)
   return host
 
 

@@ -75,7 +75,49 @@ def test_same_losses_on_every_mesh(single_device, shape, microbatches):
     assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b)
 
 
+NAN, GOOD = {'loss': float('nan'), 'grad_norm': 1.0}, {'loss': 1.0, 'grad_norm': 1.0}
+
+
 def test_non_finite_loss_names_the_step():
+  guard = train.NonFiniteGuard()
+  guard.check(6, GOOD)
   with pytest.raises(FloatingPointError, match='step 7.*optim.peak_lr'):
-    train._check_finite(7, {'loss': float('nan'), 'grad_norm': 1.0})
-  train._check_finite(7, {'loss': 1.0, 'grad_norm': 1.0})
+    guard.check(7, NAN)
+
+
+def test_skip_nonfinite_allows_k_in_a_row_and_counts_them():
+  guard = train.NonFiniteGuard(2)
+  for step, m in enumerate([NAN, NAN, GOOD, NAN, {'loss': 1.0, 'grad_norm': float('inf')}]):
+    guard.check(step, m)
+  assert (guard.skipped, guard.in_a_row) == (4, 2)
+  with pytest.raises(FloatingPointError, match='step 9.*3 in a row.*optim.skip_nonfinite=2'):
+    guard.check(9, NAN)
+
+
+def test_skipped_step_keeps_the_state_and_a_good_step_updates_it():
+  config = small_config()
+  with config.unlocked():
+    config.optim.skip_nonfinite = 1
+    config.optim.warmup_steps = 0  # step 0 then has a learning rate above 0
+  mesh_shape = {'data': 1, 'fsdp': 1, 'tensor': 1}
+  trainer = train.make_trainer(config, sharding.make_mesh(mesh_shape, jax.devices()[:1]))
+  state = jax.device_get(trainer.init_state())
+  first = jax.tree_util.tree_flatten_with_path(state['params'])[0][0][0]
+  poisoned = {**state, 'params': jax.tree_util.tree_map_with_path(
+      lambda path, x: np.full_like(x, np.nan) if path == first else x, state['params'])}
+  batch = synthetic_batches()[0]
+  with sharding.activate(trainer.mesh, trainer.rules):
+    def step(s):
+      out, metrics = trainer.train_step(jax.device_put(s, trainer.state_shardings),
+                                        sharding.global_batch(batch, trainer.batch_sharding))
+      return jax.device_get(out), jax.device_get(metrics)
+    skipped, metrics = step(poisoned)
+    updated, good = step(state)
+  assert not np.isfinite(metrics['loss']) and np.isfinite(good['loss'])
+  assert skipped['step'] == updated['step'] == 1
+  for a, b in zip(jax.tree.leaves(skipped['params']) + jax.tree.leaves(skipped['opt_state']),
+                  jax.tree.leaves(poisoned['params']) + jax.tree.leaves(poisoned['opt_state'])):
+    np.testing.assert_array_equal(a, b)  # NaN == NaN here: bit for bit as it was
+  changed = [not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(updated['params']), jax.tree.leaves(state['params']))]
+  assert all(changed)
