@@ -5,7 +5,8 @@
         --config.model.dtype=float32 --dir=/tmp/ckpt_bench
 
 Initialises the state of `--config` on the devices present (parameters + AdamW moments, float32),
-then saves it `--saves` times through jaxllm.checkpoint.Checkpointer, as the train loop does.
+fills the AdamW moments with noise (all-zero moments compress away and would flatter the
+write), then saves it `--saves` times through jaxllm.checkpoint.Checkpointer, as the loop does.
 `blocked_s` is the time `save()` takes to return (the device-to-host copy; the loop is stopped
 for this long), `total_s` the time until the save is committed on disk. The first save also pays
 Orbax's one-time set-up and is reported apart. Prints one JSON line. Deletes `--dir` first.
@@ -37,6 +38,13 @@ def main(argv):
   shutil.rmtree(_DIR.value, ignore_errors=True)
   trainer = train.setup(config)
   state = trainer.init_state()
+  # Fresh AdamW moments are zeros, which compress to nothing; give them noise, as training would.
+  def noisy(opt_state):
+    leaves, treedef = jax.tree.flatten(opt_state)
+    return treedef.unflatten([
+        x + 1e-3 * jax.random.normal(jax.random.key(i), x.shape, x.dtype) if x.ndim else x
+        for i, x in enumerate(leaves)])
+  state['opt_state'] = jax.jit(noisy, donate_argnums=0)(state['opt_state'])
   jax.block_until_ready(state)
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   data_iter = iter(grain.MapDataset.range(1000).to_iter_dataset())
