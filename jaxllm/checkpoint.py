@@ -9,6 +9,7 @@ listed as steps. This module never decides when to save: the train loop does.
 
 from __future__ import annotations
 
+import functools
 import logging as py_logging
 import os
 from collections.abc import Mapping
@@ -62,13 +63,13 @@ def check_shapes(saved, target, *, where: str) -> None:
                           'written by a different model config')
 
 
-def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+def _handlers(restore_concurrent_gb: float) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
   """Which handler reads each item: needed to read metadata before anything was saved."""
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-  items = {'params': (ocp.args.StandardSave, ocp.args.StandardRestore,
-                      ocp.handlers.StandardCheckpointHandler),
-           'opt_state': (ocp.args.StandardSave, ocp.args.StandardRestore,
-                         ocp.handlers.StandardCheckpointHandler),
+  arrays = functools.partial(ocp.handlers.StandardCheckpointHandler,
+                             restore_concurrent_gb=restore_concurrent_gb)
+  items = {'params': (ocp.args.StandardSave, ocp.args.StandardRestore, arrays),
+           'opt_state': (ocp.args.StandardSave, ocp.args.StandardRestore, arrays),
            'meta': (ocp.args.JsonSave, ocp.args.JsonRestore, ocp.handlers.JsonCheckpointHandler),
            'data': (grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore,
                     grain.checkpoint.CheckpointHandler)}
@@ -80,17 +81,20 @@ def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
 
 
 class Checkpointer:
-  """Async saves into `directory`; keeps the latest `keep_latest` and every `keep_every`-th step."""
+  """Async saves into `directory`; keeps the latest `keep_latest` and every `keep_every`-th step.
+  `restore_concurrent_gb` caps the bytes read at once (host memory beyond the restored arrays)."""
 
   def __init__(self, directory: str, *, keep_latest: int = 3, keep_every: int = 0,
-               async_save: bool = True, read_only: bool = False):
+               async_save: bool = True, read_only: bool = False,
+               restore_concurrent_gb: float = 96):
     self.directory = os.path.abspath(directory)
     keep = [_policies.LatestN(keep_latest)]
     if keep_every:
       keep.append(_policies.EveryNSteps(keep_every))
     self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
-        preservation_policy=_policies.AnyPreservationPolicy(keep)), handler_registry=_handlers())
+        preservation_policy=_policies.AnyPreservationPolicy(keep)),
+        handler_registry=_handlers(restore_concurrent_gb))
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
@@ -115,6 +119,14 @@ class Checkpointer:
     if started:
       logging.info('saving checkpoint %s', self.step_dir(step))
     return started
+
+  def save_params(self, step: int, params: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """Parameters and config only (an imported model to fine-tune from: `checkpoint.init_from`
+    reads it with restore_params); waits until committed."""
+    self._manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        meta=ocp.args.JsonSave({'step': step, 'config': dict(config)})))
+    self.wait()
 
   def params_metadata(self, step: int):
     """Saved parameter shapes, read from metadata only."""
@@ -170,11 +182,13 @@ class Checkpointer:
     self._manager.close()
 
 
-def open_for_init(path: str, step: int = -1) -> tuple[Checkpointer, int]:
+def open_for_init(path: str, step: int = -1, *,
+                  restore_concurrent_gb: float = 96) -> tuple[Checkpointer, int]:
   """A read-only Checkpointer on another run's checkpoint directory and the step to read."""
   if not os.path.isdir(path):
     raise CheckpointError(f'checkpoint.init_from={path!r} is not a directory')
-  ckpt = Checkpointer(path, read_only=True, async_save=False)
+  ckpt = Checkpointer(path, read_only=True, async_save=False,
+                      restore_concurrent_gb=restore_concurrent_gb)
   steps = ckpt.all_steps()
   if not steps:
     raise CheckpointError(f'checkpoint.init_from={path!r} holds no complete checkpoint (expected '

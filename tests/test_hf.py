@@ -241,22 +241,53 @@ def test_shard_plan():
   assert hf.shard_index(plan, 19)['weight_map']['c'] == 'model-00002-of-00003.safetensors'
 
 
-def test_exported_tokenizer_encodes_like_jaxllm(tmp_path):
-  """AutoTokenizer, offline, on the exported files: bos + the ids of jaxllm's tokenizer."""
+# Where sentencepiece and a careless HF conversion part: a leading space ('▁▁a', not '▁a'),
+# whitespace runs and ends, newlines and tabs, the empty text, chars the tokenizer never saw (byte
+# fallback), '▁' itself, and special-token spellings that sentencepiece reads as plain text.
+TOKENIZER_TEXTS = ['', ' ', '   ', ' a', '  a', 'a ', 'a  ', ' Hello world', 'Two  spaces  ',
+                   '\n', ' \n', '\n ', '\n\nnewlines\tand a tab\r\n', ' \t x', '▁', ' ▁▁a ▁',
+                   'ünïcödé ☃ 12345 😀', '\x00\x1b[0m\u200b\ufeff', '<s> and </s>, <unk> or <0x41>']
+
+
+@pytest.mark.parametrize('options', [
+    {},  # jaxllm's default: BPE, byte fallback, identity normalization
+    {'user_defined_symbols': ['<tool>', '</tool>']},  # tools/train_tokenizer.py --special_tokens
+    {'model_type': 'unigram', 'user_defined_symbols': ['<tool>']},
+], ids=['bpe', 'bpe-special', 'unigram'])
+def test_exported_tokenizer_encodes_like_jaxllm(tmp_path, options):
+  """AutoTokenizer, offline, on the exported files: bos + the ids of jaxllm's tokenizer, and the
+  text back from decode, on held-out Shakespeare (as is, and after a space) and edge cases."""
   from jaxllm import data
   files = data.list_text_files(data.default_source_dir())
   train = data.split_documents(data.read_text(files[0]))[:200]
   held_out = data.split_documents(data.read_text(files[1]))[:40]
-  data.train_tokenizer(str(tmp_path / 'tokenizer.model'), train, 512)
-  (tmp_path / 'out').mkdir()
-  to_hf_tool.write_tokenizer(str(tmp_path / 'tokenizer.model'), str(tmp_path / 'out'),
+  data.train_tokenizer(str(tmp_path / 'tokenizer.model'), train, 512, **options)
+  out = tmp_path / 'out'
+  out.mkdir()
+  to_hf_tool.write_tokenizer(str(tmp_path / 'tokenizer.model'), str(out),
                              model_max_length=1 << 20)
+  # A model_type, as an export has, takes AutoTokenizer down the route a real export does.
+  (out / 'config.json').write_text(json.dumps({'model_type': 'llama'}))
   ours = data.Tokenizer(str(tmp_path / 'tokenizer.model'))
-  theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / 'out')
-  for text in held_out + ['Two  spaces,\n\nnewlines\tand a tab; ünïcödé ☃ 12345']:
+  theirs = transformers.AutoTokenizer.from_pretrained(out)
+  assert any(ours.sp.is_byte(i) for i in ours.encode('☃'))  # byte fallback is exercised
+  texts = TOKENIZER_TEXTS + held_out + [' ' + t for t in held_out[:10]]
+  texts += ['<tool>x</tool> <tool>', ' <tool>']
+  if options.get('model_type') == 'unigram':
+    # Known difference: see hf._unigram_vocab ('<' is not in this tokenizer's vocabulary).
+    texts.remove(TOKENIZER_TEXTS[-1])
+  for text in texts:
     ids = theirs(text)['input_ids']
-    assert ids == [ours.bos_id] + ours.encode(text), text[:60]
-    assert theirs.decode(ids, skip_special_tokens=True) == text
+    assert ids == [ours.bos_id] + ours.encode(text), repr(text[:60])
+    back = theirs.decode(ids, skip_special_tokens=True)
+    assert back == ours.decode(ours.encode(text)), repr(text[:60])
+    assert back == text or '▁' in text  # sentencepiece itself reads '▁' back as a space
+
+  from sentencepiece import sentencepiece_model_pb2
+  proto = sentencepiece_model_pb2.ModelProto.FromString(ours.sp.serialized_model_proto())
+  proto.trainer_spec.treat_whitespace_as_suffix = True  # an option with no equivalent: refused
+  with pytest.raises(hf.UnsupportedError, match='treat_whitespace_as_suffix'):
+    hf.tokenizer_json(proto.SerializeToString())
 
 
 def test_largest_differences_report():

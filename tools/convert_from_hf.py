@@ -37,15 +37,13 @@ def load_hf(hf_dir: str, *, dtype: str = 'float32') -> tuple[dict, dict[str, Any
 def write_checkpoint(params: dict, model: dict[str, Any], out: str) -> str:
   """OUT/checkpoints/0 with the `params` item that jaxllm.checkpoint's restore_params reads, and
   a `meta` item with the config; returns the checkpoints directory."""
-  import orbax.checkpoint as ocp
-  directory = os.path.abspath(os.path.join(out, 'checkpoints'))
-  config = {'model': model}
-  with ocp.CheckpointManager(directory) as manager:
-    manager.save(0, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        meta=ocp.args.JsonSave({'step': 0, 'config': config})))
-    manager.wait_until_finished()
-  return directory
+  from jaxllm import checkpoint
+  ckpt = checkpoint.Checkpointer(os.path.join(out, 'checkpoints'), async_save=False)
+  try:
+    ckpt.save_params(0, params, {'model': model})
+  finally:
+    ckpt.close()
+  return ckpt.directory
 
 
 _CONFIG_PY = '''"""Fine-tune {source} (imported by tools/convert_from_hf.py).

@@ -4,14 +4,15 @@
 
 Writes config.json (loads in transformers 4.4x and 5.x), generation_config.json, model.safetensors
 (or model-0000x-of-0000y.safetensors plus model.safetensors.index.json above --max_shard_gb) and
-the tokenizer: the run's sentencepiece tokenizer.model and a tokenizer_config.json for
-AutoTokenizer. Tensors are converted and written one at a time. The mapping is
-jaxllm/convert/hf.py; this file only reads and writes.
+the tokenizer: tokenizer.json and tokenizer_config.json for AutoTokenizer, which encode exactly as
+the run's sentencepiece tokenizer.model (copied beside them) does. Tensors are converted and
+written one at a time. The mapping is jaxllm/convert/hf.py; this file only reads and writes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -45,7 +46,7 @@ def write_safetensors(path: str, tensors: Iterator[tuple[str, np.ndarray]],
     for name, shape in layout:
       got_name, x = next(tensors)
       assert got_name == name and x.shape == tuple(shape), (got_name, name, x.shape, shape)
-      f.write(np.ascontiguousarray(x, hf.DTYPES[dtype]).tobytes())
+      f.write(np.ascontiguousarray(x, hf.DTYPES[dtype]).reshape(-1).view(np.uint8).data)  # no copy
   os.replace(tmp, path)
 
 
@@ -68,17 +69,19 @@ def write_weights(params: Mapping, model: Mapping[str, Any], out: str, *, dtype:
 
 
 def write_tokenizer(tokenizer_model: str, out: str, *, model_max_length: int) -> None:
-  """The sentencepiece model plus what AutoTokenizer needs to load it as a LlamaTokenizer."""
+  """tokenizer.json, which AutoTokenizer runs and which encodes exactly as the sentencepiece model
+  does, with its tokenizer_config.json; tokenizer.model goes beside them for sentencepiece users."""
   import sentencepiece as spm  # jaxllm's own tokenizer dependency
   sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
   shutil.copyfile(tokenizer_model, os.path.join(out, 'tokenizer.model'))
-  specials = dict(bos=sp.id_to_piece(sp.bos_id()), eos=sp.id_to_piece(sp.eos_id()),
-                  unk=sp.id_to_piece(sp.unk_id()))
+  piece = lambda i: sp.id_to_piece(i) if i >= 0 else None
+  specials = dict(bos=piece(sp.bos_id()), eos=piece(sp.eos_id()), unk=piece(sp.unk_id()))
+  _write_json(os.path.join(out, 'tokenizer.json'),
+              hf.tokenizer_json(sp.serialized_model_proto()))
   _write_json(os.path.join(out, 'tokenizer_config.json'),
               hf.tokenizer_config(**specials, model_max_length=model_max_length))
   _write_json(os.path.join(out, 'special_tokens_map.json'),
-              {'bos_token': specials['bos'], 'eos_token': specials['eos'],
-               'unk_token': specials['unk']})
+              {f'{k}_token': v for k, v in specials.items() if v is not None})
 
 
 def export(params: Mapping, model: Mapping[str, Any], out: str, *, dtype: str = 'float32',
@@ -93,17 +96,17 @@ def export(params: Mapping, model: Mapping[str, Any], out: str, *, dtype: str = 
                                  max_position_embeddings=max_position_embeddings,
                                  bos_token_id=bos_token_id, eos_token_id=eos_token_id)
   os.makedirs(out, exist_ok=True)
+  if tokenizer_model:  # first: a tokenizer that cannot convert fails before the weights
+    write_tokenizer(tokenizer_model, out, model_max_length=config['max_position_embeddings'])
   write_weights(params, model, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
   _write_json(os.path.join(out, 'config.json'), config)
   _write_json(os.path.join(out, 'generation_config.json'),
               hf.generation_config(bos_token_id=bos_token_id, eos_token_id=eos_token_id))
-  if tokenizer_model:
-    write_tokenizer(tokenizer_model, out, model_max_length=config['max_position_embeddings'])
 
 
 def _write_json(path: str, obj) -> None:
-  with open(path, 'w') as f:
-    json.dump(obj, f, indent=2)
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(obj, f, indent=2, ensure_ascii=False)
     f.write('\n')
 
 
@@ -117,11 +120,17 @@ def load_checkpoint(workdir: str, step: int = -1) -> tuple[dict, dict, dict]:
   ckpt, step = checkpoint_lib.open_for_init(directory, step)
   try:
     config = ckpt.saved_config(step)  # the config the parameters were written with
-    cfg = hf.model_config(config['model'])
-    # Parameters land on one (CPU) device; the export then reads them one tensor at a time.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
-    abstract = _nest_shapes(hf.param_shapes(cfg), cfg.param_dtype, device)
-    params = ckpt.restore_params(step, abstract)
+  finally:
+    ckpt.close()
+  cfg = hf.model_config(config['model'])
+  shapes = hf.param_shapes(cfg)
+  largest = max(math.prod(s) for s in shapes.values()) * jax.numpy.dtype(cfg.param_dtype).itemsize
+  # Restored as host numpy arrays (no device copy), reading one largest tensor's bytes at a time:
+  # host memory stays near the parameters' own size (docs/benchmarks.md).
+  ckpt, step = checkpoint_lib.open_for_init(directory, step,
+                                            restore_concurrent_gb=(largest + 4096) / 1e9)
+  try:
+    params = ckpt.restore_params(step, _nest_shapes(shapes, cfg.param_dtype, None))
   finally:
     ckpt.close()
   return params, config, step
