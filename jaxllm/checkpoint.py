@@ -9,10 +9,9 @@ listed as steps. This module never decides when to save: the train loop does.
 
 from __future__ import annotations
 
-import functools
 import logging as py_logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -63,13 +62,13 @@ def check_shapes(saved, target, *, where: str) -> None:
                           'written by a different model config')
 
 
-def _handlers(restore_concurrent_gb: float) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
   """Which handler reads each item: needed to read metadata before anything was saved."""
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-  arrays = functools.partial(ocp.handlers.StandardCheckpointHandler,
-                             restore_concurrent_gb=restore_concurrent_gb)
-  items = {'params': (ocp.args.StandardSave, ocp.args.StandardRestore, arrays),
-           'opt_state': (ocp.args.StandardSave, ocp.args.StandardRestore, arrays),
+  items = {'params': (ocp.args.StandardSave, ocp.args.StandardRestore,
+                      ocp.handlers.StandardCheckpointHandler),
+           'opt_state': (ocp.args.StandardSave, ocp.args.StandardRestore,
+                         ocp.handlers.StandardCheckpointHandler),
            'meta': (ocp.args.JsonSave, ocp.args.JsonRestore, ocp.handlers.JsonCheckpointHandler),
            'data': (grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore,
                     grain.checkpoint.CheckpointHandler)}
@@ -81,20 +80,17 @@ def _handlers(restore_concurrent_gb: float) -> ocp.handlers.DefaultCheckpointHan
 
 
 class Checkpointer:
-  """Async saves into `directory`; keeps the latest `keep_latest` and every `keep_every`-th step.
-  `restore_concurrent_gb` caps the bytes read at once (host memory beyond the restored arrays)."""
+  """Async saves into `directory`; keeps the latest `keep_latest` and every `keep_every`-th step."""
 
   def __init__(self, directory: str, *, keep_latest: int = 3, keep_every: int = 0,
-               async_save: bool = True, read_only: bool = False,
-               restore_concurrent_gb: float = 96):
+               async_save: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(directory)
     keep = [_policies.LatestN(keep_latest)]
     if keep_every:
       keep.append(_policies.EveryNSteps(keep_every))
     self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
-        preservation_policy=_policies.AnyPreservationPolicy(keep)),
-        handler_registry=_handlers(restore_concurrent_gb))
+        preservation_policy=_policies.AnyPreservationPolicy(keep)), handler_registry=_handlers())
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
@@ -163,6 +159,24 @@ class Checkpointer:
       raise self._unreadable(step, e) from e
     return out['params']
 
+  def read_param(self, step: int, path: Sequence[str], like: jax.ShapeDtypeStruct) -> np.ndarray:
+    """One parameter (`path` into the params dict) as a host array, the rest left on disk: a
+    converter can stream a checkpoint larger than host memory."""
+    item, args = like, ocp.RestoreArgs(restore_type=np.ndarray, dtype=like.dtype)
+    for key in reversed(path):
+      item, args = {key: item}, {key: args}
+    reader = ocp.PyTreeCheckpointer()
+    try:
+      out = reader.restore(os.path.join(self.step_dir(step), 'params'), args=ocp.args.PyTreeRestore(
+          item=item, restore_args=args, partial_restore=True))
+    except Exception as e:
+      raise self._unreadable(step, e) from e
+    finally:
+      reader.close()
+    for key in path:
+      out = out[key]
+    return out
+
   def saved_config(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
         'meta']['config']
@@ -182,13 +196,11 @@ class Checkpointer:
     self._manager.close()
 
 
-def open_for_init(path: str, step: int = -1, *,
-                  restore_concurrent_gb: float = 96) -> tuple[Checkpointer, int]:
+def open_for_init(path: str, step: int = -1) -> tuple[Checkpointer, int]:
   """A read-only Checkpointer on another run's checkpoint directory and the step to read."""
   if not os.path.isdir(path):
     raise CheckpointError(f'checkpoint.init_from={path!r} is not a directory')
-  ckpt = Checkpointer(path, read_only=True, async_save=False,
-                      restore_concurrent_gb=restore_concurrent_gb)
+  ckpt = Checkpointer(path, read_only=True, async_save=False)
   steps = ckpt.all_steps()
   if not steps:
     raise CheckpointError(f'checkpoint.init_from={path!r} holds no complete checkpoint (expected '

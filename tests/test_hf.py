@@ -160,12 +160,16 @@ def test_import_writes_a_checkpoint_that_init_from_reads(tmp_path):
   ckpt, step = checkpoint_lib.open_for_init(str(tmp_path / 'out' / 'checkpoints'))
   cfg = hf.model_config(section)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = to_hf_tool._nest_shapes(hf.param_shapes(cfg), 'float32', device)
-  params = ckpt.restore_params(step, abstract)
+  abstract = to_hf_tool._nest({path: jax.ShapeDtypeStruct(shape, np.float32, sharding=device)
+                               for path, shape in hf.param_shapes(cfg).items()})
+  params = ckpt.restore_params(step, abstract)  # what checkpoint.init_from does
+  q_path = ('layers', 'self_attn', 'q_proj')
+  alone = ckpt.read_param(step, q_path, abstract['layers']['self_attn']['q_proj'])  # the exporter
   ckpt.close()
   q = model.state_dict()['model.layers.1.self_attn.q_proj.weight'].numpy()
   np.testing.assert_array_equal(np.asarray(params['layers']['self_attn']['q_proj'][1]),
                                 q.T.reshape(64, 4, 32))
+  np.testing.assert_array_equal(alone, np.asarray(params['layers']['self_attn']['q_proj']))
   # The written config file is a jaxllm config with the model section and init_from set.
   spec = importlib.util.spec_from_file_location('cfg', tmp_path / 'out' / 'config.py')
   module = importlib.util.module_from_spec(spec)

@@ -12,11 +12,10 @@ written one at a time. The mapping is jaxllm/convert/hf.py; this file only reads
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -50,11 +49,11 @@ def write_safetensors(path: str, tensors: Iterator[tuple[str, np.ndarray]],
   os.replace(tmp, path)
 
 
-def write_weights(params: Mapping, model: Mapping[str, Any], out: str, *, dtype: str,
+def write_weights(params: Mapping | Callable, model: Mapping[str, Any], out: str, *, dtype: str,
                   max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> list[str]:
   """The safetensors file(s) and, when sharded, the index; returns the file names."""
   cfg = hf.model_config(model)
-  shapes = hf.hf_tensor_shapes(cfg)
+  shapes = {s.hf_name: s.hf_shape for s in hf.export_order(cfg)}  # the order to_hf yields
   itemsize = hf.DTYPES[dtype].itemsize
   sizes = [(n, int(np.prod(s)) * itemsize) for n, s in shapes.items()]
   shards = hf.shard_plan(sizes, max_shard_bytes)
@@ -84,11 +83,12 @@ def write_tokenizer(tokenizer_model: str, out: str, *, model_max_length: int) ->
               {f'{k}_token': v for k, v in specials.items() if v is not None})
 
 
-def export(params: Mapping, model: Mapping[str, Any], out: str, *, dtype: str = 'float32',
+def export(params: Mapping | Callable, model: Mapping[str, Any], out: str, *, dtype: str = 'float32',
            family: str | None = None, tokenizer_model: str | None = None,
            max_position_embeddings: int | None = None, bos_token_id: int | None = 1,
            eos_token_id: int | None = 2, max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> None:
-  """An HF model directory from a params pure dict and a jaxllm `model` config section."""
+  """An HF model directory from a jaxllm `model` config section and its parameters: a pure dict,
+  or a function that reads one parameter by path (hf.to_hf)."""
   if dtype not in hf.DTYPES:
     raise ValueError(f'--dtype={dtype!r}: choose one of {sorted(hf.DTYPES)}')
   # Validate the config before writing anything.
@@ -110,8 +110,10 @@ def _write_json(path: str, obj) -> None:
     f.write('\n')
 
 
-def load_checkpoint(workdir: str, step: int = -1) -> tuple[dict, dict, dict]:
-  """(params as host arrays, the run's resolved config dict, step) from <workdir>/checkpoints."""
+def load_checkpoint(workdir: str, step: int = -1) -> tuple[Callable, dict, int]:
+  """(a reader of one parameter by path, the run's resolved config dict, step) for a checkpoint
+  in <workdir>/checkpoints. The reader loads only the parameter asked for, as a host array, so
+  the export holds one parameter at a time, never the whole model (docs/benchmarks.md)."""
   import jax
   from jaxllm import checkpoint as checkpoint_lib
   with open(os.path.join(workdir, 'config.json')) as f:
@@ -120,30 +122,23 @@ def load_checkpoint(workdir: str, step: int = -1) -> tuple[dict, dict, dict]:
   ckpt, step = checkpoint_lib.open_for_init(directory, step)
   try:
     config = ckpt.saved_config(step)  # the config the parameters were written with
+    cfg = hf.model_config(config['model'])
+    like = {path: jax.ShapeDtypeStruct(shape, jax.numpy.dtype(cfg.param_dtype))
+            for path, shape in hf.param_shapes(cfg).items()}
+    checkpoint_lib.check_shapes(ckpt.params_metadata(step), _nest(like),
+                                where=ckpt.step_dir(step))
   finally:
     ckpt.close()
-  cfg = hf.model_config(config['model'])
-  shapes = hf.param_shapes(cfg)
-  largest = max(math.prod(s) for s in shapes.values()) * jax.numpy.dtype(cfg.param_dtype).itemsize
-  # Restored as host numpy arrays (no device copy), reading one largest tensor's bytes at a time:
-  # host memory stays near the parameters' own size (docs/benchmarks.md).
-  ckpt, step = checkpoint_lib.open_for_init(directory, step,
-                                            restore_concurrent_gb=(largest + 4096) / 1e9)
-  try:
-    params = ckpt.restore_params(step, _nest_shapes(shapes, cfg.param_dtype, None))
-  finally:
-    ckpt.close()
-  return params, config, step
+  return lambda path: ckpt.read_param(step, path, like[path]), config, step
 
 
-def _nest_shapes(shapes, dtype, sharding) -> dict:
-  import jax
+def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
   out: dict = {}
-  for path, shape in shapes.items():
+  for path, leaf in flat.items():
     node = out
     for key in path[:-1]:
       node = node.setdefault(key, {})
-    node[path[-1]] = jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding)
+    node[path[-1]] = leaf
   return out
 
 

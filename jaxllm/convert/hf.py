@@ -5,8 +5,9 @@ biases), Qwen3 (q/k RMSNorm). Every tensor goes through `KEY_TABLE`: a jaxllm pa
 HF tensor name and a layout that says how one becomes the other; both shapes are asserted on the
 way. jaxllm stacks layers (leading `layers` dim); HF names them `model.layers.{i}`.
 
-No file IO and no torch here: tensors are numpy arrays handed in and out one at a time (so a 7B
-export needs about one tensor of extra host memory), configs are JSON-able dicts. The tools in
+No file IO and no torch here: tensors are numpy arrays handed in and out one at a time (an export
+that reads one stored parameter at a time never holds the whole model), configs are JSON-able
+dicts. The tools in
 `tools/convert_*_hf.py` do the reading and writing.
 """
 
@@ -145,18 +146,35 @@ def _get(params: Mapping, path: tuple[str, ...]):
   return params
 
 
-def to_hf(params: Mapping, cfg: model_lib.ModelConfig, *,
-          dtype: str = 'float32') -> Iterator[tuple[str, np.ndarray]]:
-  """(HF name, numpy tensor in `dtype`) for every tensor, one at a time: only the tensor being
-  yielded is copied to host memory. `params` is the pure dict of the model state."""
+def export_order(cfg: model_lib.ModelConfig) -> list[TensorSpec]:
+  """tensor_specs with all layers of one jaxllm parameter together: an export then reads each
+  stored parameter once and holds only it."""
+  first: dict[tuple[str, ...], int] = {}
+  specs = tensor_specs(cfg)
+  for i, spec in enumerate(specs):
+    first.setdefault(spec.path, i)
+  return sorted(specs, key=lambda s: (first[s.path], s.layer or 0))
+
+
+def to_hf(params: Mapping | Callable[[tuple[str, ...]], np.ndarray], cfg: model_lib.ModelConfig,
+          *, dtype: str = 'float32') -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, numpy tensor in `dtype`) for every tensor in `export_order`, one at a time.
+  `params` is the pure dict of the model state, or a function of a parameter path that reads
+  that parameter (called once per parameter: only it and the tensor being yielded are held)."""
   out_dtype = DTYPES[dtype]
   shapes = param_shapes(cfg)
-  for path, want in shapes.items():
-    got = tuple(_get(params, path).shape)
-    assert got == want, f'params[{".".join(path)}] has shape {got}, the config says {want}'
-  for spec in tensor_specs(cfg):
-    x = _get(params, spec.path)
-    x = np.asarray(x if spec.layer is None else x[spec.layer], np.float32)
+  if not callable(params):
+    for path, want in shapes.items():
+      got = tuple(_get(params, path).shape)
+      assert got == want, f'params[{".".join(path)}] has shape {got}, the config says {want}'
+  get = params if callable(params) else lambda path: _get(params, path)
+  path, whole = None, None
+  for spec in export_order(cfg):
+    if spec.path != path:
+      path, whole = spec.path, None  # let the previous parameter go before reading the next
+      whole = get(path)
+      assert tuple(whole.shape) == shapes[path], (path, whole.shape, shapes[path])
+    x = np.asarray(whole if spec.layer is None else whole[spec.layer], np.float32)
     y = np.ascontiguousarray(spec.layout.to_hf(x)).astype(out_dtype)
     assert y.shape == spec.hf_shape, (spec.hf_name, y.shape, spec.hf_shape)
     yield spec.hf_name, y
