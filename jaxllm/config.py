@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = t = ml_collections.ConfigDict()
   t.global_batch_size = 16  # rows per optimizer step, summed over all devices and micro-batches
   t.microbatches = 1  # gradient accumulation: the step's batch is split into this many parts
+  t.loss_chunk = 0  # > 0: head + loss fused over this many positions at a time (no full logits)
   t.num_steps = 300  # optimizer steps
   t.log_every = 25  # steps between console/TensorBoard lines
   t.eval_every = 100  # steps between held-out evaluations (and at the end); 0 = only at the end
@@ -194,6 +195,9 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> N
   elif (t.global_batch_size // t.microbatches) % batch_ways:
     errors.append(f'train.global_batch_size={t.global_batch_size} / train.microbatches='
                   f'{t.microbatches} must be divisible by mesh.data x mesh.fsdp = {batch_ways}')
+  if t.loss_chunk < 0 or (t.loss_chunk and config.data.seq_len % t.loss_chunk):
+    errors.append(f'train.loss_chunk={t.loss_chunk} must be 0 or divide data.seq_len='
+                  f'{config.data.seq_len}')
   o = config.optim
   if o.decay_steps < 0 or (o.decay_steps == 0 and o.warmup_steps >= t.num_steps):
     errors.append(f'optim.warmup_steps={o.warmup_steps} leaves no steps of decay before '

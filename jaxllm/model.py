@@ -339,11 +339,19 @@ class Llama(nnx.Module):
                             std=cfg.init_std)
 
   def __call__(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None):
+    return self.logits(self.hidden(tokens_BL, positions_BL=positions_BL,
+                                   segment_ids_BL=segment_ids_BL))
+
+  def hidden(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None):
+    """The final-normed hidden states [B, L, D] (compute dtype) that `logits` projects."""
     x_BLD = jnp.take(self.embed_tokens[...], tokens_BL, axis=0).astype(jnp.dtype(self.cfg.dtype))
-    return self.from_embeddings(x_BLD, positions_BL=positions_BL, segment_ids_BL=segment_ids_BL)
+    return self.norm(self._stack(x_BLD, positions_BL, segment_ids_BL))
 
   def from_embeddings(self, x_BLD, *, positions_BL=None, segment_ids_BL=None):
     """The decoder stack and head on given input embeddings [B, L, D]."""
+    return self.logits(self.norm(self._stack(x_BLD, positions_BL, segment_ids_BL)))
+
+  def _stack(self, x_BLD, positions_BL, segment_ids_BL):
     cfg = self.cfg
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
@@ -361,14 +369,16 @@ class Llama(nnx.Module):
     scan = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
                     unroll=1 if cfg.scan_layers else True,
                     transform_metadata={nnx.PARTITION_NAME: 'layers'})
-    return self._head(scan(x_BLD, self.layers))
+    return scan(x_BLD, self.layers)
 
-  def _head(self, x_BLD):
-    """Final norm and output projection: logits [B, L, V] in float32."""
-    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    x_BLD = self.norm(x_BLD)
-    head_DV = (self.embed_tokens[...].T if cfg.tie_embeddings else self.lm_head[...])
-    logits_BLV = _dense(x_BLD, head_DV.astype(dt), preferred_element_type=jnp.float32)
+  def head_DV(self):
+    """The output projection [D, V] in the compute dtype (the embedding's transpose if tied)."""
+    head_DV = self.embed_tokens[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    return head_DV.astype(jnp.dtype(self.cfg.dtype))
+
+  def logits(self, x_BLD):
+    """Normed hidden states [B, L, D] -> logits [B, L, V] in float32."""
+    logits_BLV = _dense(x_BLD, self.head_DV(), preferred_element_type=jnp.float32)
     return _constrain(logits_BLV, ('batch', 'length', 'vocab'))
 
   def decode(self, tokens_BT, cache: dict, *, index, starts_B):
@@ -393,7 +403,7 @@ class Llama(nnx.Module):
                     unroll=1 if cfg.scan_layers else True,
                     transform_metadata={nnx.PARTITION_NAME: 'layers'})
     x_BTD, (k_cache, v_cache) = scan(x_BTD, self.layers, cache['k'], cache['v'])
-    return self._head(x_BTD), {'k': k_cache, 'v': v_cache}
+    return self.logits(self.norm(x_BTD)), {'k': k_cache, 'v': v_cache}
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:

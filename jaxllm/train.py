@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
 from jaxllm import data as data_lib
+from jaxllm import loss as loss_lib
 from jaxllm import metrics as metrics_lib
 from jaxllm import model as model_lib
 from jaxllm import optim
@@ -88,6 +89,7 @@ class Trainer:
   batch_sharding: NamedSharding
   microbatches: int
   seed: int
+  loss_chunk: int = 0  # see loss.head_nll_sum; 0 = logits then nll_sum
   skip_nonfinite: bool = False  # keep the old params and optimizer state when a step is not finite
 
   def init_state(self) -> dict:
@@ -169,13 +171,16 @@ def _loss_sums(trainer: Trainer, params, batch):
   """
   model = nnx.merge(trainer.graphdef, params)
   segment_ids_BL = batch.get('segment_ids')
-  logits_BLV = model(batch['inputs'], positions_BL=batch.get('positions'),
-                     segment_ids_BL=segment_ids_BL)
   mask_BL = (jnp.ones(batch['targets'].shape, bool) if segment_ids_BL is None
              else segment_ids_BL > 0)
-  logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-  gold_BL = jnp.take_along_axis(logits_BLV, batch['targets'][..., None], axis=-1)[..., 0]
-  return jnp.sum(jnp.where(mask_BL, logz_BL - gold_BL, 0.0)), jnp.sum(mask_BL)
+  weights_BL = mask_BL.astype(jnp.float32)
+  kwargs = dict(positions_BL=batch.get('positions'), segment_ids_BL=segment_ids_BL)
+  if trainer.loss_chunk:
+    loss_sum = loss_lib.head_nll_sum(model.hidden(batch['inputs'], **kwargs), model.head_DV(),
+                                     batch['targets'], weights_BL, trainer.loss_chunk)
+  else:
+    loss_sum = loss_lib.nll_sum(model(batch['inputs'], **kwargs), batch['targets'], weights_BL)
+  return loss_sum, jnp.sum(mask_BL)
 
 
 def _train_step(trainer: Trainer, state, batch):

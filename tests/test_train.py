@@ -1,10 +1,12 @@
 """The train step: same losses on every mesh shape, micro-batching, NaN guard."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxllm import config as config_lib
+from jaxllm import loss as loss_lib
 from jaxllm import sharding
 from jaxllm import train
 from test_config import load
@@ -12,7 +14,7 @@ from test_config import load
 SEQ, BATCH, STEPS = 32, 8, 3
 
 
-def small_config(microbatches=1):
+def small_config(microbatches=1, loss_chunk=0):
   c = load('configs/tiny.py')
   with c.unlocked():
     c.model.update(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=8,
@@ -20,6 +22,7 @@ def small_config(microbatches=1):
     c.data.seq_len = SEQ
     c.train.global_batch_size = BATCH
     c.train.microbatches = microbatches
+    c.train.loss_chunk = loss_chunk
     c.train.num_steps = 10
     c.optim.warmup_steps = 1
     c.optim.peak_lr = 1e-2
@@ -43,8 +46,8 @@ def synthetic_batches():
   return [batch] * STEPS
 
 
-def run_steps(mesh_shape, microbatches=1, devices=None):
-  config = small_config(microbatches)
+def run_steps(mesh_shape, microbatches=1, devices=None, loss_chunk=0):
+  config = small_config(microbatches, loss_chunk)
   config_lib.validate(config, mesh_shape)
   trainer = train.make_trainer(config, sharding.make_mesh(mesh_shape, devices))
   state = trainer.init_state()
@@ -61,13 +64,15 @@ def single_device():
   return run_steps({'data': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
 
 
-@pytest.mark.parametrize('shape,microbatches', [
-    ((8, 1, 1), 1), ((1, 8, 1), 1), ((2, 2, 2), 1), ((1, 2, 4), 1), ((2, 2, 2), 2)],
-    ids=lambda v: str(v))
-def test_same_losses_on_every_mesh(single_device, shape, microbatches):
+@pytest.mark.parametrize('shape,microbatches,loss_chunk', [
+    ((8, 1, 1), 1, 0), ((1, 8, 1), 1, 0), ((2, 2, 2), 1, 0), ((1, 2, 4), 1, 0), ((2, 2, 2), 2, 0),
+    ((1, 2, 4), 2, SEQ // 4)], ids=lambda v: str(v))
+def test_same_losses_on_every_mesh(single_device, shape, microbatches, loss_chunk):
+  """Also the fused chunked head + loss (train.loss_chunk), with the vocab split over `tensor`."""
   ref_losses, ref_params = single_device
   assert ref_losses[-1] < ref_losses[0] - 0.01  # it learns (step 0 has lr 0)
-  losses, params = run_steps(dict(zip(sharding.MESH_AXES, shape)), microbatches)
+  losses, params = run_steps(dict(zip(sharding.MESH_AXES, shape)), microbatches,
+                             loss_chunk=loss_chunk)
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
     # Adam divides by sqrt(second moment), which turns float32 noise in near-zero gradients into
@@ -121,3 +126,23 @@ def test_skipped_step_keeps_the_state_and_a_good_step_updates_it():
   changed = [not np.array_equal(a, b) for a, b in
              zip(jax.tree.leaves(updated['params']), jax.tree.leaves(state['params']))]
   assert all(changed)
+
+
+@pytest.mark.parametrize('chunk', [16, 4])
+def test_fused_head_loss_matches_logits_then_loss(chunk):
+  """loss.head_nll_sum == nll_sum(x @ head) in value and in both gradients, whole or in chunks;
+  padding (weight 0) contributes nothing."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((3, 16, 24)), jnp.float32)
+  head = jnp.asarray(rng.standard_normal((24, 50)) * 0.3, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 50, (3, 16)), jnp.int32)
+  weights = jnp.asarray(rng.random((3, 16)) > 0.25, jnp.float32)
+  plain = lambda x, w: loss_lib.nll_sum(jnp.einsum('bld,dv->blv', x, w), targets, weights)
+  fused = lambda x, w: loss_lib.head_nll_sum(x, w, targets, weights, chunk)
+  want, want_grads = jax.value_and_grad(plain, argnums=(0, 1))(x, head)
+  got, got_grads = jax.value_and_grad(fused, argnums=(0, 1))(x, head)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(fused)(x, head), want, rtol=1e-6)  # undifferentiated path
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=1e-5)
+  assert not np.any(got_grads[0][np.asarray(weights) == 0])  # padded positions get no gradient
