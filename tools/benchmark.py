@@ -71,6 +71,7 @@ def run(config, steps: int, warmup: int) -> dict:
       'config': config.name, 'params': trainer.model_cfg.num_params(),
       'n_layers': config.model.n_layers, 'seq_len': seq, 'global_batch': batch,
       'dtype': config.model.dtype, 'remat': config.model.remat,
+      'loss_chunk': config.train.loss_chunk,
       'attention': model.attention_implementation(trainer.model_cfg),
       'mesh': dict(trainer.mesh.shape), 'devices': n_dev, 'device_kind': kind,
       'jax': jax.__version__,

@@ -25,22 +25,24 @@ bench() {  # name, then config overrides
   if [ -n "$line" ]; then echo "$line" >> "$OUT/bench.jsonl"; else
     echo "{\"name\": \"$name\", \"failed\": \"rc=$rc $(grep -E 'Error|error|RESOURCE' "$OUT/$name.log" | tail -1 | tr -d '"\\' | cut -c1-200)\"}" >> "$OUT/bench.jsonl"; fi
 }
-bench 1b_b4_save_dots --config=configs/1b.py --config.train.global_batch_size=4 --config.model.remat=save_dots
-bench 7b_l16_b4_full --config=configs/7b.py --config.model.n_layers=16 --config.train.global_batch_size=4
+# Baselines at the batches measured before, then train.loss_chunk (fused chunked head + loss: no
+# [batch, seq, 128k] float32 logits) at the larger batches it should make room for.
 bench 1b_b8_save_dots --config=configs/1b.py --config.train.global_batch_size=8 --config.model.remat=save_dots
-bench 1b_b8_full --config=configs/1b.py --config.train.global_batch_size=8 --config.model.remat=full
+bench 1b_b8_save_dots_lc1024 --config=configs/1b.py --config.train.global_batch_size=8 --config.model.remat=save_dots --config.train.loss_chunk=1024
+bench 1b_b16_save_dots_lc1024 --config=configs/1b.py --config.train.global_batch_size=16 --config.model.remat=save_dots --config.train.loss_chunk=1024
+bench 1b_b24_save_dots_lc512 --config=configs/1b.py --config.train.global_batch_size=24 --config.model.remat=save_dots --config.train.loss_chunk=512
 bench 7b_l16_b8_save_dots --config=configs/7b.py --config.model.n_layers=16 --config.train.global_batch_size=8 --config.model.remat=save_dots
-bench 1b_b16_full --config=configs/1b.py --config.train.global_batch_size=16 --config.model.remat=full
+bench 7b_l16_b12_save_dots_lc1024 --config=configs/7b.py --config.model.n_layers=16 --config.train.global_batch_size=12 --config.model.remat=save_dots --config.train.loss_chunk=1024
 
 python3 - "$OUT/bench.jsonl" <<'PY'
 import json, sys
-print(f"{'config':8} {'L':>3} {'batch':>5} {'remat':10} {'attn':6} {'tok/s/dev':>10} {'MFU':>6} {'step s':>7} {'compile':>7} {'peak GiB':>8}")
+print(f"{'config':8} {'L':>3} {'batch':>5} {'remat':10} {'chunk':>5} {'attn':6} {'tok/s/dev':>10} {'MFU':>6} {'step s':>7} {'compile':>7} {'peak GiB':>8}")
 for line in open(sys.argv[1]):
   r = json.loads(line)
   if 'failed' in r:
     print(r['name'], 'FAILED', r['failed']); continue
   mem = (r['peak_memory_bytes'] or 0) / 2**30
-  print(f"{r['config']:8} {r['n_layers']:>3} {r['global_batch']:>5} {r['remat']:10} {r['attention']:6} "
+  print(f"{r['config']:8} {r['n_layers']:>3} {r['global_batch']:>5} {r['remat']:10} {r.get('loss_chunk', 0):>5} {r['attention']:6} "
         f"{r['tokens_per_s_per_device']:>10,.0f} {100 * (r['mfu'] or 0):>5.1f}% {r['step_s']['median']:>7.3f} "
         f"{r['compile_s']:>7.1f} {mem:>8.1f}")
 PY

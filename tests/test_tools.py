@@ -1,0 +1,63 @@
+"""The benchmark tools run on the tiny config and print one JSON line with every field.
+
+Benchmarks are not tests: nothing here asserts a speed, only that the figures exist and are
+consistent with each other (e.g. a save is not blocked longer than it takes).
+"""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).parent.parent
+ENV = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, 'JAX_PLATFORMS': 'cpu'}
+
+
+def run_tool(*args) -> tuple[dict, str]:
+  proc = subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith('{')][-1]
+  return json.loads(line), proc.stdout
+
+
+def test_benchmark_prints_every_field_and_the_peer_line():
+  out, stdout = run_tool('tools/benchmark.py', '--config=configs/tiny.py', '--steps=3',
+                         '--warmup=1', '--peer_line')
+  fields = {'config', 'params', 'n_layers', 'seq_len', 'global_batch', 'dtype', 'remat',
+            'loss_chunk', 'attention', 'mesh', 'devices', 'device_kind', 'jax', 'tokens_per_s',
+            'tokens_per_s_per_device', 'step_s', 'compile_s', 'steps_timed', 'final_loss',
+            'flops_per_token', 'peak_flops_per_device', 'mfu', 'mfu_formula',
+            'peak_memory_bytes'}
+  assert fields <= set(out), fields - set(out)
+  assert out['devices'] == 1 and out['steps_timed'] == 3
+  step = out['step_s']
+  assert 0 < step['min'] <= step['median'] <= step['max']
+  assert out['tokens_per_s'] == out['global_batch'] * out['seq_len'] / step['median']
+  assert 'causal attention counted as half' in out['mfu_formula']
+  assert out['mfu'] is None  # no known peak FLOP/s for a CPU
+  peer = re.search(r'^tokens_per_s=([\d.]+) step_ms=([\d.]+) compile_s=([\d.]+)$', stdout, re.M)
+  assert peer and abs(float(peer.group(1)) - out['tokens_per_s']) < 0.1 + 1e-3 * out['tokens_per_s']
+
+
+def test_benchmark_checkpoint_reports_blocked_and_total(tmp_path):
+  out, _ = run_tool('tools/benchmark_checkpoint.py', '--config=configs/tiny.py',
+                    f'--dir={tmp_path / "ckpt"}', '--saves=2')
+  assert out['params'] == 1377408 and out['state_bytes'] > 12 * out['params'] * 0.99
+  for save in (out['first_save'], {'blocked_s': out['later_saves']['blocked_s_median'],
+                                   'total_s': out['later_saves']['total_s_median']}):
+    assert 0 < save['blocked_s'] <= save['total_s']
+  # The noise given to the AdamW moments makes the checkpoint about the state's size on disk.
+  assert out['checkpoint_bytes_on_disk'] > 0.8 * out['state_bytes']
+  assert not (tmp_path / 'ckpt').exists()
+
+
+def test_benchmark_convert_measures_both_directions(tmp_path):
+  out, _ = run_tool('tools/benchmark_convert.py', '--config=configs/tiny.py',
+                    f'--dir={tmp_path / "conv"}')
+  assert out['params'] == 1377408
+  assert out['safetensors_gib'] * 2**30 >= 2 * out['params']  # bfloat16, plus headers
+  for side in ('export', 'import'):
+    assert out[side]['wall_s'] > 0 and out[side]['peak_rss_gib'] > 0.05
