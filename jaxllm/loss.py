@@ -5,7 +5,9 @@ instead and never holds the logits of more than `chunk` positions per row: for a
 at 4096 tokens a row the full float32 logits are 2 GiB per row, which caps the batch on a GPU.
 Its gradient is computed in the same pass as the loss (the loss is the last op of the step, so
 d loss / d logits is known there up to a scalar), which spares the recompute that a checkpointed
-chunk loop would pay: the head's three matmuls run once each, as without chunks.
+chunk loop would pay: the head's three matmuls run once each, as without chunks. With the batch
+split over devices each chunk's head-gradient contribution is summed across them inside the loop,
+so fewer, longer chunks communicate less.
 """
 
 from __future__ import annotations
