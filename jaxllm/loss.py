@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax.linen import partitioning as nn_partitioning
 
 _LOGITS = ('batch', 'length', 'vocab')
+_HEAD = ('embed', 'vocab')
 
 
 def _token_nll(logits_BLV, targets_BL):
@@ -51,12 +52,16 @@ def _head_pass(x_BLD, head_DV, targets_BL, weights_BL, chunk: int, grads: bool):
   """The loss and, if `grads`, its gradients with respect to x and the head (cotangent 1)."""
   def body(dhead_DV, inputs):
     x_BCD, targets_BC, weights_BC = inputs
+    dhead_DV = nn_partitioning.with_sharding_constraint(dhead_DV, _HEAD)
     logits_BCV = nn_partitioning.with_sharding_constraint(_matmul(x_BCD, head_DV), _LOGITS)
     nll_BC, logz_BC = _token_nll(logits_BCV, targets_BC)
     loss = jnp.sum(weights_BC * nll_BC)
     if not grads:
       return dhead_DV, (loss, None)
-    # d loss / d logits = (softmax - one_hot(target)) x weight, formed in one fused pass.
+    # d loss / d logits = (softmax - one_hot(target)) x weight, formed in one fused pass and
+    # rounded to the compute dtype for the two matmuls (as fused cross-entropy kernels do): with
+    # bfloat16 compute the gradients carry bfloat16 rounding of d logits that autodiff of the
+    # unfused path, which multiplies the float32 cotangent, does not.
     vocab_V = jnp.arange(logits_BCV.shape[-1], dtype=targets_BC.dtype)
     dlogits_BCV = ((jnp.exp(logits_BCV - logz_BC[..., None]) - (vocab_V == targets_BC[..., None]))
                    * weights_BC[..., None]).astype(x_BCD.dtype)
@@ -65,7 +70,8 @@ def _head_pass(x_BLD, head_DV, targets_BL, weights_BL, chunk: int, grads: bool):
                         dlogits_BCV.reshape(-1, dlogits_BCV.shape[-1]))
     return dhead_DV, (loss, dx_BCD)
 
-  dhead_DV = jnp.zeros(head_DV.shape, jnp.float32)
+  # Laid out as the head itself, so each chunk's sum over the batch shards is a reduce-scatter.
+  dhead_DV = nn_partitioning.with_sharding_constraint(jnp.zeros(head_DV.shape, jnp.float32), _HEAD)
   dhead_DV, (losses, dx_NBCD) = jax.lax.scan(
       body, dhead_DV, (_chunks(x_BLD, chunk), _chunks(targets_BL, chunk),
                        _chunks(weights_BL, chunk)))

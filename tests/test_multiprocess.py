@@ -103,7 +103,7 @@ def start_two_processes(workdir, *overrides):
   port = free_port()
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
-  procs, lines = [], []
+  procs, lines, readers = [], [], []
   for i in range(2):
     procs.append(subprocess.Popen(
         [sys.executable, '-m', 'jaxllm.main', '--config=configs/tiny.py', f'--workdir={workdir}',
@@ -112,30 +112,41 @@ def start_two_processes(workdir, *overrides):
          '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}'],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     lines.append([])
-    threading.Thread(target=lambda p=procs[-1], out=lines[-1]: out.extend(p.stdout),
-                     daemon=True).start()
-  return procs, lines
+    readers.append(threading.Thread(target=lambda p=procs[-1], out=lines[-1]: out.extend(p.stdout),
+                                    daemon=True))
+    readers[-1].start()
+  return procs, lines, readers
 
 
-def wait_all(procs, lines):
-  for p, out in zip(procs, lines):
-    assert p.wait(timeout=600) == 0, ''.join(out[-60:])
-  time.sleep(0.5)  # the reader threads take the last lines
+def wait_all(procs, lines, readers):
+  try:
+    for p, out in zip(procs, lines):
+      assert p.wait(timeout=600) == 0, ''.join(out[-60:])
+  finally:
+    for p in procs:
+      p.kill()  # no-op for a process that has exited
+  for reader in readers:
+    reader.join(timeout=60)  # each ends at its process's end of output
   return [''.join(out) for out in lines]
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   """JAX's preemption sync point: a notice to process 1 alone makes both save the same step."""
   workdir = tmp_path / 'run'
-  procs, lines = start_two_processes(workdir, '--config.train.num_steps=1000',
+  procs, lines, readers = start_two_processes(workdir, '--config.train.num_steps=1000',
                                      '--config.checkpoint.every=1000')
   deadline = time.monotonic() + 600
-  while not any('step 3/1000' in line for line in list(lines[0])):
-    assert all(p.poll() is None for p in procs), ''.join(lines[0][-60:] + lines[1][-60:])
-    assert time.monotonic() < deadline, 'no step 3 after 600 s'
-    time.sleep(0.2)
+  try:
+    while not any('step 3/1000' in line for line in list(lines[0])):
+      assert all(p.poll() is None for p in procs), ''.join(lines[0][-60:] + lines[1][-60:])
+      assert time.monotonic() < deadline, 'no step 3 after 600 s'
+      time.sleep(0.2)
+  except BaseException:
+    for p in procs:
+      p.kill()
+    raise
   procs[1].send_signal(signal.SIGTERM)
-  logs = wait_all(procs, lines)
+  logs = wait_all(procs, lines, readers)
   stops = [re.search(r'stopped by preemption after step (\d+); checkpoint saved in (\S+);', log)
            for log in logs]
   assert all(stops), logs[0][-3000:] + logs[1][-3000:]
@@ -145,8 +156,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   assert sorted(os.listdir(workdir / 'checkpoints')) == [str(step)]
 
   # The same command (a shorter run here) resumes both processes from that step.
-  procs, lines = start_two_processes(workdir, f'--config.train.num_steps={step + 1}',
-                                     '--config.checkpoint.every=1000')
-  log = wait_all(procs, lines)[0]
+  procs, lines, readers = start_two_processes(workdir, f'--config.train.num_steps={step + 1}',
+                                              '--config.checkpoint.every=1000')
+  log = wait_all(procs, lines, readers)[0]
   assert f'step {step + 1}/{step + 1}' in log and f'step {step}/' not in log, log[-3000:]
   assert sorted(map(int, os.listdir(workdir / 'checkpoints'))) == [step, step + 1]

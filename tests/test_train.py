@@ -139,10 +139,16 @@ def test_fused_head_loss_matches_logits_then_loss(chunk):
   weights = jnp.asarray(rng.random((3, 16)) > 0.25, jnp.float32)
   plain = lambda x, w: loss_lib.nll_sum(jnp.einsum('bld,dv->blv', x, w), targets, weights)
   fused = lambda x, w: loss_lib.head_nll_sum(x, w, targets, weights, chunk)
-  want, want_grads = jax.value_and_grad(plain, argnums=(0, 1))(x, head)
-  got, got_grads = jax.value_and_grad(fused, argnums=(0, 1))(x, head)
+  # Scaled by 3 so that a backward pass that ignored its cotangent would fail.
+  want, want_grads = jax.value_and_grad(lambda *a: 3 * plain(*a), argnums=(0, 1))(x, head)
+  got, got_grads = jax.value_and_grad(lambda *a: 3 * fused(*a), argnums=(0, 1))(x, head)
   np.testing.assert_allclose(got, want, rtol=1e-6)
-  np.testing.assert_allclose(jax.jit(fused)(x, head), want, rtol=1e-6)  # undifferentiated path
+  np.testing.assert_allclose(3 * jax.jit(fused)(x, head), want, rtol=1e-6)  # no-gradient path
   for g, w in zip(got_grads, want_grads):
-    np.testing.assert_allclose(g, w, atol=1e-5)
+    np.testing.assert_allclose(g, w, atol=3e-5)
   assert not np.any(got_grads[0][np.asarray(weights) == 0])  # padded positions get no gradient
+  # bfloat16 compute (x and head in bf16, logits in float32): close to the float32 gradients.
+  bf16 = jax.grad(fused, argnums=(0, 1))(x.astype(jnp.bfloat16), head.astype(jnp.bfloat16))
+  for g, w in zip(bf16, want_grads):
+    assert g.dtype == jnp.bfloat16
+    assert np.linalg.norm(np.float32(g) - w / 3) <= 2e-2 * np.linalg.norm(w / 3)

@@ -171,7 +171,8 @@ def to_hf(params: Mapping | Callable[[tuple[str, ...]], np.ndarray], cfg: model_
   path, whole = None, None
   for spec in export_order(cfg):
     if spec.path != path:
-      path, whole = spec.path, None  # let the previous parameter go before reading the next
+      path = spec.path
+      whole = x = y = None  # let the previous parameter (and views of it) go before the next
       whole = get(path)
       assert tuple(whole.shape) == shapes[path], (path, whole.shape, shapes[path])
     x = np.asarray(whole if spec.layer is None else whole[spec.layer], np.float32)
