@@ -175,6 +175,9 @@ class Checkpointer:
       reader.close()
     for key in path:
       out = out[key]
+    if not isinstance(out, np.ndarray):  # a partial restore leaves a missing leaf as it was
+      raise CheckpointError(f'{self.step_dir(step)} has no parameter {".".join(path)!r}: it was '
+                            'written by a different model config')
     return out
 
   def saved_config(self, step: int) -> dict:

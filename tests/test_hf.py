@@ -165,6 +165,8 @@ def test_import_writes_a_checkpoint_that_init_from_reads(tmp_path):
   params = ckpt.restore_params(step, abstract)  # what checkpoint.init_from does
   q_path = ('layers', 'self_attn', 'q_proj')
   alone = ckpt.read_param(step, q_path, abstract['layers']['self_attn']['q_proj'])  # the exporter
+  with pytest.raises(checkpoint_lib.CheckpointError, match="no parameter 'layers.self_attn.nope'"):
+    ckpt.read_param(step, ('layers', 'self_attn', 'nope'), abstract['layers']['self_attn']['q_proj'])
   ckpt.close()
   q = model.state_dict()['model.layers.1.self_attn.q_proj.weight'].numpy()
   np.testing.assert_array_equal(np.asarray(params['layers']['self_attn']['q_proj'][1]),
