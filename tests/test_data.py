@@ -44,6 +44,18 @@ def _same(a, b):
                                   for x, y in zip(a, b))
 
 
+def _saved_and_resumed(make_iter, skip, n):
+  """(the n batches after `skip`, those from a fresh iterator given the state saved after `skip`,
+  passed through JSON as a checkpoint does, and both iterators)."""
+  it = make_iter()
+  _take(it, skip)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, n)
+  resumed = make_iter()
+  resumed.set_state(state)
+  return expected, _take(resumed, n), (it, resumed)
+
+
 def _segments(batch):
   """(inputs, targets, positions) of every segment of every row."""
   for r in range(batch['inputs'].shape[0]):
@@ -68,13 +80,9 @@ def test_determinism_same_seed_same_batches_other_seed_differs(pipe, work):
 
 
 def test_resume_from_saved_state_is_exact(pipe):
-  it = pipe.train_iter()
-  _take(it, 5)  # 5 batches of 8 rows: stops inside a packed group of 32 bins
-  state = json.loads(json.dumps(it.get_state()))  # must survive a JSON checkpoint
-  expected = _take(it, 6)
-  resumed = pipe.train_iter()
-  resumed.set_state(state)
-  assert _same(expected, _take(resumed, 6))
+  # 5 batches of 8 rows: stops inside a packed group of 32 bins; the state goes through JSON.
+  expected, resumed, _ = _saved_and_resumed(pipe.train_iter, 5, 6)
+  assert _same(expected, resumed)
   uninterrupted = _take(pipe.train_iter(), 11)[5:]
   assert _same(expected, uninterrupted)
 
@@ -268,13 +276,8 @@ def test_mixture_weights_and_determinism(mix, work, mixed_dir):
   first = _take(mix.train_iter(), 4)
   assert _same(first, _take(_mix(work, mixed_dir[0]).train_iter(), 4))
   assert not _same(first, _take(_mix(work, mixed_dir[0], seed=5).train_iter(), 4))
-  it = mix.train_iter()
-  _take(it, 3)
-  state = json.loads(json.dumps(it.get_state()))
-  expected = _take(it, 4)
-  resumed = mix.train_iter()
-  resumed.set_state(state)
-  assert _same(expected, _take(resumed, 4))
+  expected, resumed, _ = _saved_and_resumed(mix.train_iter, 3, 4)
+  assert _same(expected, resumed)
 
 
 def test_tfds_dataset_by_name_and_split(work, tmp_path):
@@ -311,16 +314,11 @@ def test_token_cache_gives_the_same_batches(pipe, work):
 
 def test_worker_processes_resume_exactly(work):
   p = _make(work, worker_count=2)
-  it = p.train_iter()
-  _take(it, 3)
-  state = json.loads(json.dumps(it.get_state()))
-  expected = _take(it, 4)
-  resumed = p.train_iter()
-  resumed.set_state(state)
+  expected, resumed, iters = _saved_and_resumed(p.train_iter, 3, 4)
   try:
-    assert _same(expected, _take(resumed, 4))
+    assert _same(expected, resumed)
   finally:
-    for i in (it, resumed):
+    for i in iters:
       i.close()  # stops the worker processes now, not at interpreter exit
 
 
