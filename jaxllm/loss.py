@@ -91,8 +91,7 @@ def head_nll_sum(x_BLD, head_DV, targets_BL, weights_BL, chunk: int):
 
 
 def _head_nll_sum_fwd(x_BLD, head_DV, targets_BL, weights_BL, chunk):
-  loss, grads = _head_pass(x_BLD, head_DV, targets_BL, weights_BL, chunk, grads=True)
-  return loss, grads
+  return _head_pass(x_BLD, head_DV, targets_BL, weights_BL, chunk, grads=True)  # (loss, grads)
 
 
 def _head_nll_sum_bwd(chunk, grads, g):

@@ -160,7 +160,8 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
                  schedule=schedule, abstract_state=abstract, state_shardings=shardings,
                  batch_sharding=sharding.batch_sharding(mesh, rules),
                  microbatches=config.train.microbatches, seed=config.seed,
-                 skip_nonfinite=config.optim.skip_nonfinite > 0, loss_chunk=config.train.loss_chunk)
+                 loss_chunk=config.train.loss_chunk,
+                 skip_nonfinite=config.optim.skip_nonfinite > 0)
 
 
 def _loss_sums(trainer: Trainer, params, batch):
