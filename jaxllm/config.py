@@ -107,7 +107,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.sample_prompts = ('ROMEO:', 'To be, or not')  # prompts sampled at each eval (TensorBoard text)
   t.sample_tokens = 48  # tokens generated per prompt at each eval; 0 = no samples
   t.sample_temperature = 0.8  # sampling temperature of the eval samples; 0 = greedy
-  t.xla_gpu_flags = True  # add jaxllm's XLA GPU flags (see train.GPU_XLA_FLAGS) to XLA_FLAGS
+  t.xla_gpu_flags = True  # add jaxllm's XLA GPU flags (see runtime.GPU_XLA_FLAGS) to XLA_FLAGS
+  t.cpu_reuse_memory = True  # CPU backend: keep freed host memory for the next step (runtime.py)
 
   c.optim = o = ml_collections.ConfigDict()
   o.peak_lr = 3e-3  # learning rate after warmup

@@ -35,39 +35,13 @@ from jaxllm import loss as loss_lib
 from jaxllm import metrics as metrics_lib
 from jaxllm import model as model_lib
 from jaxllm import optim
+from jaxllm import runtime
 from jaxllm import sample as sample_lib
 from jaxllm import sharding
 
 
 # What the data pipeline yields per step: int32 [batch, seq_len] arrays.
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions')
-
-
-# Overlap of compute with communication on GPU: the latency-hiding scheduler orders collectives
-# early, and FSDP's per-layer all-gathers / reduce-scatters inside the layer scan are pipelined
-# (double-buffered) so layer i+1's weights arrive while layer i computes. The combine thresholds
-# merge small collectives into fewer large ones. All are XLA DebugOptions, parsed (and ignored)
-# on CPU and TPU too. A flag the user already set in XLA_FLAGS is left as they set it.
-GPU_XLA_FLAGS = (
-    '--xla_gpu_enable_latency_hiding_scheduler=true',
-    '--xla_gpu_enable_while_loop_double_buffering=true',
-    '--xla_gpu_enable_pipelined_all_gather=true',
-    '--xla_gpu_enable_pipelined_reduce_scatter=true',
-    '--xla_gpu_enable_pipelined_all_reduce=true',
-    '--xla_gpu_all_gather_combine_threshold_bytes=134217728',
-    '--xla_gpu_reduce_scatter_combine_threshold_bytes=134217728',
-    '--xla_gpu_all_reduce_combine_threshold_bytes=134217728',
-)
-
-
-def set_xla_flags(enabled: bool) -> str:
-  """Adds GPU_XLA_FLAGS to $XLA_FLAGS; takes effect only before JAX starts its backends."""
-  current = os.environ.get('XLA_FLAGS', '')
-  if enabled:
-    present = {f.split('=')[0] for f in current.split()}
-    extra = [f for f in GPU_XLA_FLAGS if f.split('=')[0] not in present]
-    os.environ['XLA_FLAGS'] = ' '.join([current, *extra]).strip()
-  return os.environ.get('XLA_FLAGS', '')
 
 
 def model_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
@@ -398,8 +372,10 @@ class PreemptionWatch:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last train
   and eval metrics, the final state, and `preempted_at` (a step) if a signal stopped it."""
-  set_xla_flags(config.train.xla_gpu_flags)
-  d = config.distributed  # before anything starts JAX's backends
+  if runtime.prepare(xla_gpu_flags=config.train.xla_gpu_flags,  # before JAX starts its backends
+                     cpu_reuse_memory=config.train.cpu_reuse_memory):
+    logging.info('CPU backend: freed host memory is kept for reuse (train.cpu_reuse_memory)')
+  d = config.distributed
   sharding.initialize_distributed(initialize=d.initialize, coordinator_address=d.coordinator_address,
                                   num_processes=d.num_processes, process_id=d.process_id)
   os.makedirs(workdir, exist_ok=True)

@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxllm import metrics, model, sharding, train
+from jaxllm import metrics, model, runtime, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps.')
@@ -44,7 +44,8 @@ def synthetic_batches(trainer, n: int, batch: int, seq: int, vocab: int) -> list
 
 
 def run(config, steps: int, warmup: int) -> dict:
-  train.set_xla_flags(config.train.xla_gpu_flags)
+  reuse = runtime.prepare(xla_gpu_flags=config.train.xla_gpu_flags,
+                          cpu_reuse_memory=config.train.cpu_reuse_memory)
   trainer = train.setup(config)
   batch, seq = config.train.global_batch_size, config.data.seq_len
   start = time.perf_counter()
@@ -71,7 +72,7 @@ def run(config, steps: int, warmup: int) -> dict:
       'config': config.name, 'params': trainer.model_cfg.num_params(),
       'n_layers': config.model.n_layers, 'seq_len': seq, 'global_batch': batch,
       'dtype': config.model.dtype, 'remat': config.model.remat,
-      'loss_chunk': config.train.loss_chunk,
+      'loss_chunk': config.train.loss_chunk, 'cpu_reuse_memory': reuse,
       'attention': model.attention_implementation(trainer.model_cfg),
       'mesh': dict(trainer.mesh.shape), 'devices': n_dev, 'device_kind': kind,
       'jax': jax.__version__,

@@ -1,0 +1,65 @@
+"""Process set-up before JAX starts: the GPU XLA flags and host memory reuse on CPU."""
+
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from jaxllm import runtime
+
+# Runs a jitted function whose temporaries (4096 x 4096 float32, 64 MiB each) are far above
+# glibc's mmap threshold, and prints the median minor page faults per call (the median: with
+# reuse, a call still faults now and then while the heap grows to its high-water mark).
+_PAGE_FAULTS = r'''
+import resource, statistics, sys
+from jaxllm import runtime
+print(runtime.reuse_host_memory(sys.argv[1] == 'on'))
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: jnp.tanh(x.T @ jnp.exp(x @ x.T)).sum() + jnp.exp(x @ x.T).max(1).sum())
+x = jnp.ones((4096, 256), jnp.float32) / 256
+faults = []
+for _ in range(20):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  f(x).block_until_ready()
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(int(statistics.median(faults[2:])))
+'''
+
+
+def _faults_per_call(mode: str) -> tuple[str, int]:
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  out = subprocess.run([sys.executable, '-c', _PAGE_FAULTS, mode], env=env, check=True,
+                       capture_output=True, text=True, timeout=120).stdout.split()
+  return out[0], int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc tuning is Linux-only')
+def test_reuse_host_memory_stops_the_per_call_page_faults():
+  applied, faults_on = _faults_per_call('on')
+  not_applied, faults_off = _faults_per_call('off')
+  assert (applied, not_applied) == ('True', 'False')
+  # Without reuse each call faults its temporaries in afresh (16k pages of 4 KiB per 64 MiB).
+  assert faults_off > 8_000, faults_off
+  assert faults_on < 1_000, faults_on
+
+
+def test_backend_will_be_cpu_reads_jax_platforms(monkeypatch):
+  fake_jax = lambda platforms: types.SimpleNamespace(config=types.SimpleNamespace(
+      jax_platforms=platforms))
+  monkeypatch.setattr(runtime, 'jax', fake_jax('cpu'))
+  assert runtime.backend_will_be_cpu()
+  monkeypatch.setattr(runtime, 'jax', fake_jax('cuda,cpu'))
+  assert not runtime.backend_will_be_cpu()
+  assert not runtime.reuse_host_memory(True)  # never on a GPU run
+
+
+def test_set_xla_flags_keeps_what_the_user_set(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_gpu_enable_latency_hiding_scheduler=false --foo=1')
+  flags = runtime.set_xla_flags(True).split()
+  assert '--xla_gpu_enable_latency_hiding_scheduler=false' in flags
+  assert '--xla_gpu_enable_latency_hiding_scheduler=true' not in flags
+  assert set(runtime.GPU_XLA_FLAGS[1:]) <= set(flags) and '--foo=1' in flags
+  monkeypatch.setenv('XLA_FLAGS', '--foo=1')
+  assert runtime.set_xla_flags(False) == '--foo=1'
