@@ -28,7 +28,7 @@ GPU_XLA_FLAGS = (
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_KEEP_FREED_BYTES = 2**31 - 1  # the largest value mallopt takes
+_NEVER = -1  # as M_TRIM_THRESHOLD: never give the heap's free top back to the system (mallopt(3))
 
 
 def set_xla_flags(enabled: bool) -> str:
@@ -72,7 +72,7 @@ def reuse_host_memory(enabled: bool) -> bool:
   except (OSError, AttributeError):
     return False
   return all(libc.mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES)))
+      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER)))
 
 
 def prepare(*, xla_gpu_flags: bool, cpu_reuse_memory: bool) -> bool:

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from absl import logging
-import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
 
 DOC_CHARS = 2048
@@ -153,6 +152,9 @@ def _jsonl_documents(path: Path, field: str, bad: BadRecords) -> Iterator[str]:
 
 
 def _parquet_documents(path: Path, field: str, bad: BadRecords) -> Iterator[str]:
+  # Imported here: pyarrow starts a thread (and with it a malloc arena) on import, which would
+  # keep runtime.reuse_host_memory from covering XLA's threads.
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   f = pq.ParquetFile(path)
   if field not in f.schema_arrow.names:
     raise ValueError(f'{path}: no column {field!r} (has: {", ".join(f.schema_arrow.names)}); set '

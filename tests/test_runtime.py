@@ -11,10 +11,12 @@ from jaxllm import runtime
 
 # Runs a jitted function whose temporaries (4096 x 4096 float32, 64 MiB each) are far above
 # glibc's mmap threshold, and prints the median minor page faults per call (the median: with
-# reuse, a call still faults now and then while the heap grows to its high-water mark).
+# reuse, a call still faults now and then while the heap grows to its high-water mark). A library
+# that starts a thread on import (pyarrow does) gives that thread a malloc arena of its own, which
+# XLA's threads may then share and so bypass the reuse: importing jaxllm must start none.
 _PAGE_FAULTS = r'''
 import resource, statistics, sys
-from jaxllm import runtime
+from jaxllm import runtime, train  # as jaxllm.main does: every jaxllm import first
 print(runtime.reuse_host_memory(sys.argv[1] == 'on'))
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.tanh(x.T @ jnp.exp(x @ x.T)).sum() + jnp.exp(x @ x.T).max(1).sum())

@@ -5,12 +5,15 @@
 
 Compile and warm-up steps are not timed. Prints one JSON line: tokens/s (total and per device),
 step time median/min/max, compile time, MFU with the formula and the peak FLOP/s it assumed, and
-peak device memory where the backend reports it. `--peer_line` also prints
+peak device memory where the backend reports it, and the host's page faults per step and peak
+resident memory. `--peer_line` also prints
 `tokens_per_s=... step_ms=... compile_s=...`, the line ../shared/bench/ prints for MaxText and HF.
 """
 
 import json
+import resource
 import statistics
+import sys
 import time
 
 import jax
@@ -55,11 +58,14 @@ def run(config, steps: int, warmup: int) -> dict:
   batches = synthetic_batches(trainer, 4, batch, seq, config.model.vocab_size)
   times = []
   for i in range(warmup + steps):
+    if i == warmup:
+      faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     state, step_metrics = compiled(state, batches[i % len(batches)])
     loss = float(step_metrics['loss'])  # waits for the step: each step is timed alone
     if i >= warmup:
       times.append(time.perf_counter() - start)
+  usage = resource.getrusage(resource.RUSAGE_SELF)
   if not np.isfinite(loss):
     raise FloatingPointError(f'benchmark loss is {loss}')
   n_dev = jax.device_count()
@@ -82,6 +88,9 @@ def run(config, steps: int, warmup: int) -> dict:
       'flops_per_token': flops, 'peak_flops_per_device': peak,
       'mfu': metrics.mfu(tokens_per_s / n_dev, flops, peak), 'mfu_formula': MFU_FORMULA,
       'peak_memory_bytes': metrics.peak_memory_bytes(jax.devices()[0]),
+      # The host process: minor page faults per timed step, and its peak resident memory.
+      'host_page_faults_per_step': (usage.ru_minflt - faults) / steps,
+      'host_peak_rss_bytes': usage.ru_maxrss * (1 if sys.platform == 'darwin' else 1024),
   }
 
 
