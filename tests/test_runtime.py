@@ -11,9 +11,7 @@ from jaxllm import runtime
 
 # Runs a jitted function whose temporaries (4096 x 4096 float32, 64 MiB each) are far above
 # glibc's mmap threshold, and prints the median minor page faults per call (the median: with
-# reuse, a call still faults now and then while the heap grows to its high-water mark). A library
-# that starts a thread on import (pyarrow does) gives that thread a malloc arena of its own, which
-# XLA's threads may then share and so bypass the reuse: importing jaxllm must start none.
+# reuse, a call still faults now and then while the heap grows to its high-water mark).
 _PAGE_FAULTS = r'''
 import resource, statistics, sys
 from jaxllm import runtime, train  # as jaxllm.main does: every jaxllm import first
@@ -45,6 +43,30 @@ def test_reuse_host_memory_stops_the_per_call_page_faults():
   # Without reuse each call faults its temporaries in afresh (16k pages of 4 KiB per 64 MiB).
   assert faults_off > 8_000, faults_off
   assert faults_on < 1_000, faults_on
+
+
+# Counts glibc malloc arenas (malloc_info's <heap> entries) after importing every jaxllm module.
+_ARENAS_AFTER_IMPORT = r'''
+import ctypes, os, tempfile
+import jaxllm.main, jaxllm.convert.hf  # main imports train, which imports the rest
+libc = ctypes.CDLL('libc.so.6')
+libc.fdopen.restype = ctypes.c_void_p
+fd, path = tempfile.mkstemp()
+stream = ctypes.c_void_p(libc.fdopen(os.dup(fd), b'w'))
+libc.malloc_info(0, stream)
+libc.fclose(stream)
+print(open(path).read().count('<heap nr='))
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc tuning is Linux-only')
+def test_importing_jaxllm_starts_no_thread_with_a_malloc_arena():
+  # Such an arena, created before reuse_host_memory runs, would be shared by XLA's threads, whose
+  # large blocks then bypass the reuse (pyarrow's import did this).
+  out = subprocess.run([sys.executable, '-c', _ARENAS_AFTER_IMPORT], check=True, text=True,
+                       env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True,
+                       timeout=120).stdout
+  assert int(out) == 1, f'{out} malloc arenas after importing jaxllm; want only the main one'
 
 
 def test_backend_will_be_cpu_reads_jax_platforms(monkeypatch):
