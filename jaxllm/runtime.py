@@ -43,13 +43,23 @@ def set_xla_flags(enabled: bool) -> str:
 
 def backend_will_be_cpu() -> bool:
   """Whether JAX will run on its CPU backend, decided without starting it: the first of
-  JAX_PLATFORMS (or jax_platforms) when set, else whether no GPU/TPU plugin is installed."""
+  JAX_PLATFORMS (or jax_platforms) when set, else whether no GPU/TPU plugin or libtpu is there."""
   platforms = jax.config.jax_platforms
   if platforms:
     return platforms.split(',')[0].strip() == 'cpu'
+  if os.environ.get('TPU_LIBRARY_PATH') or os.environ.get('JAX_FORCE_TPU_INIT'):
+    return False
   return (importlib.util.find_spec('jax_plugins') is None
           and importlib.util.find_spec('libtpu') is None
           and not importlib.metadata.entry_points(group='jax_plugins'))
+
+
+def _backends_started() -> bool:
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):  # a private API: assume not started
+    return False
 
 
 def reuse_host_memory(enabled: bool) -> bool:
@@ -60,22 +70,26 @@ def reuse_host_memory(enabled: bool) -> bool:
   threads, where glibc serves any large block with a fresh mmap and unmaps it on free: every step
   then page-faults the whole buffer in again (270k faults, 0.7 s of kernel time per 1.7 s step).
   One arena, no mmap and no trimming make later steps reuse the same memory. The price is host
-  memory: the heap settles at its high-water mark, two to three temporary buffers once
-  fragmentation is counted (2.7-3.7 GB resident at the peer shape against a 1.9 GB peak without).
-  A thread that has allocated already keeps its own arena, which XLA's threads may then share:
-  call this before JAX starts its backends and before any library starts a thread (importing
-  jaxllm starts none; tests/test_runtime.py checks). Not used on GPU/TPU, whose temporaries live
-  on the device and whose host allocations (checkpoint copies) are better returned to the system.
+  memory: the heap settles at its high-water mark, two to four temporary buffers once
+  fragmentation is counted (2.7-3.7 GiB resident at the peer shape against a 1.8 GiB peak
+  without). A thread that has allocated already keeps its own arena, which XLA's threads may then
+  share: this does nothing (and returns False) once JAX has started its backends, and must run
+  before any library starts a thread (importing jaxllm starts none; tests/test_runtime.py checks).
+  Not used on GPU/TPU, whose temporaries live on the device and whose host allocations
+  (checkpoint copies) are better returned to the system.
   """
-  if not (enabled and sys.platform.startswith('linux') and backend_will_be_cpu()):
+  if not (enabled and sys.platform.startswith('linux') and backend_will_be_cpu()
+          and not _backends_started()):
     return False
   try:
     libc = ctypes.CDLL('libc.so.6')
-    libc.gnu_get_libc_version  # pylint: disable=pointless-statement  (not glibc: AttributeError)
-  except (OSError, AttributeError):
+  except OSError:
     return False
-  return all(libc.mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER)))
+  if not hasattr(libc, 'gnu_get_libc_version'):  # not glibc (musl has no such arenas)
+    return False
+  done = [libc.mallopt(param, value) == 1 for param, value in (
+      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER))]
+  return all(done)
 
 
 def prepare(*, xla_gpu_flags: bool, cpu_reuse_memory: bool) -> bool:

@@ -47,6 +47,8 @@ def synthetic_batches(trainer, n: int, batch: int, seq: int, vocab: int) -> list
 
 
 def run(config, steps: int, warmup: int) -> dict:
+  if steps < 1 or warmup < 0:
+    raise ValueError(f'--steps={steps} --warmup={warmup}: time at least one step (--steps>=1)')
   reuse = runtime.prepare(xla_gpu_flags=config.train.xla_gpu_flags,
                           cpu_reuse_memory=config.train.cpu_reuse_memory)
   trainer = train.setup(config)
