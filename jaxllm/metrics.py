@@ -8,6 +8,7 @@ TensorBoard events are written with the `tensorboard` package's own EventFileWri
 """
 
 from collections.abc import Callable, Mapping
+import resource
 import sys
 import time
 import types
@@ -178,6 +179,13 @@ def peak_memory_bytes(device: Any) -> int | None:
   if not stats or "peak_bytes_in_use" not in stats:
     return None
   return int(stats["peak_bytes_in_use"])
+
+
+def peak_host_rss_bytes() -> int:
+  """Peak resident memory of this process so far (getrusage's maxrss: KiB on Linux, bytes on
+  macOS)."""
+  maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return maxrss * (1 if sys.platform == 'darwin' else 1024)
 
 
 def parameter_table(params: Any) -> str:

@@ -13,7 +13,6 @@ resident memory. `--peer_line` also prints
 import json
 import resource
 import statistics
-import sys
 import time
 
 import jax
@@ -67,7 +66,7 @@ def run(config, steps: int, warmup: int) -> dict:
     loss = float(step_metrics['loss'])  # waits for the step: each step is timed alone
     if i >= warmup:
       times.append(time.perf_counter() - start)
-  usage = resource.getrusage(resource.RUSAGE_SELF)
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
   if not np.isfinite(loss):
     raise FloatingPointError(f'benchmark loss is {loss}')
   n_dev = jax.device_count()
@@ -91,8 +90,8 @@ def run(config, steps: int, warmup: int) -> dict:
       'mfu': metrics.mfu(tokens_per_s / n_dev, flops, peak), 'mfu_formula': MFU_FORMULA,
       'peak_memory_bytes': metrics.peak_memory_bytes(jax.devices()[0]),
       # The host process: minor page faults per timed step, and its peak resident memory.
-      'host_page_faults_per_step': (usage.ru_minflt - faults) / steps,
-      'host_peak_rss_bytes': usage.ru_maxrss * (1 if sys.platform == 'darwin' else 1024),
+      'host_page_faults_per_step': faults / steps,
+      'host_peak_rss_bytes': metrics.peak_host_rss_bytes(),
   }
 
 

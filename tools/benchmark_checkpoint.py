@@ -14,7 +14,6 @@ Orbax's one-time set-up and is reported apart. Prints one JSON line. Deletes `--
 
 import json
 import os
-import resource
 import shutil
 import statistics
 import time
@@ -24,7 +23,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxllm import checkpoint, train
+from jaxllm import checkpoint, metrics, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _DIR = flags.DEFINE_string('dir', None, 'Scratch directory for the checkpoints (deleted first).')
@@ -69,7 +68,7 @@ def main(argv):
       'later_saves': {'n': len(later_blocked), 'blocked_s_median': statistics.median(later_blocked),
                       'total_s_median': statistics.median(later_total),
                       'blocked_s': later_blocked, 'total_s': later_total},
-      'peak_host_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+      'peak_host_rss_gib': metrics.peak_host_rss_bytes() / 2**30,
       'jax': jax.__version__}))
   shutil.rmtree(_DIR.value, ignore_errors=True)
 

@@ -13,7 +13,6 @@ restored parameters plus one converted tensor. Prints one JSON line. Deletes `--
 import json
 import os
 import pathlib
-import resource
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from jaxllm import metrics
 from jaxllm import model as model_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -92,7 +92,7 @@ def main(argv):
       'param_gib_float32': param_bytes / gib, 'largest_tensor_gib_float32': largest / gib,
       'export_dtype': _DTYPE.value, 'safetensors_gib': written / gib,
       'export': export, 'import': import_,
-      'this_process_peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+      'this_process_peak_rss_gib': metrics.peak_host_rss_bytes() / 2**30,
       'jax': jax.__version__}))
   shutil.rmtree(root, ignore_errors=True)
 
