@@ -1,14 +1,18 @@
-"""Process set-up that only takes effect before JAX starts its backends: XLA flags for GPU, and
-host memory reuse for the CPU backend. A leaf: imports jax only.
+"""Process set-up that only takes effect before JAX starts its backends (XLA flags for GPU, host
+memory reuse for the CPU backend), and the compile options jaxllm's jitted steps pass to XLA:CPU.
+A leaf: imports jax only.
 """
 
 import ctypes
+import functools
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import sys
 
 import jax
+import jax.numpy as jnp
 
 # Overlap of compute with communication on GPU: the latency-hiding scheduler orders collectives
 # early, and FSDP's per-layer all-gathers / reduce-scatters inside the layer scan are pipelined
@@ -25,6 +29,12 @@ GPU_XLA_FLAGS = (
     '--xla_gpu_reduce_scatter_combine_threshold_bytes=134217728',
     '--xla_gpu_all_reduce_combine_threshold_bytes=134217728',
 )
+
+# XLA:CPU's MLIR fusion emitters (XLA's default) spend about 1 s more than its LLVM IR emitters
+# compiling the peer-shape step, more still when host memory reuse puts XLA's compile threads on
+# one malloc arena, for steps no faster (docs/benchmarks.md). A per-compile option, not an
+# XLA_FLAGS entry: an XLA that no longer knows it rejects the compile, not the whole process.
+CPU_NO_FUSION_EMITTERS = {'xla_cpu_use_fusion_emitters': False}
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -90,6 +100,25 @@ def reuse_host_memory(enabled: bool) -> bool:
   done = [libc.mallopt(param, value) == 1 for param, value in (
       (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER))]
   return all(done)
+
+
+@functools.cache
+def cpu_compiler_options(fusion_emitters: bool) -> dict | None:
+  """`compiler_options` for jaxllm's jitted steps: None (XLA's defaults) unless the backend is the
+  CPU and `fusion_emitters` is False, then CPU_NO_FUSION_EMITTERS if this XLA accepts it (checked
+  once with a trivial compile; otherwise a warning and XLA's defaults). Starts JAX's backends."""
+  if fusion_emitters or jax.default_backend() != 'cpu':
+    return None
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CPU_NO_FUSION_EMITTERS).lower(
+        jnp.zeros((), jnp.float32)).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if 'compile option' not in str(e):
+      raise
+    logging.warning('This XLA has no %s: its CPU fusion emitters stay on (train.cpu_fusion_emitters)',
+                    next(iter(CPU_NO_FUSION_EMITTERS)))
+    return None
+  return dict(CPU_NO_FUSION_EMITTERS)
 
 
 def prepare(*, xla_gpu_flags: bool, cpu_reuse_memory: bool) -> bool:

@@ -65,6 +65,7 @@ class Trainer:
   seed: int
   loss_chunk: int = 0  # see loss.head_nll_sum; 0 = logits then nll_sum
   skip_nonfinite: bool = False  # keep the old params and optimizer state when a step is not finite
+  compiler_options: dict | None = None  # XLA options for the train and eval steps (runtime.py)
 
   def init_state(self) -> dict:
     """Random init, each device computing only its own shards."""
@@ -81,14 +82,16 @@ class Trainer:
     """(state, batch) -> (state, metrics); compiled once, state donated."""
     return jax.jit(functools.partial(_train_step, self), donate_argnums=(0,),
                    in_shardings=(self.state_shardings, self.batch_sharding),
-                   out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())))
+                   out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())),
+                   compiler_options=self.compiler_options)
 
   @functools.cached_property
   def eval_step(self):
     """(params, batch) -> {'loss_sum', 'tokens'}."""
     return jax.jit(functools.partial(_eval_step, self),
                    in_shardings=(self.state_shardings['params'], self.batch_sharding),
-                   out_shardings=NamedSharding(self.mesh, P()))
+                   out_shardings=NamedSharding(self.mesh, P()),
+                   compiler_options=self.compiler_options)
 
   def abstract_batch(self, batch_size: int, seq_len: int, keys=BATCH_KEYS) -> dict:
     sds = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=self.batch_sharding)
@@ -135,7 +138,8 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
                  batch_sharding=sharding.batch_sharding(mesh, rules),
                  microbatches=config.train.microbatches, seed=config.seed,
                  loss_chunk=config.train.loss_chunk,
-                 skip_nonfinite=config.optim.skip_nonfinite > 0)
+                 skip_nonfinite=config.optim.skip_nonfinite > 0,
+                 compiler_options=runtime.cpu_compiler_options(config.train.cpu_fusion_emitters))
 
 
 def _loss_sums(trainer: Trainer, params, batch):

@@ -134,3 +134,14 @@ def test_set_xla_flags_keeps_what_the_user_set(monkeypatch):
   assert set(runtime.GPU_XLA_FLAGS[1:]) <= set(flags) and '--foo=1' in flags
   monkeypatch.setenv('XLA_FLAGS', '--foo=1')
   assert runtime.set_xla_flags(False) == '--foo=1'
+
+
+def test_cpu_compiler_options_turn_the_fusion_emitters_off_only_when_asked():
+  assert runtime.cpu_compiler_options(False) == runtime.CPU_NO_FUSION_EMITTERS  # CPU backend here
+  assert runtime.cpu_compiler_options(True) is None
+
+
+def test_cpu_compiler_options_fall_back_when_xla_lacks_the_option(monkeypatch, caplog):
+  monkeypatch.setattr(runtime, 'CPU_NO_FUSION_EMITTERS', {'xla_cpu_no_such_option_here': False})
+  assert runtime.cpu_compiler_options.__wrapped__(False) is None
+  assert 'xla_cpu_no_such_option_here' in caplog.text

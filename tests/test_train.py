@@ -1,5 +1,7 @@
 """The train step: same losses on every mesh shape, micro-batching, NaN guard."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,3 +154,17 @@ def test_fused_head_loss_matches_logits_then_loss(chunk):
   for g, w in zip(bf16, want_grads):
     assert g.dtype == jnp.bfloat16
     assert np.linalg.norm(np.float32(g) - w / 3) <= 2e-2 * np.linalg.norm(w / 3)
+
+
+def test_train_and_eval_steps_pass_the_trainers_compiler_options_to_xla():
+  config = small_config()
+  trainer = train.make_trainer(config, sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1},
+                                                        jax.devices()[:1]))
+  assert trainer.compiler_options == {'xla_cpu_use_fusion_emitters': False}  # the CPU default
+  bogus = dataclasses.replace(trainer, compiler_options={'xla_cpu_no_such_option_here': False})
+  batch = bogus.abstract_batch(BATCH, SEQ)
+  with sharding.activate(bogus.mesh, bogus.rules):
+    for step, args in ((bogus.train_step, (bogus.abstract_state, batch)),
+                       (bogus.eval_step, (bogus.abstract_state['params'], batch))):
+      with pytest.raises(jax.errors.JaxRuntimeError, match='xla_cpu_no_such_option_here'):
+        step.lower(*args).compile()

@@ -80,6 +80,7 @@ def run(config, steps: int, warmup: int) -> dict:
       'n_layers': config.model.n_layers, 'seq_len': seq, 'global_batch': batch,
       'dtype': config.model.dtype, 'remat': config.model.remat,
       'loss_chunk': config.train.loss_chunk, 'cpu_reuse_memory': reuse,
+      'compiler_options': trainer.compiler_options,
       'attention': model.attention_implementation(trainer.model_cfg),
       'mesh': dict(trainer.mesh.shape), 'devices': n_dev, 'device_kind': kind,
       'jax': jax.__version__,
