@@ -102,7 +102,7 @@ def main(argv):
   print(json.dumps(result), flush=True)
   if _PEER_LINE.value:
     print(f"tokens_per_s={result['tokens_per_s']:.1f} step_ms={result['step_s']['median'] * 1e3:.1f}"
-          f" compile_s={result['compile_s']:.1f}", flush=True)
+          f" compile_s={result['compile_s']:.2f}", flush=True)
 
 
 if __name__ == '__main__':
