@@ -109,7 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.sample_temperature = 0.8  # sampling temperature of the eval samples; 0 = greedy
   t.xla_gpu_flags = True  # add jaxllm's XLA GPU flags (see runtime.GPU_XLA_FLAGS) to XLA_FLAGS
   t.cpu_reuse_memory = True  # CPU backend: keep freed host memory for the next step (runtime.py)
-  t.cpu_fusion_emitters = False  # CPU backend: XLA's MLIR fusion emitters (slower compile; runtime.py)
+  t.cpu_fusion_emitters = False  # CPU: XLA's MLIR fusion emitters (slower compile; runtime.py)
 
   c.optim = o = ml_collections.ConfigDict()
   o.peak_lr = 3e-3  # learning rate after warmup

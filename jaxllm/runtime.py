@@ -1,18 +1,18 @@
 """Process set-up that only takes effect before JAX starts its backends (XLA flags for GPU, host
 memory reuse for the CPU backend), and the compile options jaxllm's jitted steps pass to XLA:CPU.
-A leaf: imports jax only.
+A leaf: imports jax (and absl logging) only.
 """
 
 import ctypes
 import functools
 import importlib.metadata
 import importlib.util
-import logging
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 # Overlap of compute with communication on GPU: the latency-hiding scheduler orders collectives
 # early, and FSDP's per-layer all-gathers / reduce-scatters inside the layer scan are pipelined
@@ -102,23 +102,27 @@ def reuse_host_memory(enabled: bool) -> bool:
   return all(done)
 
 
-@functools.cache
-def cpu_compiler_options(fusion_emitters: bool) -> dict | None:
-  """`compiler_options` for jaxllm's jitted steps: None (XLA's defaults) unless the backend is the
-  CPU and `fusion_emitters` is False, then CPU_NO_FUSION_EMITTERS if this XLA accepts it (checked
-  once with a trivial compile; otherwise a warning and XLA's defaults). Starts JAX's backends."""
-  if fusion_emitters or jax.default_backend() != 'cpu':
+def cpu_compiler_options(*, fusion_emitters: bool, platform: str) -> dict | None:
+  """`compiler_options` for jaxllm's jitted steps on devices of `platform`: None (XLA's defaults)
+  unless that is the CPU and `fusion_emitters` is False, then CPU_NO_FUSION_EMITTERS if this XLA
+  accepts it (checked once with a trivial compile; if not, a warning and XLA's defaults)."""
+  if fusion_emitters or platform != 'cpu':
     return None
+  return dict(CPU_NO_FUSION_EMITTERS) if _xla_cpu_accepts(**CPU_NO_FUSION_EMITTERS) else None
+
+
+@functools.cache
+def _xla_cpu_accepts(**options) -> bool:
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
   try:
-    jax.jit(lambda x: x + 1, compiler_options=CPU_NO_FUSION_EMITTERS).lower(
-        jnp.zeros((), jnp.float32)).compile()
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(
+        jax.ShapeDtypeStruct((), jnp.float32, sharding=cpu)).compile()
   except jax.errors.JaxRuntimeError as e:
     if 'compile option' not in str(e):
       raise
-    logging.warning('This XLA has no %s: its CPU fusion emitters stay on (train.cpu_fusion_emitters)',
-                    next(iter(CPU_NO_FUSION_EMITTERS)))
-    return None
-  return dict(CPU_NO_FUSION_EMITTERS)
+    logging.warning('XLA rejected %s (%s): XLA:CPU keeps its defaults', options, e)
+    return False
+  return True
 
 
 def prepare(*, xla_gpu_flags: bool, cpu_reuse_memory: bool) -> bool:

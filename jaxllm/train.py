@@ -65,7 +65,7 @@ class Trainer:
   seed: int
   loss_chunk: int = 0  # see loss.head_nll_sum; 0 = logits then nll_sum
   skip_nonfinite: bool = False  # keep the old params and optimizer state when a step is not finite
-  compiler_options: dict | None = None  # XLA options for the train and eval steps (runtime.py)
+  compiler_options: dict | None = None  # XLA options for init, train and eval steps (runtime.py)
 
   def init_state(self) -> dict:
     """Random init, each device computing only its own shards."""
@@ -75,7 +75,8 @@ class Trainer:
       return {'step': jnp.zeros((), jnp.int32), 'params': params,
               'opt_state': self.tx.init(params)}
     with sharding.activate(self.mesh, self.rules):
-      return jax.jit(init, out_shardings=self.state_shardings)()
+      return jax.jit(init, out_shardings=self.state_shardings,
+                     compiler_options=self.compiler_options)()
 
   @functools.cached_property
   def train_step(self):
@@ -139,7 +140,9 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
                  microbatches=config.train.microbatches, seed=config.seed,
                  loss_chunk=config.train.loss_chunk,
                  skip_nonfinite=config.optim.skip_nonfinite > 0,
-                 compiler_options=runtime.cpu_compiler_options(config.train.cpu_fusion_emitters))
+                 compiler_options=runtime.cpu_compiler_options(
+                     fusion_emitters=config.train.cpu_fusion_emitters,
+                     platform=mesh.devices.flat[0].platform))
 
 
 def _loss_sums(trainer: Trainer, params, batch):

@@ -137,11 +137,16 @@ def test_set_xla_flags_keeps_what_the_user_set(monkeypatch):
 
 
 def test_cpu_compiler_options_turn_the_fusion_emitters_off_only_when_asked():
-  assert runtime.cpu_compiler_options(False) == runtime.CPU_NO_FUSION_EMITTERS  # CPU backend here
-  assert runtime.cpu_compiler_options(True) is None
+  options = runtime.cpu_compiler_options(fusion_emitters=False, platform='cpu')
+  assert options == runtime.CPU_NO_FUSION_EMITTERS == {'xla_cpu_use_fusion_emitters': False}
+  options['xla_cpu_use_fusion_emitters'] = True  # each caller gets its own dict
+  assert runtime.CPU_NO_FUSION_EMITTERS == {'xla_cpu_use_fusion_emitters': False}
+  assert runtime.cpu_compiler_options(fusion_emitters=True, platform='cpu') is None
+  assert runtime.cpu_compiler_options(fusion_emitters=False, platform='gpu') is None
 
 
 def test_cpu_compiler_options_fall_back_when_xla_lacks_the_option(monkeypatch, caplog):
   monkeypatch.setattr(runtime, 'CPU_NO_FUSION_EMITTERS', {'xla_cpu_no_such_option_here': False})
-  assert runtime.cpu_compiler_options.__wrapped__(False) is None
+  with caplog.at_level('WARNING'):
+    assert runtime.cpu_compiler_options(fusion_emitters=False, platform='cpu') is None
   assert 'xla_cpu_no_such_option_here' in caplog.text

@@ -30,10 +30,11 @@ def test_benchmark_prints_every_field_and_the_peer_line():
             'loss_chunk', 'attention', 'mesh', 'devices', 'device_kind', 'jax', 'tokens_per_s',
             'tokens_per_s_per_device', 'step_s', 'compile_s', 'steps_timed', 'final_loss',
             'flops_per_token', 'peak_flops_per_device', 'mfu', 'mfu_formula',
-            'peak_memory_bytes', 'cpu_reuse_memory', 'compiler_options', 'host_page_faults_per_step',
-            'host_peak_rss_bytes'}
+            'peak_memory_bytes', 'cpu_reuse_memory', 'compiler_options',
+            'host_page_faults_per_step', 'host_peak_rss_bytes'}
   assert fields <= set(out), fields - set(out)
   assert out['cpu_reuse_memory'] is sys.platform.startswith('linux')  # JAX_PLATFORMS=cpu
+  assert out['compiler_options'] == {'xla_cpu_use_fusion_emitters': False}
   assert out['host_page_faults_per_step'] >= 0 and out['host_peak_rss_bytes'] > 2**27
   assert out['devices'] == 1 and out['steps_timed'] == 3
   step = out['step_s']
