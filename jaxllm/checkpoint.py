@@ -199,18 +199,30 @@ class Checkpointer:
     self._manager.close()
 
 
-def open_for_init(path: str, step: int = -1) -> tuple[Checkpointer, int]:
-  """A read-only Checkpointer on another run's checkpoint directory and the step to read."""
+def open_read_only(path: str, step: int = -1, *, what: str, step_flag: str,
+                   ) -> tuple[Checkpointer, int]:
+  """A read-only Checkpointer on a checkpoint directory and the step to read (-1: the latest).
+  Errors name `what` (the flag or key that gave `path`) and `step_flag` (the one that gave `step`)."""
   if not os.path.isdir(path):
-    raise CheckpointError(f'checkpoint.init_from={path!r} is not a directory')
+    raise CheckpointError(f'{what}: checkpoint directory {path} does not exist (no checkpoint was '
+                          'saved there yet)')
   ckpt = Checkpointer(path, read_only=True, async_save=False)
   steps = ckpt.all_steps()
   if not steps:
-    raise CheckpointError(f'checkpoint.init_from={path!r} holds no complete checkpoint (expected '
-                          'numbered step directories, as written under <workdir>/checkpoints)')
+    ckpt.close()
+    raise CheckpointError(f'{what}: {path} holds no complete checkpoint (expected numbered step '
+                          'directories, as jaxllm writes under <workdir>/checkpoints)')
   if step < 0:
     step = steps[-1]
   elif step not in steps:
-    raise CheckpointError(f'checkpoint.init_from_step={step} is not in {path!r}; it has {steps}')
+    ckpt.close()
+    raise CheckpointError(f'{step_flag}={step} is not a checkpoint of {what}: it has steps {steps}')
+  return ckpt, step
+
+
+def open_for_init(path: str, step: int = -1) -> tuple[Checkpointer, int]:
+  """`checkpoint.init_from`'s checkpoint and step."""
+  ckpt, step = open_read_only(path, step, what=f'checkpoint.init_from={path!r}',
+                              step_flag='checkpoint.init_from_step')
   logging.info('initialising parameters from %s', ckpt.step_dir(step))
   return ckpt, step

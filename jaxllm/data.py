@@ -32,7 +32,6 @@ import contextlib
 import fcntl
 import functools
 import hashlib
-import io
 import json
 import math
 import os
@@ -44,12 +43,10 @@ from absl import flags, logging
 from array_record.python import array_record_module
 import grain
 import numpy as np
-import sentencepiece as spm
 
+from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.sources import (MAX_DOC_CHARS, Documents, Sources, default_source_dir, open_sources,
                             parse_sources)
-# Not used here: kept reachable as jaxllm.data.* for callers that read the corpus through it (test_hf).
-from jaxllm.sources import list_text_files, read_text, split_documents  # noqa: F401
 
 _TOKENIZER_DOCS = 5000  # about 10 MB of text: keeps tokenizer training to seconds
 _ENCODE_BATCH = 32  # documents per sp.encode call: amortises the call, keeps memory small
@@ -71,66 +68,10 @@ def _file_lock(path: Path) -> Iterator[None]:
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-class Tokenizer:
-  """A sentencepiece model; encode() adds no bos/eos, encode_docs() does."""
-
-  def __init__(self, path: str):
-    self.path = str(path)
-    self.sp = spm.SentencePieceProcessor(model_file=self.path)
-    self.vocab_size, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
-
-  def encode(self, text: str) -> list[int]:
-    return self.sp.encode(text)
-
-  def encode_docs(self, texts: list[str]) -> list[np.ndarray]:
-    """bos + ids + eos of each text as int32, from one batched sp.encode call."""
-    out = []
-    for ids in self.sp.encode(texts):
-      doc = np.empty(len(ids) + 2, np.int32)
-      doc[0], doc[1:-1], doc[-1] = self.bos_id, ids, self.eos_id
-      out.append(doc)
-    return out
-
-  def decode(self, ids: Iterable[int]) -> str:
-    return self.sp.decode([int(i) for i in ids])
-
-  def fingerprint(self) -> str:
-    return hashlib.sha256(self.sp.serialized_model_proto()).hexdigest()[:16]
-
-  def token_bytes(self) -> np.ndarray:
-    """UTF-8 bytes each id stands for ([vocab] int32; 0 for control ids), for bits per byte."""
-    out = np.zeros(self.vocab_size, np.int32)
-    for i in range(self.vocab_size):
-      if self.sp.is_byte(i):
-        out[i] = 1
-      elif not (self.sp.is_control(i) or self.sp.is_unknown(i)):
-        out[i] = len(self.sp.id_to_piece(i).replace('\u2581', ' ').encode('utf-8'))
-    return out
-
-
-def train_tokenizer(path: str, texts: list[str], vocab_size: int, *, model_type: str = 'bpe',
-                    byte_fallback: bool = True, user_defined_symbols: Sequence[str] = (),
-                    normalization: str = 'identity') -> None:
-  """sentencepiece on `texts` (one document per sentence), written atomically to `path`.
-
-  `normalization='identity'` (with no whitespace folding) is the only lossless choice; others are
-  sentencepiece rule names such as 'nmt_nfkc'.
-  """
-  model = io.BytesIO()
-  try:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, model_type=model_type, vocab_size=vocab_size,
-        character_coverage=1.0, byte_fallback=byte_fallback, split_digits=True, unk_id=0, bos_id=1,
-        eos_id=2, pad_id=-1, user_defined_symbols=list(user_defined_symbols),
-        normalization_rule_name=normalization, remove_extra_whitespaces=normalization != 'identity',
-        input_sentence_size=_TOKENIZER_DOCS, max_sentence_length=4 * MAX_DOC_CHARS,
-        num_threads=os.cpu_count() or 1, minloglevel=2)
-  except RuntimeError as e:
-    raise ValueError(f'vocab_size={vocab_size} does not suit this corpus: {str(e).strip()}') from None
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  Path(tmp).write_bytes(model.getvalue())
-  os.replace(tmp, path)
+def train_tokenizer(path: str, texts: list[str], vocab_size: int, **options) -> None:
+  """tokenizer.train_sentencepiece with this pipeline's sample and document limits."""
+  tokenizer_lib.train_sentencepiece(path, texts, vocab_size, max_sentences=_TOKENIZER_DOCS,
+                                    max_chars=4 * MAX_DOC_CHARS, **options)
 
 
 def tokenizer_sample(sources: Sources, n: int = _TOKENIZER_DOCS) -> list[str]:
@@ -142,9 +83,9 @@ def tokenizer_sample(sources: Sources, n: int = _TOKENIZER_DOCS) -> list[str]:
   return texts
 
 
-def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> float:
+def bytes_per_token(tokenizer: tokenizer_lib.Tokenizer, texts: list[str]) -> float:
   """UTF-8 bytes per token (no bos/eos) over `texts`: the tokenizer's compression."""
-  tokens = sum(len(ids) for ids in tokenizer.sp.encode(texts))
+  tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts))
   return sum(len(t.encode('utf-8')) for t in texts) / max(tokens, 1)
 
 
@@ -153,7 +94,7 @@ def _entropy(counts: np.ndarray) -> float:
   return float(-(p * np.log(p)).sum())
 
 
-def unigram_entropy(tokenizer: Tokenizer, texts: Iterable[str]) -> float:
+def unigram_entropy(tokenizer: tokenizer_lib.Tokenizer, texts: Iterable[str]) -> float:
   """Nats per target token (ids + eos) of a unigram model fit to `texts`: a loss to beat."""
   counts = np.zeros(tokenizer.vocab_size, np.int64)
   for text in texts:
@@ -176,7 +117,7 @@ class TokenCache:
     return np.frombuffer(self.records[int(i)], self.dtype).astype(np.int32)
 
 
-def build_token_cache(docs: Documents, tokenizer: Tokenizer, path: Path, block: int = 256) -> None:
+def build_token_cache(docs: Documents, tokenizer: tokenizer_lib.Tokenizer, path: Path, block: int = 256) -> None:
   """Encodes every document of `docs` once into `path` (written to a temporary dir, then renamed)."""
   dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
   tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
@@ -197,7 +138,7 @@ def build_token_cache(docs: Documents, tokenizer: Tokenizer, path: Path, block: 
   os.replace(tmp, path)
 
 
-def token_cache(docs: Documents, tokenizer: Tokenizer, cache_dir: str) -> TokenCache:
+def token_cache(docs: Documents, tokenizer: tokenizer_lib.Tokenizer, cache_dir: str) -> TokenCache:
   """The cache of `docs` under this tokenizer, built on first use."""
   key = hashlib.sha256(f'{docs.key} {tokenizer.fingerprint()}'.encode()).hexdigest()[:16]
   path = Path(cache_dir) / 'tokens' / key
@@ -231,7 +172,7 @@ def _tag(source: int, index: int) -> tuple[int, int]:
 class Pipeline:
   """Built by make_pipeline(); batches are dicts of int32 [batch_size, seq_len] numpy arrays."""
 
-  def __init__(self, *, sources: Sources, tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int,
+  def __init__(self, *, sources: Sources, tokenizer: tokenizer_lib.Tokenizer, seq_len: int, batch_size: int, seed: int,
                process_index: int, process_count: int, caches: list[TokenCache] | None = None,
                eval_cache: TokenCache | None = None, worker_count: int = 0):
     self.tokenizer, self.sources, self.eval_file_names = tokenizer, sources, sources.eval_file_names
@@ -293,7 +234,7 @@ class Pipeline:
       return {k: self.eval_cache.meta[k] for k in ('docs', 'tokens', 'bytes')}
     docs = self.sources.eval
     texts = [docs.text(i) for i in range(len(docs))]
-    tokens = sum(len(ids) + 1 for ids in self.tokenizer.sp.encode(texts))  # + eos
+    tokens = sum(len(ids) + 1 for ids in self.tokenizer.encode_batch(texts))  # + eos
     return {'docs': len(texts), 'tokens': tokens, 'bytes': sum(len(t.encode('utf-8')) for t in texts)}
 
   def train_unigram_entropy(self) -> float:
@@ -329,7 +270,7 @@ def make_pipeline(*, source_dir: str | None = None, cache_dir: str, tokenizer_pa
                          text_field=text_field, tfds_data_dir=tfds_data_dir, skip_bad_records=skip_bad_records)
     if not Path(tokenizer_path).exists():
       train_tokenizer(tokenizer_path, tokenizer_sample(found), vocab_size)
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = tokenizer_lib.open_tokenizer(tokenizer_path)
     if tokenizer.vocab_size != vocab_size:
       raise ValueError(f'{tokenizer_path} has vocab_size {tokenizer.vocab_size}, not {vocab_size}: delete '
                        'it to retrain, or set vocab_size to match')

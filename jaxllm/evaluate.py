@@ -2,8 +2,8 @@
 
     python -m jaxllm.evaluate --workdir=runs/tiny [--step=N] [--eval_batches=N]
 
-Reads <workdir>/config.json, the checkpoint and the eval split the run used (train.evaluate_run);
-bits per byte is total nats / ln 2 / UTF-8 bytes of the eval text, comparable across tokenizers.
+Reads the run's config, checkpoint, tokenizer and the eval split it used (`evaluate_run`); bits
+per byte is total nats / ln 2 / UTF-8 bytes of the eval text, comparable across tokenizers.
 """
 
 import json
@@ -11,19 +11,35 @@ import json
 from absl import app
 from absl import flags
 
+from jaxllm import rundir
+from jaxllm import sharding
 from jaxllm import train
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'the --workdir of a jaxllm.main run', required=True)
-_STEP = flags.DEFINE_integer('step', -1, 'checkpoint step to evaluate; -1 = the latest')
-_EVAL_BATCHES = flags.DEFINE_integer('eval_batches', 0, 'eval batches to read; 0 = the whole split')
+
+def evaluate_run(workdir: str, *, step: int = -1, max_batches: int | None = None) -> dict:
+  """Held-out loss, perplexity and bits per byte of a run's checkpoint (`step` -1: the latest)
+  on its eval split (`max_batches` None: all of it)."""
+  run = rundir.RunDir(workdir)
+  config = run.load_config()
+  run.tokenizer(config)  # a missing tokenizer is an error here: the pipeline would train one
+  trainer = train.setup(config)
+  params, step = run.restore_params(config, trainer.abstract_state['params'], step)
+  pipeline = train.make_pipeline(config, workdir, sharding.process_batch_size(
+      trainer.batch_sharding, config.train.global_batch_size, config.data.seq_len))
+  out = train.evaluate(trainer, params, pipeline.eval_batches(max_batches=max_batches),
+                       count_bytes=pipeline.tokenizer.text_bytes_counter())
+  return {'step': step, **out}
 
 
 def main(argv):
   del argv
-  out = train.evaluate_run(_WORKDIR.value, step=_STEP.value,
-                           max_batches=_EVAL_BATCHES.value or None)
+  f = flags.FLAGS
+  out = evaluate_run(f.workdir, step=f.step, max_batches=f.eval_batches or None)
   print(json.dumps(out))
 
 
 if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, 'the --workdir of a jaxllm.main run', required=True)
+  flags.DEFINE_integer('step', -1, 'checkpoint step to evaluate; -1 = the latest')
+  flags.DEFINE_integer('eval_batches', 0, 'eval batches to read; 0 = the whole split')
   app.run(main)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +79,16 @@ class ModelConfig:
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f'model.n_heads={self.n_heads} is not a multiple of '
                        f'model.n_kv_heads={self.n_kv_heads}')
+
+  @classmethod
+  def from_section(cls, model: Mapping[str, Any]) -> ModelConfig:
+    """From a config's `model` section (a ConfigDict or dict). Keys a section lacks (a run saved
+    before they were added) take the defaults above; a key that is not a field is an error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(dict(model)) - names)
+    if unknown:
+      raise ValueError(f'model.{unknown[0]} is not a model setting; known: {sorted(names)}')
+    return cls(**dict(model))
 
   def num_params(self) -> int:
     """Exact parameter count (embeddings and head included)."""

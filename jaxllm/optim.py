@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import jax
 import optax
+from jax.sharding import PartitionSpec as P
 
 
 def learning_rate_schedule(*, peak_lr: float, warmup_steps: int, decay_steps: int,
@@ -13,6 +15,14 @@ def learning_rate_schedule(*, peak_lr: float, warmup_steps: int, decay_steps: in
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
       decay_steps=warmup_steps + decay_steps, end_value=peak_lr * final_lr_fraction)
+
+
+def weight_decay_mask(logical_specs):
+  """Weight decay on weight matrices only: leaves with two or more dims besides `layers`, one of
+  them the model width (`embed`). Norm scales, biases and q/k norms are not decayed. Takes the
+  parameters' logical PartitionSpecs; returns a tree of bools."""
+  return jax.tree.map(lambda s: len([n for n in s if n != 'layers']) > 1 and 'embed' in s,
+                      logical_specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def make_optimizer(*, schedule: optax.Schedule, b1: float, b2: float, eps: float,

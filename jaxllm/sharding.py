@@ -95,6 +95,12 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   return NamedSharding(mesh, logical_to_mesh(P('batch', 'length'), rules))
 
 
+def batch_ways(mesh: Mesh, rules: Rules) -> int:
+  """Devices the batch dim is split over (data x fsdp with the default rules)."""
+  axes = logical_to_mesh(P('batch'), rules)[0] or ()
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
   """This process's rows -> one global jax.Array per key (multi-host safe)."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

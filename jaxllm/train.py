@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ from jaxllm import loss as loss_lib
 from jaxllm import metrics as metrics_lib
 from jaxllm import model as model_lib
 from jaxllm import optim
+from jaxllm import rundir
 from jaxllm import runtime
 from jaxllm import sample as sample_lib
 from jaxllm import sharding
@@ -42,10 +43,6 @@ from jaxllm import sharding
 
 # What the data pipeline yields per step: int32 [batch, seq_len] arrays.
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions')
-
-
-def model_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
-  return model_lib.ModelConfig(**config.model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +105,7 @@ class Trainer:
 
 def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
   """Abstract model and optimizer state, and their shardings on `mesh`."""
-  model_cfg = model_config(config)
+  model_cfg = model_lib.ModelConfig.from_section(config.model)
   rules = tuple(tuple(r) for r in config.sharding.rules)
   graphdef, abs_params = nnx.split(
       nnx.eval_shape(lambda: model_lib.Llama(model_cfg, rngs=nnx.Rngs(0))))
@@ -119,12 +116,9 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
       peak_lr=o.peak_lr, warmup_steps=o.warmup_steps,
       decay_steps=(o.decay_steps or config.train.num_steps - o.warmup_steps),
       final_lr_fraction=o.final_lr_fraction)
-  # Weight decay on weight matrices only: they have two or more dims besides `layers` and one
-  # of them is the model width. Norm scales, biases and q/k norms are not decayed.
-  decay = jax.tree.map(lambda s: len([n for n in s if n != 'layers']) > 1 and 'embed' in s,
-                       param_specs, is_leaf=lambda x: isinstance(x, P))
   tx = optim.make_optimizer(schedule=schedule, b1=o.b1, b2=o.b2, eps=o.eps,
-                            weight_decay=o.weight_decay, clip_norm=o.clip_norm, decay_mask=decay)
+                            weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+                            decay_mask=optim.weight_decay_mask(param_specs))
   abs_opt = jax.eval_shape(tx.init, abs_params)
   opt_specs = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_specs,
                                     transform_non_params=lambda _: P(),
@@ -223,43 +217,6 @@ def evaluate(trainer: Trainer, params, batches: Iterator[Mapping[str, np.ndarray
   return out
 
 
-def text_bytes_counter(tokenizer: data_lib.Tokenizer) -> Callable[[Mapping[str, np.ndarray]], int]:
-  """batch -> UTF-8 bytes of the text its real targets stand for (Tokenizer.token_bytes; EOS is
-  0), less the space sentencepiece prefixes to every document (its dummy prefix, which decoding
-  drops): one byte at each document's first target, the one after BOS."""
-  table = tokenizer.token_bytes()
-  dummy = int(tokenizer.sp.encode_as_pieces('a')[0].startswith('\u2581'))
-
-  def count(batch):
-    real = batch['segment_ids'] > 0
-    target_bytes = table[batch['targets']]
-    starts = real & (batch['inputs'] == tokenizer.bos_id) & (target_bytes > 0)
-    return int(target_bytes[real].sum()) - dummy * int(starts.sum())
-  return count
-
-
-def _batch_ways(trainer: Trainer) -> int:
-  """Devices the batch dim is split over (data x fsdp with the default rules)."""
-  axes = trainer.batch_sharding.spec[0] or ()
-  return math.prod(trainer.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-
-
-def sample_texts(trainer: Trainer, params, tokenizer: data_lib.Tokenizer, prompts: Sequence[str],
-                 *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int = 0) -> list[str]:
-  """Each prompt and its continuation (up to EOS or max_new_tokens), decoded; generated with
-  the KV cache on the trainer's mesh. Prompts start with BOS, as every training document does."""
-  ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
-  tokens_BP, starts_B = sample_lib.left_pad(ids, rows=_batch_ways(trainer))
-  with sharding.activate(trainer.mesh, trainer.rules):
-    out = sample_lib.generate(trainer.graphdef, params, tokens_BP, starts_B, jax.random.key(seed),
-                              max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id)
-  out = jax.device_get(out)
-  return [tokenizer.decode(ids[b][1:] + out['tokens'][b, :out['lengths'][b]].tolist())
-          for b in range(len(prompts))]
-
-
 class NonFiniteGuard:
   """Stops the run at a non-finite loss or gradient or, with optim.skip_nonfinite = K > 0, lets
   up to K skipped steps in a row pass (the step itself kept the old state) and counts them."""
@@ -283,10 +240,10 @@ class NonFiniteGuard:
 
 
 def make_pipeline(config: ml_collections.ConfigDict, workdir: str, batch_size: int):
-  d = config.data
+  d, run = config.data, rundir.RunDir(workdir)
   return data_lib.make_pipeline(
-      source_dir=d.source_dir or None, cache_dir=d.cache_dir or os.path.join(workdir, 'data'),
-      tokenizer_path=d.tokenizer or os.path.join(workdir, 'tokenizer.model'),
+      source_dir=d.source_dir or None, cache_dir=run.data_cache(config),
+      tokenizer_path=run.tokenizer_path(config),
       vocab_size=config.model.vocab_size, seq_len=d.seq_len, batch_size=batch_size,
       eval_files=d.eval_files, seed=d.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), sources=d.sources, eval_source=d.eval_source,
@@ -304,7 +261,7 @@ def setup(config: ml_collections.ConfigDict) -> Trainer:
 def make_checkpointer(config: ml_collections.ConfigDict,
                       workdir: str) -> checkpoint_lib.Checkpointer:
   k = config.checkpoint
-  return checkpoint_lib.Checkpointer(k.dir or os.path.join(workdir, 'checkpoints'),
+  return checkpoint_lib.Checkpointer(rundir.RunDir(workdir).checkpoints(config),
                                      keep_latest=k.keep_latest, keep_every=k.keep_every,
                                      async_save=k.async_save)
 
@@ -408,11 +365,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _start_logging(config, workdir: str, trainer: Trainer):
   is_lead = jax.process_index() == 0
-  writer = metrics_lib.SummaryWriter(os.path.join(workdir, 'tensorboard'), enabled=is_lead)
+  run = rundir.RunDir(workdir)
+  writer = metrics_lib.SummaryWriter(run.tensorboard, enabled=is_lead)
   writer.write_hparams(config.to_dict())
   if is_lead:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    run.write_config(config)
   logging.info('mesh %s on %d devices (%s)', dict(trainer.mesh.shape), jax.device_count(),
                jax.devices()[0].device_kind)
   logging.info('config:\n%s', metrics_lib.format_config(config))
@@ -476,7 +433,7 @@ def _run_eval(config, trainer, state, pipeline, step, writer) -> dict:
   t, start = config.train, time.perf_counter()
   batches = pipeline.eval_batches(max_batches=t.eval_batches or None)
   out = evaluate(trainer, state['params'], batches,
-                 count_bytes=text_bytes_counter(pipeline.tokenizer))
+                 count_bytes=pipeline.tokenizer.text_bytes_counter())
   writer.write_scalars(step, {'eval/loss': out['eval_loss'],
                               'eval/perplexity': out['eval_perplexity'],
                               'eval/bits_per_byte': out['eval_bits_per_byte']})
@@ -484,55 +441,12 @@ def _run_eval(config, trainer, state, pipeline, step, writer) -> dict:
                '(%.1f s)', step, out['eval_loss'], out['eval_perplexity'],
                out['eval_bits_per_byte'], out['eval_tokens'], time.perf_counter() - start)
   if t.sample_tokens and t.sample_prompts:
-    texts = sample_texts(trainer, state['params'], pipeline.tokenizer, t.sample_prompts,
-                         max_new_tokens=t.sample_tokens, temperature=t.sample_temperature,
-                         seed=config.seed)
+    texts = sample_lib.sample_texts(
+        trainer.graphdef, state['params'], pipeline.tokenizer, t.sample_prompts,
+        mesh=trainer.mesh, rules=trainer.rules, max_new_tokens=t.sample_tokens,
+        temperature=t.sample_temperature, seed=config.seed)
     # Fenced as code: markdown would fold the play's line breaks into one paragraph.
     writer.write_texts(step, {f'samples/{i}': f'```\n{text}\n```' for i, text in enumerate(texts)})
     logging.info('sample at step %d: %r', step, texts[0])
   writer.flush()
   return out
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run wrote to <workdir>/config.json, over today's defaults (so keys
-  added since the run have their default values)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: pass the --workdir of a jaxllm.main run')
-  config = config_lib.base_config()
-  with open(path) as f:
-    config.update(json.load(f))
-  return config
-
-
-def load_run(workdir: str, *,
-             step: int = -1) -> tuple[ml_collections.ConfigDict, Trainer, dict, int]:
-  """(config, trainer, params, step) of a run's checkpoint (`step` -1: the latest), the
-  parameters placed on this machine's mesh."""
-  config = load_config(workdir)
-  trainer = setup(config)
-  directory = config.checkpoint.dir or os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'{directory} does not exist: {workdir} has no checkpoint yet')
-  ckpt, step = checkpoint_lib.open_for_init(directory, step)
-  try:
-    params = ckpt.restore_params(step, trainer.abstract_state['params'])
-  finally:
-    ckpt.close()
-  return config, trainer, params, step
-
-
-def load_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> data_lib.Tokenizer:
-  return data_lib.Tokenizer(config.data.tokenizer or os.path.join(workdir, 'tokenizer.model'))
-
-
-def evaluate_run(workdir: str, *, step: int = -1, max_batches: int | None = None) -> dict:
-  """Held-out loss, perplexity and bits per byte of a run's checkpoint on its eval split
-  (`max_batches` None: all of it)."""
-  config, trainer, params, step = load_run(workdir, step=step)
-  pipeline = make_pipeline(config, workdir, sharding.process_batch_size(
-      trainer.batch_sharding, config.train.global_batch_size, config.data.seq_len))
-  out = evaluate(trainer, params, pipeline.eval_batches(max_batches=max_batches),
-                 count_bytes=text_bytes_counter(pipeline.tokenizer))
-  return {'step': step, **out}

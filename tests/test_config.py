@@ -11,7 +11,6 @@ from ml_collections import config_flags
 from jaxllm import config as config_lib
 from jaxllm import model as model_lib
 from jaxllm import sharding
-from jaxllm import train
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / 'configs').glob('*.py'))
 
@@ -32,7 +31,7 @@ def test_every_config_loads_and_validates(path):
   shape = sharding.resolve_mesh_shape(config.mesh, 8)
   config_lib.validate(config, shape)
   assert config.name == path.stem
-  model_lib.ModelConfig(**config.model)  # every model key is a ModelConfig field
+  model_lib.ModelConfig.from_section(config.model)  # every model key is a ModelConfig field
   assert f'--config=configs/{path.name}' in path.read_text()  # the docstring gives the command
 
 
@@ -42,7 +41,7 @@ def test_every_config_loads_and_validates(path):
     ('1b', 1_235_814_400),  # Llama-3.2-1B (tied embeddings)
 ])
 def test_published_parameter_counts(name, expected):
-  cfg = train.model_config(load(f'configs/{name}.py'))
+  cfg = model_lib.ModelConfig.from_section(load(f'configs/{name}.py').model)
   assert cfg.num_params() == expected
   # And the model really creates that many (abstractly: nothing is allocated).
   state = nnx.state(nnx.eval_shape(lambda: model_lib.Llama(cfg, rngs=nnx.Rngs(0))))

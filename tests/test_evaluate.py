@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxllm import data as data_lib
+from jaxllm import evaluate
 from jaxllm import sharding
 from jaxllm import train
 from test_train import small_config
@@ -64,7 +65,7 @@ def hand_bits_per_byte(pipeline, trainer, params):
 def test_bits_per_byte_matches_a_hand_computation(tiny):
   pipeline, trainer, params = tiny
   out = train.evaluate(trainer, params, pipeline.eval_batches(),
-                       count_bytes=train.text_bytes_counter(pipeline.tokenizer))
+                       count_bytes=pipeline.tokenizer.text_bytes_counter())
   want, text_bytes = hand_bits_per_byte(pipeline, trainer, params)
   assert out['eval_bytes'] == text_bytes == pipeline.eval_stats()['bytes']
   assert out['eval_tokens'] == pipeline.eval_stats()['tokens']
@@ -76,7 +77,7 @@ def test_bits_per_byte_matches_a_hand_computation(tiny):
 def test_text_bytes_counter_counts_utf8_of_the_text(tiny):
   """The pieces' bytes less sentencepiece's dummy-prefix space: the text's UTF-8 length."""
   tok = tiny[0].tokenizer
-  count = train.text_bytes_counter(tok)
+  count = tok.text_bytes_counter()
   for text in ('naïve café', ' two  spaces\n', 'x'):
     ids = np.array([tok.bos_id, *tok.encode(text), tok.eos_id], np.int32)
     batch = {'inputs': ids[None, :-1], 'targets': ids[None, 1:],
@@ -85,5 +86,5 @@ def test_text_bytes_counter_counts_utf8_of_the_text(tiny):
 
 
 def test_missing_run_names_the_workdir(tmp_path):
-  with pytest.raises(FileNotFoundError, match='config.json'):
-    train.evaluate_run(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=f'--workdir={tmp_path} has no config.json'):
+    evaluate.evaluate_run(str(tmp_path))

@@ -77,7 +77,7 @@ def hf_logits(model, tokens):
 
 
 def jax_logits(params, model_section, tokens):
-  cfg = hf.model_config(model_section)
+  cfg = model_lib.ModelConfig.from_section(model_section)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.Llama(cfg, rngs=nnx.Rngs(0))))
   return np.asarray(jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens))
 
@@ -158,7 +158,7 @@ def test_import_writes_a_checkpoint_that_init_from_reads(tmp_path):
   model.save_pretrained(tmp_path / 'hf')
   section = from_hf_tool.convert(str(tmp_path / 'hf'), str(tmp_path / 'out'))
   ckpt, step = checkpoint_lib.open_for_init(str(tmp_path / 'out' / 'checkpoints'))
-  cfg = hf.model_config(section)
+  cfg = model_lib.ModelConfig.from_section(section)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = to_hf_tool._nest({path: jax.ShapeDtypeStruct(shape, np.float32, sharding=device)
                                for path, shape in hf.param_shapes(cfg).items()})
@@ -227,7 +227,7 @@ def test_qwen_sliding_window_is_refused():
 
 def test_unknown_tensor_is_refused():
   section = hf.model_config_from_hf(transformers.LlamaConfig(**TINY).to_dict())
-  cfg = hf.model_config(section)
+  cfg = model_lib.ModelConfig.from_section(section)
   names = list(hf.hf_tensor_shapes(cfg)) + ['model.layers.0.mlp.up_proj.bias']
   with pytest.raises(hf.UnsupportedError, match='up_proj.bias'):
     hf.from_hf(names, lambda n: None, cfg)
@@ -263,10 +263,10 @@ TOKENIZER_TEXTS = ['', ' ', '   ', ' a', '  a', 'a ', 'a  ', ' Hello world', 'Tw
 def test_exported_tokenizer_encodes_like_jaxllm(tmp_path, options):
   """AutoTokenizer, offline, on the exported files: bos + the ids of jaxllm's tokenizer, and the
   text back from decode, on held-out Shakespeare (as is, and after a space) and edge cases."""
-  from jaxllm import data
-  files = data.list_text_files(data.default_source_dir())
-  train = data.split_documents(data.read_text(files[0]))[:200]
-  held_out = data.split_documents(data.read_text(files[1]))[:40]
+  from jaxllm import data, sources, tokenizer as tokenizer_lib
+  files = sources.list_text_files(sources.default_source_dir())
+  train = sources.split_documents(sources.read_text(files[0]))[:200]
+  held_out = sources.split_documents(sources.read_text(files[1]))[:40]
   data.train_tokenizer(str(tmp_path / 'tokenizer.model'), train, 512, **options)
   out = tmp_path / 'out'
   out.mkdir()
@@ -274,7 +274,7 @@ def test_exported_tokenizer_encodes_like_jaxllm(tmp_path, options):
                              model_max_length=1 << 20)
   # A model_type, as an export has, takes AutoTokenizer down the route a real export does.
   (out / 'config.json').write_text(json.dumps({'model_type': 'llama'}))
-  ours = data.Tokenizer(str(tmp_path / 'tokenizer.model'))
+  ours = tokenizer_lib.open_tokenizer(str(tmp_path / 'tokenizer.model'))
   theirs = transformers.AutoTokenizer.from_pretrained(out)
   assert any(ours.sp.is_byte(i) for i in ours.encode('☃'))  # byte fallback is exercised
   texts = TOKENIZER_TEXTS + held_out + [' ' + t for t in held_out[:10]]
@@ -306,7 +306,7 @@ def test_trained_model_generates_the_same_tokens_in_transformers(tmp_path):
   """Train a few steps on the embedded corpus, export with the CLI: transformers' greedy
   `generate` continues a held-out prompt with exactly jaxllm's greedy tokens."""
   import subprocess
-  from jaxllm import sample as sample_lib, sharding, train
+  from jaxllm import rundir, sample as sample_lib, sharding, train
   workdir, out = tmp_path / 'run', tmp_path / 'hf'
   env = dict(os.environ, PYTHONPATH=str(REPO))
   run = lambda *args: subprocess.run([sys.executable, *args], cwd=REPO, env=env,
@@ -320,8 +320,11 @@ def test_trained_model_generates_the_same_tokens_in_transformers(tmp_path):
   proc = run('tools/convert_to_hf.py', f'--workdir={workdir}', f'--out={out}')
   assert proc.returncode == 0, proc.stderr[-2000:]
 
-  config, trainer, params, _ = train.load_run(str(workdir))
-  tokenizer = train.load_tokenizer(config, str(workdir))
+  run_dir = rundir.RunDir(str(workdir))
+  config = run_dir.load_config()
+  trainer = train.setup(config)
+  params, _ = run_dir.restore_params(config, trainer.abstract_state['params'])
+  tokenizer = run_dir.tokenizer(config)
   prompts = [[tokenizer.bos_id] + tokenizer.encode(text)
              for text in ('KING HENRY.\nWhat', 'ROMEO.\nO, my', 'First Citizen.\nWe are')]
   tokens_BP, starts_B = sample_lib.left_pad(prompts, rows=8)

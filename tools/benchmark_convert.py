@@ -40,7 +40,7 @@ flags.mark_flags_as_required(['config', 'dir'])
 
 def write_random_checkpoint(model: dict, workdir: str) -> tuple[int, int]:
   """A params-only checkpoint of `model` at step 0; (parameter bytes, largest tensor bytes)."""
-  cfg = model_lib.ModelConfig(**model)
+  cfg = model_lib.ModelConfig.from_section(model)
   params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(model_lib.Llama(cfg, rngs=nnx.Rngs(0)))))()
   sizes = [x.nbytes for x in jax.tree.leaves(params)]
   convert_from_hf.write_checkpoint(params, model, workdir)
@@ -88,7 +88,7 @@ def main(argv):
                       f'--out={imported}'])
   gib = 2**30
   print(json.dumps({
-      'config': config.name, 'params': model_lib.ModelConfig(**model).num_params(),
+      'config': config.name, 'params': model_lib.ModelConfig.from_section(model).num_params(),
       'param_gib_float32': param_bytes / gib, 'largest_tensor_gib_float32': largest / gib,
       'export_dtype': _DTYPE.value, 'safetensors_gib': written / gib,
       'export': export, 'import': import_,

@@ -18,6 +18,7 @@ import pprint
 import shutil
 from typing import Any
 
+from jaxllm import model as model_lib
 from jaxllm.convert import hf
 
 
@@ -30,7 +31,7 @@ def load_hf(hf_dir: str, *, dtype: str = 'float32') -> tuple[dict, dict[str, Any
   files = hf.check_weight_files(os.listdir(hf_dir))
   handles = [safe_open(os.path.join(hf_dir, f), framework='numpy') for f in files]
   where = {name: h for h in handles for name in h.keys()}
-  params = hf.from_hf(where, lambda name: where[name].get_tensor(name), hf.model_config(model))
+  params = hf.from_hf(where, lambda name: where[name].get_tensor(name), model_lib.ModelConfig.from_section(model))
   return params, model
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxllm import model as model_lib
 from jaxllm.convert import hf
 
 _SAFETENSORS_DTYPES = {'float32': 'F32', 'bfloat16': 'BF16'}
@@ -52,7 +53,7 @@ def write_safetensors(path: str, tensors: Iterator[tuple[str, np.ndarray]],
 def write_weights(params: Mapping | Callable, model: Mapping[str, Any], out: str, *, dtype: str,
                   max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> list[str]:
   """The safetensors file(s) and, when sharded, the index; returns the file names."""
-  cfg = hf.model_config(model)
+  cfg = model_lib.ModelConfig.from_section(model)
   shapes = {s.hf_name: s.hf_shape for s in hf.export_order(cfg)}  # the order to_hf yields
   itemsize = hf.DTYPES[dtype].itemsize
   sizes = [(n, int(np.prod(s)) * itemsize) for n, s in shapes.items()]
@@ -122,7 +123,7 @@ def load_checkpoint(workdir: str, step: int = -1) -> tuple[Callable, dict, int]:
   ckpt, step = checkpoint_lib.open_for_init(directory, step)
   try:
     config = ckpt.saved_config(step)  # the config the parameters were written with
-    cfg = hf.model_config(config['model'])
+    cfg = model_lib.ModelConfig.from_section(config['model'])
     like = {path: jax.ShapeDtypeStruct(shape, jax.numpy.dtype(cfg.param_dtype))
             for path, shape in hf.param_shapes(cfg).items()}
     checkpoint_lib.check_shapes(ckpt.params_metadata(step), _nest(like),

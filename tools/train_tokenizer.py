@@ -43,7 +43,7 @@ def main() -> None:
                          user_defined_symbols=[s for s in a.special_tokens.split(',') if s])
     ev = found.eval
     held_out = [ev.text(i) for i in range(0, len(ev), max(1, len(ev) // a.eval_docs))]
-    tok = data.Tokenizer(a.out)
+    tok = tokenizer_lib.open_tokenizer(a.out)
     print(json.dumps({'out': os.path.abspath(a.out), 'model_type': a.model_type, 'vocab_size': tok.vocab_size,
                       'held_out_docs': len(held_out), 'bytes_per_token': round(data.bytes_per_token(tok, held_out), 3),
                       'round_trips': all(tok.decode(tok.encode(t)) == t for t in held_out[:200])}))

@@ -104,12 +104,6 @@ class TensorSpec:
 # --- parameters -----------------------------------------------------------------------------
 
 
-def model_config(model: Mapping[str, Any]) -> model_lib.ModelConfig:
-  """ModelConfig from a `model` config section (a dict or ConfigDict)."""
-  names = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
-  return model_lib.ModelConfig(**{k: v for k, v in dict(model).items() if k in names})
-
-
 def param_shapes(cfg: model_lib.ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Path -> shape of every jaxllm parameter, from the model itself (nothing allocated)."""
   state = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
@@ -338,7 +332,7 @@ def model_config_to_hf(model: Mapping[str, Any], *, family: str | None = None,
                        bos_token_id: int | None = 1, eos_token_id: int | None = 2) -> dict:
   """config.json for a jaxllm `model` section, loadable by transformers 4.4x and 5.x: both RoPE
   forms (5.x `rope_parameters`; 4.x `rope_theta` + `rope_scaling`) and both dtype keys."""
-  m = dataclasses.asdict(model_config(model))  # fills defaults of keys an old config lacks
+  m = dataclasses.asdict(model_lib.ModelConfig.from_section(model))  # fills defaults of keys an old config lacks
   family = family or family_of(m)
   if family not in FAMILIES:
     raise UnsupportedError(f'family={family!r}: choose one of {sorted(FAMILIES)}')

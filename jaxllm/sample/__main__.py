@@ -1,15 +1,16 @@
-"""`python -m jaxllm.sample`: continue prompts with a run's latest checkpoint and tokenizer.
+"""`python -m jaxllm.sample`: continue prompts with a run's checkpoint and tokenizer.
 
     python -m jaxllm.sample --workdir=runs/tiny --prompt="ROMEO:" [--prompt="..."]
         [--max_new_tokens=100 --temperature=0.8 --top_k=0 --top_p=0.95 --seed=0 --step=-1]
 
-Several --prompt flags are decoded together as one batch. The tokenizing lives here, not in
-jaxllm/sample.py, which works on token ids only.
+Several --prompt flags are decoded together as one batch.
 """
 
 from absl import app
 from absl import flags
 
+from jaxllm import rundir
+from jaxllm import sample as sample_lib
 from jaxllm import train
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'the --workdir of a jaxllm.main run', required=True)
@@ -24,18 +25,18 @@ _STEP = flags.DEFINE_integer('step', -1, 'checkpoint step; -1 = the latest')
 
 def main(argv):
   del argv
-  config, trainer, params, _ = train.load_run(_WORKDIR.value, step=_STEP.value)
-  tokenizer = train.load_tokenizer(config, _WORKDIR.value)
-  texts = train.sample_texts(trainer, params, tokenizer, _PROMPT.value,
-                             max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
-                             top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+  run = rundir.RunDir(_WORKDIR.value)
+  config = run.load_config()
+  tokenizer = run.tokenizer(config)
+  trainer = train.setup(config)
+  params, _ = run.restore_params(config, trainer.abstract_state['params'], _STEP.value)
+  texts = sample_lib.sample_texts(
+      trainer.graphdef, params, tokenizer, _PROMPT.value, mesh=trainer.mesh, rules=trainer.rules,
+      max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+      top_p=_TOP_P.value, seed=_SEED.value)
   for text in texts:
     print(text, end='\n\n')
 
 
-def run():
-  app.run(main)
-
-
 if __name__ == '__main__':
-  run()
+  app.run(main)

@@ -24,6 +24,8 @@ import numpy as np
 from flax import nnx
 
 from jaxllm import model as model_lib
+from jaxllm import sharding
+from jaxllm import tokenizer as tokenizer_lib
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -136,6 +138,17 @@ def generate(graphdef, params, tokens_BP, starts_B, key, *, max_new_tokens: int,
           'lengths': model_lib._constrain(lengths_B.astype(jnp.int32), (None,))}
 
 
-if __name__ == '__main__':
-  from jaxllm import sample_cli  # the CLI tokenizes, so it lives outside this module
-  sample_cli.run()
+def sample_texts(graphdef, params, tokenizer: tokenizer_lib.Tokenizer, prompts: Sequence[str], *,
+                 mesh, rules, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0) -> list[str]:
+  """Each prompt and its continuation (up to EOS or max_new_tokens), decoded; generated with
+  the KV cache on `mesh`. Prompts start with BOS, as every training document does."""
+  ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+  tokens_BP, starts_B = left_pad(ids, rows=sharding.batch_ways(mesh, rules))
+  with sharding.activate(mesh, rules):
+    out = generate(graphdef, params, tokens_BP, starts_B, jax.random.key(seed),
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, eos_id=tokenizer.eos_id)
+  out = jax.device_get(out)
+  return [tokenizer.decode(ids[b][1:] + out['tokens'][b, :out['lengths'][b]].tolist())
+          for b in range(len(prompts))]

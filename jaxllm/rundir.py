@@ -1,0 +1,108 @@
+"""The run directory: the one place that knows what a workdir holds, and reopens a finished run.
+
+    <workdir>/config.json       the resolved config of the run (a converter writes config.py too)
+    <workdir>/checkpoints/      Orbax steps (or checkpoint.dir)
+    <workdir>/tokenizer.model   sentencepiece, trained on first use (or data.tokenizer)
+    <workdir>/data/             datasets and token caches (or data.cache_dir)
+    <workdir>/tensorboard/      events
+
+The train loop takes its paths from here; entry points and tools reopen a run through `RunDir`
+(config, tokenizer, a checkpoint step, its parameters), so errors name the flag the user passed
+(`--workdir`, `--step`), not a config key the user never set. Building a trainer on those pieces
+is the wiring's (`jaxllm.train.setup`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from jaxllm import checkpoint as checkpoint_lib
+from jaxllm import config as config_lib
+from jaxllm import tokenizer as tokenizer_lib
+
+CONFIG_JSON = 'config.json'
+CONFIG_PY = 'config.py'  # what tools/convert_from_hf.py writes for `jaxllm.main --config`
+CHECKPOINTS = 'checkpoints'
+TOKENIZER = 'tokenizer.model'
+DATA = 'data'
+TENSORBOARD = 'tensorboard'
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+  """Paths of one workdir; the config's `checkpoint.dir`, `data.tokenizer` and `data.cache_dir`
+  override their defaults inside it."""
+
+  workdir: str
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.workdir, name)
+
+  @property
+  def config_json(self) -> str:
+    return self.path(CONFIG_JSON)
+
+  @property
+  def config_py(self) -> str:
+    return self.path(CONFIG_PY)
+
+  @property
+  def tensorboard(self) -> str:
+    return self.path(TENSORBOARD)
+
+  def checkpoints(self, config: ml_collections.ConfigDict | None = None) -> str:
+    return (config and config.checkpoint.dir) or self.path(CHECKPOINTS)
+
+  def tokenizer_path(self, config: ml_collections.ConfigDict | None = None) -> str:
+    return (config and config.data.tokenizer) or self.path(TOKENIZER)
+
+  def data_cache(self, config: ml_collections.ConfigDict | None = None) -> str:
+    return (config and config.data.cache_dir) or self.path(DATA)
+
+  def write_config(self, config: ml_collections.ConfigDict | dict[str, Any]) -> None:
+    os.makedirs(self.workdir, exist_ok=True)
+    text = (config.to_json_best_effort(indent=2) if isinstance(config, ml_collections.ConfigDict)
+            else json.dumps(config, indent=2))
+    tmp = f'{self.config_json}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+      f.write(text)
+    os.replace(tmp, self.config_json)
+
+  def load_config(self) -> ml_collections.ConfigDict:
+    """The resolved config the run wrote, over today's defaults (keys added since then take their
+    default values)."""
+    if not os.path.exists(self.config_json):
+      raise FileNotFoundError(f'--workdir={self.workdir} has no {CONFIG_JSON}: pass the --workdir '
+                              'of a jaxllm.main run (or the --out of tools/convert_from_hf.py)')
+    config = config_lib.base_config()
+    with open(self.config_json) as f:
+      config.update(json.load(f))
+    return config
+
+  def tokenizer(self, config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
+    """The run's tokenizer; never trains one (only the data pipeline of a new run does)."""
+    path = self.tokenizer_path(config)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'tokenizer {path} of --workdir={self.workdir} does not exist: set '
+                              '--config.data.tokenizer to the tokenizer the run was trained with')
+    return tokenizer_lib.open_tokenizer(path)
+
+  def open_checkpoint(self, config: ml_collections.ConfigDict, step: int = -1,
+                      ) -> tuple[checkpoint_lib.Checkpointer, int]:
+    """A read-only Checkpointer on the run's checkpoints and the step to read (-1: the latest)."""
+    return checkpoint_lib.open_read_only(self.checkpoints(config), step, what=f'--workdir={self.workdir}',
+                                         step_flag='--step')
+
+  def restore_params(self, config: ml_collections.ConfigDict, abstract_params, step: int = -1,
+                     ) -> tuple[dict, int]:
+    """(parameters on the shardings of `abstract_params`, the step they come from)."""
+    ckpt, step = self.open_checkpoint(config, step)
+    try:
+      return ckpt.restore_params(step, abstract_params), step
+    finally:
+      ckpt.close()
