@@ -15,6 +15,7 @@ import os
 import tempfile
 
 from jaxllm import data, sources
+from jaxllm import tokenizer as tokenizer_lib
 
 
 def main() -> None:
