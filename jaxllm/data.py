@@ -51,7 +51,6 @@ from jaxllm.sources import (MAX_DOC_CHARS, Documents, Sources, default_source_di
 _TOKENIZER_DOCS = 5000  # about 10 MB of text: keeps tokenizer training to seconds
 _ENCODE_BATCH = 32  # documents per sp.encode call: amortises the call, keeps memory small
 _READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)  # 8 x 32 documents ahead
-_UNIGRAM_DOCS = 20_000  # documents sampled for the unigram baseline: a few seconds at most
 
 Batch = dict[str, np.ndarray]
 
@@ -227,25 +226,6 @@ class Pipeline:
         return
       mine = slice(self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size)
       yield _finish({k: np.pad(v, ((0, global_rows - len(v)), (0, 0)))[mine] for k, v in rows.items()})
-
-  def eval_stats(self) -> dict[str, int]:
-    """Documents, target tokens and UTF-8 bytes of the whole eval split (bits/byte = nats/ln2/bytes)."""
-    if self.eval_cache:
-      return {k: self.eval_cache.meta[k] for k in ('docs', 'tokens', 'bytes')}
-    docs = self.sources.eval
-    texts = [docs.text(i) for i in range(len(docs))]
-    tokens = sum(len(ids) + 1 for ids in self.tokenizer.encode_batch(texts))  # + eos
-    return {'docs': len(texts), 'tokens': tokens, 'bytes': sum(len(t.encode('utf-8')) for t in texts)}
-
-  def train_unigram_entropy(self) -> float:
-    """unigram_entropy() of the first source's train documents (at most _UNIGRAM_DOCS, at a stride)."""
-    docs = self.sources.train[0]
-    picked = range(0, len(docs), math.ceil(len(docs) / _UNIGRAM_DOCS))
-    counts = np.zeros(self.tokenizer.vocab_size, np.int64)
-    for start in range(0, len(picked), 256):
-      for ids in self._ids('train', [(0, i) for i in picked[start:start + 256]]):
-        counts += np.bincount(ids[1:], minlength=self.tokenizer.vocab_size)  # targets: ids + eos
-    return _entropy(counts)
 
 
 def make_pipeline(*, source_dir: str | None = None, cache_dir: str, tokenizer_path: str, vocab_size: int,

@@ -16,7 +16,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax.linen import partitioning as nn_partitioning
+
+from jaxllm import sharding
 
 _LOGITS = ('batch', 'length', 'vocab')
 _HEAD = ('embed', 'vocab')
@@ -52,8 +53,8 @@ def _head_pass(x_BLD, head_DV, targets_BL, weights_BL, chunk: int, grads: bool):
   """The loss and, if `grads`, its gradients with respect to x and the head (cotangent 1)."""
   def body(dhead_DV, inputs):
     x_BCD, targets_BC, weights_BC = inputs
-    dhead_DV = nn_partitioning.with_sharding_constraint(dhead_DV, _HEAD)
-    logits_BCV = nn_partitioning.with_sharding_constraint(_matmul(x_BCD, head_DV), _LOGITS)
+    dhead_DV = sharding.constrain(dhead_DV, _HEAD)
+    logits_BCV = sharding.constrain(_matmul(x_BCD, head_DV), _LOGITS)
     nll_BC, logz_BC = _token_nll(logits_BCV, targets_BC)
     loss = jnp.sum(weights_BC * nll_BC)
     if not grads:
@@ -71,7 +72,7 @@ def _head_pass(x_BLD, head_DV, targets_BL, weights_BL, chunk: int, grads: bool):
     return dhead_DV, (loss, dx_BCD)
 
   # Laid out as the head itself, so each chunk's sum over the batch shards is a reduce-scatter.
-  dhead_DV = nn_partitioning.with_sharding_constraint(jnp.zeros(head_DV.shape, jnp.float32), _HEAD)
+  dhead_DV = sharding.constrain(jnp.zeros(head_DV.shape, jnp.float32), _HEAD)
   dhead_DV, (losses, dx_NBCD) = jax.lax.scan(
       body, dhead_DV, (_chunks(x_BLD, chunk), _chunks(targets_BL, chunk),
                        _chunks(weights_BL, chunk)))

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
-from flax.linen import partitioning as nn_partitioning
+
+from jaxllm import sharding
 
 REMAT_POLICIES = {
     'none': None,  # keep every activation (most memory, no recompute)
@@ -125,11 +126,6 @@ def _param(rngs: nnx.Rngs, shape, names, cfg: ModelConfig, *, std=None, zeros=Fa
   # Layout comes from the jit's out_shardings (derived from these names), not from eager
   # placement, so the model can also be built with no mesh at all (tests, conversion).
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
-
-
-def _constrain(x, names):
-  # A no-op without an active mesh and rules; otherwise pins the activation layout.
-  return nn_partitioning.with_sharding_constraint(x, names)
 
 
 class RMSNorm(nnx.Module):
@@ -254,11 +250,11 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = rope_frequencies(cfg)
-    q = _constrain(rope(q, positions_BL, cfg.rope_theta, inv_freq),
+    q = sharding.constrain(rope(q, positions_BL, cfg.rope_theta, inv_freq),
                    ('batch', 'length', 'heads', 'head_dim'))
-    k = _constrain(rope(k, positions_BL, cfg.rope_theta, inv_freq),
+    k = sharding.constrain(rope(k, positions_BL, cfg.rope_theta, inv_freq),
                    ('batch', 'length', 'kv_heads', 'head_dim'))
-    return q, k, _constrain(v, ('batch', 'length', 'kv_heads', 'head_dim'))
+    return q, k, sharding.constrain(v, ('batch', 'length', 'kv_heads', 'head_dim'))
 
   def _output(self, out_BLHDh):
     dt = jnp.dtype(self.cfg.dtype)
@@ -283,9 +279,9 @@ class Attention(nnx.Module):
     cache, attends over all S slots under `mask_B1TS`; returns (out, k cache, v cache)."""
     q, k, v = self._qkv(x_BTD, positions_BT)
     names = ('batch', 'length', 'kv_heads', 'head_dim')
-    k_BSKDh = _constrain(jax.lax.dynamic_update_slice_in_dim(
+    k_BSKDh = sharding.constrain(jax.lax.dynamic_update_slice_in_dim(
         k_BSKDh, k.astype(k_BSKDh.dtype), index, axis=1), names)
-    v_BSKDh = _constrain(jax.lax.dynamic_update_slice_in_dim(
+    v_BSKDh = sharding.constrain(jax.lax.dynamic_update_slice_in_dim(
         v_BSKDh, v.astype(v_BSKDh.dtype), index, axis=1), names)
     # The mask carries causality, padding and the sliding window; XLA's kernel takes any mask.
     out_BTHDh = jax.nn.dot_product_attention(q, k_BSKDh, v_BSKDh, mask=mask_B1TS,
@@ -306,7 +302,7 @@ class MLP(nnx.Module):
     dt = self.dtype
     gate_BLF = _dense(x_BLD, self.gate_proj[...].astype(dt))
     up_BLF = _dense(x_BLD, self.up_proj[...].astype(dt))
-    h_BLF = _constrain(jax.nn.silu(gate_BLF) * up_BLF, ('batch', 'length', 'mlp'))
+    h_BLF = sharding.constrain(jax.nn.silu(gate_BLF) * up_BLF, ('batch', 'length', 'mlp'))
     return _dense(h_BLF, self.down_proj[...].astype(dt))
 
 
@@ -321,14 +317,14 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x_BLD, positions_BL, mask_B1LL):
     x_BLD = x_BLD + self.self_attn(self.input_layernorm(x_BLD), positions_BL, mask_B1LL)
     x_BLD = x_BLD + self.mlp(self.post_attention_layernorm(x_BLD))
-    return _constrain(x_BLD, ('batch', 'length', 'embed'))
+    return sharding.constrain(x_BLD, ('batch', 'length', 'embed'))
 
   def decode(self, x_BTD, positions_BT, mask_B1TS, k_BSKDh, v_BSKDh, index):
     attn_BTD, k_BSKDh, v_BSKDh = self.self_attn.decode(
         self.input_layernorm(x_BTD), positions_BT, mask_B1TS, k_BSKDh, v_BSKDh, index)
     x_BTD = x_BTD + attn_BTD
     x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
-    return _constrain(x_BTD, ('batch', 'length', 'embed')), k_BSKDh, v_BSKDh
+    return sharding.constrain(x_BTD, ('batch', 'length', 'embed')), k_BSKDh, v_BSKDh
 
 
 class Llama(nnx.Module):
@@ -359,15 +355,11 @@ class Llama(nnx.Module):
     x_BLD = jnp.take(self.embed_tokens[...], tokens_BL, axis=0).astype(jnp.dtype(self.cfg.dtype))
     return self.norm(self._stack(x_BLD, positions_BL, segment_ids_BL))
 
-  def from_embeddings(self, x_BLD, *, positions_BL=None, segment_ids_BL=None):
-    """The decoder stack and head on given input embeddings [B, L, D]."""
-    return self.logits(self.norm(self._stack(x_BLD, positions_BL, segment_ids_BL)))
-
   def _stack(self, x_BLD, positions_BL, segment_ids_BL):
     cfg = self.cfg
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
-    x_BLD = _constrain(x_BLD, ('batch', 'length', 'embed'))
+    x_BLD = sharding.constrain(x_BLD, ('batch', 'length', 'embed'))
     mask_B1LL = attention_mask(segment_ids_BL)  # once, shared by every layer
 
     def body(x_BLD, layer: DecoderLayer):
@@ -391,7 +383,7 @@ class Llama(nnx.Module):
   def logits(self, x_BLD):
     """Normed hidden states [B, L, D] -> logits [B, L, V] in float32."""
     logits_BLV = _dense(x_BLD, self.head_DV(), preferred_element_type=jnp.float32)
-    return _constrain(logits_BLV, ('batch', 'length', 'vocab'))
+    return sharding.constrain(logits_BLV, ('batch', 'length', 'vocab'))
 
   def decode(self, tokens_BT, cache: dict, *, index, starts_B):
     """Runs T new tokens per row against a KV cache from init_cache; returns (logits [B, T, V],
@@ -404,7 +396,7 @@ class Llama(nnx.Module):
     positions_BT = jnp.maximum(slots_T[None, :] - starts_B[:, None], 0)
     mask_B1TS = decode_mask(slots_T, starts_B, S, cfg.sliding_window)
     x_BTD = jnp.take(self.embed_tokens[...], tokens_BT, axis=0).astype(jnp.dtype(cfg.dtype))
-    x_BTD = _constrain(x_BTD, ('batch', 'length', 'embed'))
+    x_BTD = sharding.constrain(x_BTD, ('batch', 'length', 'embed'))
 
     def body(x_BTD, layer: DecoderLayer, k_BSKDh, v_BSKDh):
       x_BTD, k_BSKDh, v_BSKDh = layer.decode(x_BTD, positions_BT, mask_B1TS, k_BSKDh, v_BSKDh,

@@ -7,13 +7,13 @@ to mesh axes by the rules table in the config; this module applies a table, it n
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
-from flax.linen import partitioning as nn_partitioning
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -76,12 +76,22 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
 
 
 def logical_to_mesh(spec: P, rules: Rules) -> P:
-  """Renames each logical name of `spec` to its mesh axis; an unknown name is an error."""
+  """Renames each logical name of `spec` to its mesh axes; an unknown name is an error. A mesh
+  axis goes to the first dim that asks for it: in ('batch', 'length', 'embed') `batch` takes
+  fsdp, so `embed` stays whole and activations are split over examples only, as FSDP wants.
+  Parameters never have a `batch` dim, so for them the table is a plain rename."""
   table = dict(rules)
   missing = [n for n in spec if n is not None and n not in table]
   if missing:
     raise ValueError(f'logical axis {missing[0]!r} has no entry in sharding.rules')
-  return P(*(None if n is None else table[n] for n in spec))
+  used, out = set(), []
+  for name in spec:
+    axes = table[name] if name is not None else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    free = tuple(a for a in axes if a not in used)
+    used.update(free)
+    out.append(None if not free else free[0] if len(free) == 1 else free)
+  return P(*out)
 
 
 def named_shardings(logical_specs, mesh: Mesh, rules: Rules):
@@ -135,13 +145,24 @@ def initialize_distributed(*, initialize: str, coordinator_address: str, num_pro
       process_id=process_id if process_id >= 0 else None)
 
 
+_RULES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar('jaxllm_rules', default=None)
+
+
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: Rules):
-  """Mesh and rules in scope while tracing, so activation constraints resolve to mesh axes.
+  """Mesh and rules in scope while tracing, so `constrain` resolves logical names to mesh axes."""
+  token = _RULES.set(tuple(tuple(r) for r in rules))
+  try:
+    with jax.set_mesh(mesh):
+      yield
+  finally:
+    _RULES.reset(token)
 
-  Activation constraints go through Flax's linen rule engine, which gives each mesh axis to the
-  first logical dim that asks for it: in ('batch', 'length', 'embed') `batch` takes fsdp, so
-  `embed` stays whole and activations are sharded over examples only, as FSDP wants. Parameters
-  never have a `batch` dim, so for them the table is a plain rename (logical_to_mesh)."""
-  with jax.set_mesh(mesh), nn_partitioning.axis_rules(rules):
-    yield
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Pins the layout of activation `x`, one logical name per dim (None: whole), through the
+  rules of the enclosing `activate`; a no-op outside one (tests, conversion, a single device)."""
+  rules = _RULES.get()
+  if rules is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_mesh(P(*names), rules))

@@ -12,6 +12,7 @@ from jaxllm import data as data_lib
 from jaxllm import evaluate
 from jaxllm import sharding
 from jaxllm import train
+from test_data import eval_stats
 from test_train import small_config
 
 SEQ, VOCAB = 32, 320
@@ -67,8 +68,8 @@ def test_bits_per_byte_matches_a_hand_computation(tiny):
   out = train.evaluate(trainer, params, pipeline.eval_batches(),
                        count_bytes=pipeline.tokenizer.text_bytes_counter())
   want, text_bytes = hand_bits_per_byte(pipeline, trainer, params)
-  assert out['eval_bytes'] == text_bytes == pipeline.eval_stats()['bytes']
-  assert out['eval_tokens'] == pipeline.eval_stats()['tokens']
+  assert out['eval_bytes'] == text_bytes == eval_stats(pipeline)['bytes']
+  assert out['eval_tokens'] == eval_stats(pipeline)['tokens']
   np.testing.assert_allclose(out['eval_bits_per_byte'], want, rtol=1e-5)
   np.testing.assert_allclose(out['eval_perplexity'], math.exp(out['eval_loss']), rtol=1e-9)
   assert 'é' in pipeline.sources.eval.text(0)  # multi-byte characters were counted as bytes

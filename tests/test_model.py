@@ -55,17 +55,19 @@ def test_param_count_matches_formula():
   assert tied.num_params() == CFG.num_params() - CFG.d_model * CFG.vocab_size
 
 
-def test_causal_by_gradient(tokens):
-  """d logits[t] / d embedding[s] is zero for every s > t and non-zero for s <= t."""
+def test_causal_by_gradient():
+  """d logits[t] / d embedding[s] is zero for every s > t and non-zero for s <= t: with every
+  position holding a different token (and an untied head), the gradient of logits[t] with respect
+  to token s's embedding row is the gradient with respect to position s's input."""
   graphdef, state = split()
   t = 7
+  tokens = jnp.arange(3, 3 + L, dtype=jnp.int32)[None]  # L distinct ids
 
-  def out_at_t(x_BLD):
-    return jnp.sum(nnx.merge(graphdef, state).from_embeddings(x_BLD)[0, t])
+  def out_at_t(embed_VD):
+    return jnp.sum(nnx.merge(graphdef, {**state, 'embed_tokens': embed_VD})(tokens)[0, t])
 
-  x = jnp.take(state['embed_tokens'], tokens[:1], axis=0)
-  g = jax.grad(out_at_t)(x)
-  per_position = np.abs(np.asarray(g[0])).sum(-1)
+  g = jax.grad(out_at_t)(state['embed_tokens'])
+  per_position = np.abs(np.asarray(g[tokens[0]])).sum(-1)
   assert np.all(per_position[t + 1:] == 0)
   assert np.all(per_position[:t + 1] > 0)
 

@@ -41,10 +41,12 @@ def test_cached_logits_equal_the_full_forward_at_every_position(llama):
   tokens = jnp.asarray(prompts(12, 12, seed=1), jnp.int32)
   full = np.asarray(forward(params, tokens))
   starts = jnp.zeros(2, jnp.int32)
-  logits, cache = sample.prefill(graphdef, params, tokens[:, :5], starts, cache_len=12)
+  prefill = jax.jit(lambda p, t, s: sample.prefill(nnx.merge(graphdef, p), t, s, cache_len=12))
+  step = jax.jit(lambda p, c, t, i, s: sample.step(nnx.merge(graphdef, p), c, t, i, s))
+  logits, cache = prefill(params, tokens[:, :5], starts)
   np.testing.assert_allclose(logits, full[:, :5], atol=1e-5, rtol=1e-5)
   for t in range(5, 12):  # teacher-forced: one token a step through the cache
-    logits, cache = sample.step(graphdef, params, cache, tokens[:, t], t, starts)
+    logits, cache = step(params, cache, tokens[:, t], t, starts)
     np.testing.assert_allclose(logits, full[:, t], atol=1e-5, rtol=1e-5)
 
 

@@ -88,3 +88,20 @@ def test_7b_train_step_compiles_ahead_of_time(trainer_7b):
   # Donation aliases the whole train state: the step needs no second copy of it.
   assert mem.alias_size_in_bytes >= 12 * 6_738_415_616 / 8 * 0.999
   assert mem.argument_size_in_bytes / gib == pytest.approx(12 * 6_738_415_616 / 8 / gib, rel=0.01)
+
+
+def test_activation_constraints_resolve_through_the_rules_table():
+  """One engine for parameters and activations: a mesh axis goes to the first dim asking for it,
+  so activations split over examples only; outside `activate` constraints do nothing."""
+  from jaxllm import config as config_lib
+  rules = config_lib.DEFAULT_RULES
+  assert sharding.logical_to_mesh(P('batch', 'length', 'embed'), rules) == P(('data', 'fsdp'), None, None)
+  assert sharding.logical_to_mesh(P('embed', 'heads', 'head_dim'), rules) == P('fsdp', 'tensor', None)
+  with pytest.raises(ValueError, match="'embd' has no entry in sharding.rules"):
+    sharding.logical_to_mesh(P('batch', 'embd'), rules)
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  x = np.zeros((8, 4, 6), np.float32)
+  f = jax.jit(lambda x: sharding.constrain(x * 2, ('batch', 'length', 'mlp')))
+  with sharding.activate(mesh, rules):
+    assert f(x).sharding.spec == P(('data', 'fsdp'), None, 'tensor')
+  assert sharding.constrain(x, ('batch', 'length', 'mlp')) is x  # no rules active: untouched

@@ -77,22 +77,18 @@ def sample_token(logits_BV, key, *, temperature, top_k, top_p):
 
 def _cache(cfg: model_lib.ModelConfig, batch: int, length: int) -> dict:
   cache = model_lib.init_cache(cfg, batch, length)
-  return jax.tree.map(lambda c: model_lib._constrain(c, model_lib.CACHE_NAMES), cache)
+  return jax.tree.map(lambda c: sharding.constrain(c, model_lib.CACHE_NAMES), cache)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'cache_len'))
-def prefill(graphdef, params, tokens_BP, starts_B, *, cache_len: int):
+def prefill(model: model_lib.Llama, tokens_BP, starts_B, *, cache_len: int):
   """The whole padded prompt in one pass: (logits [B, P, V], cache of `cache_len` slots)."""
-  model = nnx.merge(graphdef, params)
   cache = _cache(model.cfg, tokens_BP.shape[0], cache_len)
   return model.decode(tokens_BP, cache, index=0, starts_B=starts_B)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef',), donate_argnames=('cache',))
-def step(graphdef, params, cache, token_B, index, starts_B):
+def step(model: model_lib.Llama, cache, token_B, index, starts_B):
   """One token per row at cache slot `index`: (logits [B, V], cache)."""
-  logits_B1V, cache = nnx.merge(graphdef, params).decode(token_B[:, None], cache, index=index,
-                                                         starts_B=starts_B)
+  logits_B1V, cache = model.decode(token_B[:, None], cache, index=index, starts_B=starts_B)
   return logits_B1V[:, 0], cache
 
 
@@ -108,8 +104,7 @@ def generate(graphdef, params, tokens_BP, starts_B, key, *, max_new_tokens: int,
   B, P = tokens_BP.shape
   N = max_new_tokens
   sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-  cache = _cache(model.cfg, B, P + N - 1)
-  logits_BPV, cache = model.decode(tokens_BP, cache, index=0, starts_B=starts_B)
+  logits_BPV, cache = prefill(model, tokens_BP, starts_B, cache_len=P + N - 1)
   key, now = jax.random.split(key)
   first_B = sample_token(logits_BPV[:, -1], now, **sampling)
   out_BN = jnp.full((B, N), eos_id, jnp.int32).at[:, 0].set(first_B)
@@ -122,10 +117,9 @@ def generate(graphdef, params, tokens_BP, starts_B, key, *, max_new_tokens: int,
     i, out_BN, cache, done_B, key = carry
     previous_B = jax.lax.dynamic_index_in_dim(out_BN, i - 1, axis=1, keepdims=False)
     # Merged again inside the loop: NNX refuses modules captured from an outer trace level.
-    logits_B1V, cache = nnx.merge(graphdef, params).decode(previous_B[:, None], cache,
-                                                           index=P + i - 1, starts_B=starts_B)
+    logits_BV, cache = step(nnx.merge(graphdef, params), cache, previous_B, P + i - 1, starts_B)
     key, now = jax.random.split(key)
-    token_B = jnp.where(done_B, eos_id, sample_token(logits_B1V[:, 0], now, **sampling))
+    token_B = jnp.where(done_B, eos_id, sample_token(logits_BV, now, **sampling))
     out_BN = jax.lax.dynamic_update_index_in_dim(out_BN, token_B, i, axis=1)
     return i + 1, out_BN, cache, done_B | (token_B == eos_id), key
 
@@ -134,8 +128,8 @@ def generate(graphdef, params, tokens_BP, starts_B, key, *, max_new_tokens: int,
   is_eos_BN = out_BN == eos_id
   lengths_B = jnp.where(is_eos_BN.any(axis=1), jnp.argmax(is_eos_BN, axis=1), N)
   # Replicated, so every process can read the result.
-  return {'tokens': model_lib._constrain(out_BN, (None, None)),
-          'lengths': model_lib._constrain(lengths_B.astype(jnp.int32), (None,))}
+  return {'tokens': sharding.constrain(out_BN, (None, None)),
+          'lengths': sharding.constrain(lengths_B.astype(jnp.int32), (None,))}
 
 
 def sample_texts(graphdef, params, tokenizer: tokenizer_lib.Tokenizer, prompts: Sequence[str], *,
