@@ -176,10 +176,42 @@ def accelerator_recipe(config: ml_collections.ConfigDict, *, seq_len: int, globa
   return config
 
 
+# The smallest valid value of each numeric key that has one (the others are checked below).
+MINIMUMS = {
+    'model.vocab_size': 1, 'model.d_model': 1, 'model.n_layers': 1, 'model.n_heads': 1,
+    'model.n_kv_heads': 1, 'model.head_dim': 2, 'model.mlp_dim': 1, 'model.sliding_window': 0,
+    'model.norm_eps': 0, 'model.rope_theta': 1,
+    'data.seq_len': 2, 'data.worker_count': 0, 'data.eval_files': 0,
+    'train.global_batch_size': 1, 'train.microbatches': 1, 'train.loss_chunk': 0,
+    'train.num_steps': 1, 'train.log_every': 1, 'train.eval_every': 0, 'train.eval_batches': 0,
+    'train.sample_tokens': 0, 'train.sample_temperature': 0,
+    'optim.peak_lr': 0, 'optim.warmup_steps': 0, 'optim.decay_steps': 0, 'optim.eps': 0,
+    'optim.weight_decay': 0, 'optim.clip_norm': 0, 'optim.skip_nonfinite': 0,
+    'checkpoint.every': 0, 'checkpoint.keep_latest': 1, 'checkpoint.keep_every': 0,
+    'mesh.dcn_data': 1, 'mesh.dcn_fsdp': 1,
+}
+
+
+def _below_minimum(config: ml_collections.ConfigDict) -> list[str]:
+  errors = []
+  for key, least in MINIMUMS.items():
+    section, name = key.split('.')
+    value = config[section][name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      errors.append(f'{key}={value!r} must be a number')
+    elif value < least:
+      errors.append(f'{key}={value} must be >= {least}')
+  return errors
+
+
 def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
   """Cross-field checks; each error names the keys to change. `mesh_shape` is resolved."""
   m, t = config.model, config.train
-  errors = []
+  errors = _below_minimum(config)
+  if not config.data.eval_source and config.data.eval_files < 1:
+    errors.append('data.eval_files=0 leaves no held-out split: set it >= 1 or set data.eval_source')
+  if errors:  # the checks below divide by these values
+    raise ValueError('invalid config: ' + '; '.join(errors))
   if m.n_heads % m.n_kv_heads:
     errors.append(f'model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}')
   tensor = mesh_shape['tensor']
@@ -191,21 +223,18 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> N
   if m.head_dim % 2:
     errors.append(f'model.head_dim={m.head_dim} must be even for RoPE')
   batch_ways = mesh_shape['data'] * mesh_shape['fsdp']
-  if t.microbatches < 1 or t.global_batch_size % t.microbatches:
+  if t.global_batch_size % t.microbatches:
     errors.append(f'train.global_batch_size={t.global_batch_size} is not divisible by '
                   f'train.microbatches={t.microbatches}')
   elif (t.global_batch_size // t.microbatches) % batch_ways:
     errors.append(f'train.global_batch_size={t.global_batch_size} / train.microbatches='
                   f'{t.microbatches} must be divisible by mesh.data x mesh.fsdp = {batch_ways}')
-  if t.loss_chunk < 0 or (t.loss_chunk and config.data.seq_len % t.loss_chunk):
+  if t.loss_chunk and config.data.seq_len % t.loss_chunk:
     errors.append(f'train.loss_chunk={t.loss_chunk} must be 0 or divide data.seq_len='
                   f'{config.data.seq_len}')
   o = config.optim
-  if o.decay_steps < 0 or (o.decay_steps == 0 and o.warmup_steps >= t.num_steps):
+  if o.decay_steps == 0 and o.warmup_steps >= t.num_steps:
     errors.append(f'optim.warmup_steps={o.warmup_steps} leaves no steps of decay before '
                   f'train.num_steps={t.num_steps}; lower it or set optim.decay_steps > 0')
-  if config.checkpoint.every < 0 or config.checkpoint.keep_latest < 1:
-    errors.append(f'checkpoint.every={config.checkpoint.every} must be >= 0 and '
-                  f'checkpoint.keep_latest={config.checkpoint.keep_latest} >= 1')
   if errors:
     raise ValueError('invalid config: ' + '; '.join(errors))

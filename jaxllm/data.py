@@ -233,7 +233,7 @@ def make_pipeline(*, source_dir: str | None = None, cache_dir: str, tokenizer_pa
                   process_count: int = 1, sources: str | Sequence[tuple[str, float]] = '',
                   eval_source: str = '', text_field: str = 'text', tfds_data_dir: str | None = None,
                   skip_bad_records: bool = False, pretokenize: bool = False,
-                  worker_count: int = 0) -> Pipeline:
+                  worker_count: int = 0, train_missing_tokenizer: bool = True) -> Pipeline:
   """Builds (or reuses) the datasets under cache_dir, the tokenizer at tokenizer_path and, with
   pretokenize=True, the token caches; `sources` ('SPEC[@WEIGHT], ...', see the module doc) replaces
   source_dir, and neither means the embedded corpus."""
@@ -249,6 +249,9 @@ def make_pipeline(*, source_dir: str | None = None, cache_dir: str, tokenizer_pa
     found = open_sources(specs, cache_dir=cache_dir, eval_files=eval_files, eval_source=eval_source,
                          text_field=text_field, tfds_data_dir=tfds_data_dir, skip_bad_records=skip_bad_records)
     if not Path(tokenizer_path).exists():
+      if not train_missing_tokenizer:  # a typo or unmounted volume must not get a new tokenizer
+        raise FileNotFoundError(f'data.tokenizer={tokenizer_path} does not exist: fix the path, or '
+                                'leave data.tokenizer empty to train one into the workdir')
       train_tokenizer(tokenizer_path, tokenizer_sample(found), vocab_size)
     tokenizer = tokenizer_lib.open_tokenizer(tokenizer_path)
     if tokenizer.vocab_size != vocab_size:

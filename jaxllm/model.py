@@ -77,7 +77,7 @@ class ModelConfig:
       raise ValueError(f'model.attention={self.attention!r}: choose one of {ATTENTION_IMPLS}')
     if self.rope_scaling not in ROPE_SCALINGS:
       raise ValueError(f'model.rope_scaling={self.rope_scaling!r}: choose one of {ROPE_SCALINGS}')
-    if self.n_heads % self.n_kv_heads:
+    if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
       raise ValueError(f'model.n_heads={self.n_heads} is not a multiple of '
                        f'model.n_kv_heads={self.n_kv_heads}')
 

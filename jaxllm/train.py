@@ -243,7 +243,7 @@ def make_pipeline(config: ml_collections.ConfigDict, workdir: str, batch_size: i
   d, run = config.data, rundir.RunDir(workdir)
   return data_lib.make_pipeline(
       source_dir=d.source_dir or None, cache_dir=run.data_cache(config),
-      tokenizer_path=run.tokenizer_path(config),
+      tokenizer_path=run.tokenizer_path(config), train_missing_tokenizer=not d.tokenizer,
       vocab_size=config.model.vocab_size, seq_len=d.seq_len, batch_size=batch_size,
       eval_files=d.eval_files, seed=d.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), sources=d.sources, eval_source=d.eval_source,

@@ -1,6 +1,7 @@
 """Configs load, validate and fail loudly; the model-size table gives the published sizes."""
 
 import pathlib
+import re
 
 import jax
 import pytest
@@ -91,3 +92,25 @@ def test_validate_names_the_keys(overrides, keys):
 def test_every_size_cites_a_source():
   for name, row in config_lib.MODEL_SIZES.items():
     assert row['source'], name
+
+
+@pytest.mark.parametrize('key', sorted(config_lib.MINIMUMS))
+def test_each_numeric_key_below_its_minimum_is_named(key):
+  """Zero and negative values fail validation naming the key, before anything divides by them."""
+  config = config_lib.base_config()
+  section, name = key.split('.')
+  least = config_lib.MINIMUMS[key]
+  config[section][name] = type(config[section][name])(least - 1)
+  with pytest.raises(ValueError, match=rf'{re.escape(key)}=\S+ must be >= {least}'):
+    config_lib.validate(config, {'data': 1, 'fsdp': 1, 'tensor': 1})
+  config[section][name] = type(config[section][name])(least)
+  assert not config_lib._below_minimum(config)  # the minimum itself is valid
+
+
+def test_no_eval_split_is_named():
+  config = config_lib.base_config()
+  config.data.eval_files = 0
+  with pytest.raises(ValueError, match='data.eval_files=0 leaves no held-out split'):
+    config_lib.validate(config, {'data': 1, 'fsdp': 1, 'tensor': 1})
+  config.data.eval_source = '/data/held_out.txt'
+  config_lib.validate(config, {'data': 1, 'fsdp': 1, 'tensor': 1})

@@ -186,6 +186,15 @@ def test_eval_stats_match_batches(pipe):
   assert abs(counted - stats['bytes']) <= stats['docs']  # only the dummy-prefix space differs
 
 
+def test_a_missing_configured_tokenizer_is_an_error_not_retrained(pipe, work):
+  """data.tokenizer pointing nowhere (a typo, an unmounted volume) must not get a new tokenizer:
+  ids from an unrelated vocabulary would train or evaluate silently."""
+  missing = work / 'elsewhere' / 'spm.model'
+  with pytest.raises(FileNotFoundError, match=f'data.tokenizer={missing} does not exist'):
+    _make(work, tokenizer_path=str(missing), train_missing_tokenizer=False)
+  assert not missing.exists()
+
+
 def test_tokenizer_reused_and_round_trips_held_out_text(pipe, work, corpus):
   path = work / 'tokenizer.model'
   before = (path.stat().st_mtime_ns, path.read_bytes())
