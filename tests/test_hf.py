@@ -25,20 +25,10 @@ from safetensors import safe_open  # noqa: E402
 
 from jaxllm import checkpoint as checkpoint_lib  # noqa: E402
 from jaxllm import model as model_lib  # noqa: E402
-from jaxllm.convert import hf  # noqa: E402
+from jaxllm.convert import export, hf, hf_tokenizer, import_, safetensors_io  # noqa: E402
 
 REPO = pathlib.Path(__file__).parent.parent
 B, L = 2, 16
-
-
-def _tool(name):
-  spec = importlib.util.spec_from_file_location(name, REPO / 'tools' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-to_hf_tool, from_hf_tool = _tool('convert_to_hf'), _tool('convert_from_hf')
 
 # Tiny shape shared by every family: hidden 64, 2 layers, vocab 128, GQA 4/2 unless changed.
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -94,14 +84,14 @@ def test_import_and_export_match_transformers(case, tokens, tmp_path):
   model.save_pretrained(tmp_path / 'hf', max_shard_size='40KB' if case == 'qwen2' else '5GB')
   expected = hf_logits(model, tokens)
 
-  params, section = from_hf_tool.load_hf(str(tmp_path / 'hf'))
+  params, section = import_.load_hf(str(tmp_path / 'hf'))
   ours = jax_logits(params, section, tokens)
   LARGEST[case, 'import'] = float(np.abs(ours - expected).max())
   np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
 
   # Llama 2 is exported sharded (a tiny shard limit) to prove the index.
-  limit = 40_000 if case == 'llama2' else hf.MAX_SHARD_BYTES
-  to_hf_tool.export(params, section, str(tmp_path / 'out'), max_shard_bytes=limit)
+  limit = 40_000 if case == 'llama2' else safetensors_io.MAX_SHARD_BYTES
+  export.export(params, section, str(tmp_path / 'out'), max_shard_bytes=limit)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(
       tmp_path / 'out', dtype=torch.float32, attn_implementation='eager').eval()
   assert type(reloaded).__name__ == type(model).__name__ or case == 'llama2'
@@ -123,8 +113,8 @@ def test_import_and_export_match_transformers(case, tokens, tmp_path):
 def test_bfloat16_export(tokens, tmp_path):
   model = hf_model('llama3')
   model.save_pretrained(tmp_path / 'hf')
-  params, section = from_hf_tool.load_hf(str(tmp_path / 'hf'))
-  to_hf_tool.export(params, section, str(tmp_path / 'out'), dtype='bfloat16')
+  params, section = import_.load_hf(str(tmp_path / 'hf'))
+  export.export(params, section, str(tmp_path / 'out'), dtype='bfloat16')
   config = json.loads((tmp_path / 'out' / 'config.json').read_text())
   assert config['dtype'] == config['torch_dtype'] == 'bfloat16'
   with safe_open(str(tmp_path / 'out' / 'model.safetensors'), 'numpy') as f:
@@ -156,12 +146,11 @@ def test_config_json_has_both_transformers_forms():
 def test_import_writes_a_checkpoint_that_init_from_reads(tmp_path):
   model = hf_model('qwen3')
   model.save_pretrained(tmp_path / 'hf')
-  section = from_hf_tool.convert(str(tmp_path / 'hf'), str(tmp_path / 'out'))
+  section = import_.convert(str(tmp_path / 'hf'), str(tmp_path / 'out'))
   ckpt, step = checkpoint_lib.open_for_init(str(tmp_path / 'out' / 'checkpoints'))
   cfg = model_lib.ModelConfig.from_section(section)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = to_hf_tool._nest({path: jax.ShapeDtypeStruct(shape, np.float32, sharding=device)
-                               for path, shape in hf.param_shapes(cfg).items()})
+  abstract = hf.abstract_params(cfg, dtype='float32', sharding=device)
   params = ckpt.restore_params(step, abstract)  # what checkpoint.init_from does
   q_path = ('layers', 'self_attn', 'q_proj')
   alone = ckpt.read_param(step, q_path, abstract['layers']['self_attn']['q_proj'])  # the exporter
@@ -202,7 +191,7 @@ def test_pickled_weights_are_refused(tmp_path):
   (tmp_path / 'pytorch_model.bin').write_bytes(b'not read')
   (tmp_path / 'config.json').write_text(json.dumps(transformers.LlamaConfig(**TINY).to_dict()))
   with pytest.raises(hf.UnsupportedError, match='pytorch_model.bin.*unpickling runs arbitrary'):
-    from_hf_tool.load_hf(str(tmp_path))
+    import_.load_hf(str(tmp_path))
 
 
 @pytest.mark.parametrize('change, named', [
@@ -242,9 +231,9 @@ def test_key_table_covers_every_parameter_of_every_variant():
 
 
 def test_shard_plan():
-  plan = hf.shard_plan([('a', 4), ('b', 4), ('c', 10), ('d', 1)], max_shard_bytes=8)
+  plan = safetensors_io.shard_plan([('a', 4), ('b', 4), ('c', 10), ('d', 1)], max_shard_bytes=8)
   assert plan == [['a', 'b'], ['c'], ['d']]
-  assert hf.shard_index(plan, 19)['weight_map']['c'] == 'model-00002-of-00003.safetensors'
+  assert safetensors_io.shard_index(plan, 19)['weight_map']['c'] == 'model-00002-of-00003.safetensors'
 
 
 # Where sentencepiece and a careless HF conversion part: a leading space ('▁▁a', not '▁a'),
@@ -270,11 +259,10 @@ def test_exported_tokenizer_encodes_like_jaxllm(tmp_path, options):
   data.train_tokenizer(str(tmp_path / 'tokenizer.model'), train, 512, **options)
   out = tmp_path / 'out'
   out.mkdir()
-  to_hf_tool.write_tokenizer(str(tmp_path / 'tokenizer.model'), str(out),
-                             model_max_length=1 << 20)
+  ours = tokenizer_lib.open_tokenizer(str(tmp_path / 'tokenizer.model'))
+  export.write_tokenizer(ours.model_proto(), str(out), model_max_length=1 << 20)
   # A model_type, as an export has, takes AutoTokenizer down the route a real export does.
   (out / 'config.json').write_text(json.dumps({'model_type': 'llama'}))
-  ours = tokenizer_lib.open_tokenizer(str(tmp_path / 'tokenizer.model'))
   theirs = transformers.AutoTokenizer.from_pretrained(out)
   assert any(ours.sp.is_byte(i) for i in ours.encode('☃'))  # byte fallback is exercised
   texts = TOKENIZER_TEXTS + held_out + [' ' + t for t in held_out[:10]]
@@ -293,7 +281,7 @@ def test_exported_tokenizer_encodes_like_jaxllm(tmp_path, options):
   proto = sentencepiece_model_pb2.ModelProto.FromString(ours.sp.serialized_model_proto())
   proto.trainer_spec.treat_whitespace_as_suffix = True  # an option with no equivalent: refused
   with pytest.raises(hf.UnsupportedError, match='treat_whitespace_as_suffix'):
-    hf.tokenizer_json(proto.SerializeToString())
+    hf_tokenizer.tokenizer_json(proto.SerializeToString())
 
 
 def test_largest_differences_report():
