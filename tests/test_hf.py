@@ -172,6 +172,10 @@ def test_import_writes_a_checkpoint_that_init_from_reads(tmp_path):
   config = module.get_config()
   assert config.model.qk_norm and config.model.head_dim == 32
   assert config.checkpoint.init_from == str(tmp_path / 'out' / 'checkpoints')
+  # The import's output reopens as a run: exporting a step it lacks names the flag, not a key.
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r'--step=7 is not a checkpoint of '
+                     r'--workdir=.*steps \[0\]'):
+    export.export_run(str(tmp_path / 'out'), str(tmp_path / 'again'), step=7)
 
 
 def test_command_lines_round_trip(tokens, tmp_path):
@@ -328,7 +332,8 @@ def test_trained_model_generates_the_same_tokens_in_transformers(tmp_path):
                                    eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist())
   assert theirs == ours, [tokenizer.decode(t) for t in theirs + ours]
   # A few steps of training leave a model that may repeat one token: the logits of the prompt
-  # and its continuation, compared directly, are what makes this check sharp.
+  # and its continuation, compared directly, are what makes this check sharp. They reach about 4
+  # here, where a float32 ulp is 4.8e-7: 2.4e-6 measured (5 ulps), so 1e-5 as the bound.
   full = np.asarray([prompts[0] + ours[0]], np.int32)
   jax_out = np.asarray(jax.jit(lambda p, t: nnx.merge(trainer.graphdef, p)(t))(params, full))
-  np.testing.assert_allclose(hf_logits(model, full), jax_out, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(hf_logits(model, full), jax_out, atol=1e-5, rtol=0)
