@@ -276,7 +276,7 @@ def test_exported_tokenizer_encodes_like_jaxllm(tmp_path, options):
   texts = TOKENIZER_TEXTS + held_out + [' ' + t for t in held_out[:10]]
   texts += ['<tool>x</tool> <tool>', ' <tool>']
   if options.get('model_type') == 'unigram':
-    # Known difference: see hf._unigram_vocab ('<' is not in this tokenizer's vocabulary).
+    # Known difference: see hf_tokenizer._unigram_vocab ('<' is not in this tokenizer's vocabulary).
     texts.remove(TOKENIZER_TEXTS[-1])
   for text in texts:
     ids = theirs(text)['input_ids']

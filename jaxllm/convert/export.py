@@ -7,7 +7,7 @@ companions (`hf_tokenizer`). A run's checkpoint is read one stored parameter at 
 tensor converted and written as it comes, so the export never holds the whole model
 (docs/benchmarks.md).
 
-Imports five jaxllm modules: it is the conversion's wiring (the run directory and its checkpoint
+Imports six jaxllm modules: it is the conversion's wiring (the run directory and its checkpoint
 on one side; the key table, the safetensors writer and the tokenizer files on the other).
 """
 
