@@ -20,17 +20,15 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
 from jaxllm import metrics
 from jaxllm import model as model_lib
+from jaxllm.convert import import_
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / 'tools'))
-import convert_from_hf  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _DIR = flags.DEFINE_string('dir', None, 'Scratch directory (deleted first).')
@@ -39,14 +37,13 @@ flags.mark_flags_as_required(['config', 'dir'])
 
 
 def write_random_checkpoint(model: dict, workdir: str) -> tuple[int, int]:
-  """A params-only checkpoint of `model` at step 0; (parameter bytes, largest tensor bytes)."""
+  """A run directory with a params-only checkpoint of `model` at step 0, as an import writes it;
+  (parameter bytes, largest tensor bytes)."""
   cfg = model_lib.ModelConfig.from_section(model)
   params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(model_lib.Llama(cfg, rngs=nnx.Rngs(0)))))()
   sizes = [x.nbytes for x in jax.tree.leaves(params)]
-  convert_from_hf.write_checkpoint(params, model, workdir)
+  import_.write_run(params, model, workdir, source='a random initialisation')
   del params  # the children below should have the machine's memory to themselves
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump({'model': model}, f)
   return sum(sizes), max(sizes)
 
 

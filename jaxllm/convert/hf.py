@@ -7,16 +7,13 @@ way. jaxllm stacks layers (leading `layers` dim); HF names them `model.layers.{i
 
 No file IO and no torch here: tensors are numpy arrays handed in and out one at a time (an export
 that reads one stored parameter at a time never holds the whole model), configs are JSON-able
-dicts. The tools in
-`tools/convert_*_hf.py` do the reading and writing.
+dicts. `export.py` and `import_.py` beside it do the reading and writing.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import math
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -26,19 +23,17 @@ import numpy as np
 from flax import nnx
 
 from jaxllm import model as model_lib
+from jaxllm.convert import UnsupportedError
 
 # model_type -> the architecture class transformers builds for it.
 FAMILIES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
             'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM'}
 DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
-MAX_SHARD_BYTES = 5 * 10**9  # shard safetensors above this, as transformers does ('5GB')
+CONFIG_FILE = 'config.json'  # of an HF model folder (HF's layout; a workdir's is rundir's)
+GENERATION_CONFIG_FILE = 'generation_config.json'
 # Tensors some checkpoints carry that hold nothing the model needs (old Llama saves wrote the
 # RoPE table as a buffer).
 IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)
-
-
-class UnsupportedError(ValueError):
-  """An HF model, option or file that jaxllm cannot convert faithfully; the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +107,15 @@ def param_shapes(cfg: model_lib.ModelConfig) -> dict[tuple[str, ...], tuple[int,
   return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
+def abstract_params(cfg: model_lib.ModelConfig, *, dtype: str | None = None,
+                    sharding: jax.sharding.Sharding | None = None) -> dict:
+  """The params pure dict as jax.ShapeDtypeStructs (`dtype` or cfg.param_dtype): what a
+  checkpoint read or restore of the whole model, or of one parameter, is given as its target."""
+  dt = DTYPES[dtype or cfg.param_dtype]
+  return nest({path: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+               for path, shape in param_shapes(cfg).items()})
+
+
 def tensor_specs(cfg: model_lib.ModelConfig) -> list[TensorSpec]:
   """Every HF tensor of `cfg`'s model in checkpoint order (layer by layer)."""
   shapes = param_shapes(cfg)
@@ -134,7 +138,8 @@ def tensor_specs(cfg: model_lib.ModelConfig) -> list[TensorSpec]:
   return specs[:1] + layers + specs[1:]
 
 
-def _get(params: Mapping, path: tuple[str, ...]):
+def at_path(params: Mapping, path: tuple[str, ...]):
+  """params[path[0]][path[1]]...: one leaf of a nested dict."""
   for key in path:
     params = params[key]
   return params
@@ -159,9 +164,9 @@ def to_hf(params: Mapping | Callable[[tuple[str, ...]], np.ndarray], cfg: model_
   shapes = param_shapes(cfg)
   if not callable(params):
     for path, want in shapes.items():
-      got = tuple(_get(params, path).shape)
+      got = tuple(at_path(params, path).shape)
       assert got == want, f'params[{".".join(path)}] has shape {got}, the config says {want}'
-  get = params if callable(params) else lambda path: _get(params, path)
+  get = params if callable(params) else lambda path: at_path(params, path)
   path, whole = None, None
   for spec in export_order(cfg):
     if spec.path != path:
@@ -213,10 +218,11 @@ def from_hf(names: Iterable[str], get_tensor: Callable[[str], np.ndarray],
       flat[spec.path][...] = x
     else:
       flat[spec.path][spec.layer] = x
-  return _nest(flat)
+  return nest(flat)
 
 
-def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
+def nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
+  """{('a', 'b'): x} -> {'a': {'b': x}}: a flat path map as the params pure dict."""
   out: dict = {}
   for path, value in flat.items():
     node = out
@@ -332,7 +338,8 @@ def model_config_to_hf(model: Mapping[str, Any], *, family: str | None = None,
                        bos_token_id: int | None = 1, eos_token_id: int | None = 2) -> dict:
   """config.json for a jaxllm `model` section, loadable by transformers 4.4x and 5.x: both RoPE
   forms (5.x `rope_parameters`; 4.x `rope_theta` + `rope_scaling`) and both dtype keys."""
-  m = dataclasses.asdict(model_lib.ModelConfig.from_section(model))  # fills defaults of keys an old config lacks
+  # from_section fills in the defaults of keys an old config lacks.
+  m = dataclasses.asdict(model_lib.ModelConfig.from_section(model))
   family = family or family_of(m)
   if family not in FAMILIES:
     raise UnsupportedError(f'family={family!r}: choose one of {sorted(FAMILIES)}')
@@ -370,204 +377,3 @@ def model_config_to_hf(model: Mapping[str, Any], *, family: str | None = None,
 
 def generation_config(*, bos_token_id: int | None = 1, eos_token_id: int | None = 2) -> dict:
   return {'bos_token_id': bos_token_id, 'eos_token_id': eos_token_id}
-
-
-# --- files (names and plans only; tools/ does the writing) ----------------------------------
-
-
-def check_weight_files(names: Iterable[str]) -> list[str]:
-  """The safetensors files to read among a checkpoint directory's file names. Pickled weights
-  (`.bin`, `.pt`, `.pth`) are never read: unpickling runs arbitrary code."""
-  names = sorted(names)
-  found = [n for n in names if n.endswith('.safetensors')]
-  if found:
-    return found
-  pickles = [n for n in names if n.endswith(('.bin', '.pt', '.pth', '.ckpt'))]
-  if pickles:
-    raise UnsupportedError(
-        f'{pickles[0]} is a pickled PyTorch checkpoint: refused, since unpickling runs arbitrary '
-        'code. Convert it to safetensors first from a trusted environment (transformers: '
-        'model.save_pretrained(dir, safe_serialization=True)).')
-  raise UnsupportedError('no *.safetensors weights found')
-
-
-def shard_plan(sizes: Iterable[tuple[str, int]], max_shard_bytes: int = MAX_SHARD_BYTES
-               ) -> list[list[str]]:
-  """Tensor names grouped in order into shards of at most `max_shard_bytes` (a bigger tensor
-  gets a shard of its own)."""
-  shards: list[list[str]] = [[]]
-  used = 0
-  for name, nbytes in sizes:
-    if shards[-1] and used + nbytes > max_shard_bytes:
-      shards.append([])
-      used = 0
-    shards[-1].append(name)
-    used += nbytes
-  return shards
-
-
-def shard_file_names(n: int) -> list[str]:
-  if n == 1:
-    return ['model.safetensors']
-  return [f'model-{i + 1:05d}-of-{n:05d}.safetensors' for i in range(n)]
-
-
-def shard_index(shards: list[list[str]], total_bytes: int) -> dict:
-  """model.safetensors.index.json for a sharded checkpoint."""
-  files = shard_file_names(len(shards))
-  return {'metadata': {'total_size': total_bytes},
-          'weight_map': {name: f for f, names in zip(files, shards) for name in names}}
-
-
-def tokenizer_config(*, bos: str | None = '<s>', eos: str | None = '</s>',
-                     unk: str | None = '<unk>', model_max_length: int = 4096) -> dict:
-  """tokenizer_config.json for the `tokenizer_json` beside it.
-
-  The class is the generic fast tokenizer, so transformers 4.x and 5.x both run tokenizer.json as
-  written: 5.x's `LlamaTokenizer` would rebuild it around a Metaspace pre-tokenizer, which drops
-  one '▁' from a text that starts with a space. jaxllm's tokenizer encodes without bos/eos (the
-  data pipeline adds them per document); HF conventionally adds bos, which tokenizer.json's
-  post-processor does (5.x reads add_bos_token only when there is no tokenizer.json).
-  sentencepiece reads '<s>' in a text as plain characters: split_special_tokens makes HF do so."""
-  return {'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': bos, 'eos_token': eos,
-          'unk_token': unk, 'pad_token': None, 'add_bos_token': bos is not None,
-          'add_eos_token': False, 'split_special_tokens': True,
-          'model_max_length': model_max_length, 'clean_up_tokenization_spaces': False}
-
-
-# sentencepiece ModelProto piece types and model types.
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
-_UNIGRAM, _BPE = 1, 2
-_UNK_PENALTY = 10.0  # sentencepiece's (and tokenizers') score of an unknown char below the lowest
-
-
-def tokenizer_json(model_proto: bytes) -> dict:
-  """tokenizer.json (the `tokenizers` library's format) that encodes like the sentencepiece model
-  `model_proto` (its serialized bytes), built from the proto alone: no transformers needed.
-
-  sentencepiece prefixes '▁' to every non-empty text, then turns each space into '▁' (' a' ->
-  '▁▁a'); the Metaspace pre-tokenizer of transformers' Llama tokenizer skips the prefix when the
-  text already starts with one. So the normalizer here takes sentencepiece's steps in its order
-  and there is no pre-tokenizer (bar user-defined pieces): the model sees the whole text, as
-  sentencepiece's does. BPE is exact, on any text, for identity normalization (jaxllm's
-  default); a precompiled charsmap (nmt_nfkc) goes through `tokenizers`' Precompiled normalizer,
-  which differs on rare combining sequences. Unigram: see `_unigram_vocab`. Raises
-  UnsupportedError, naming the field, for options this mapping does not reproduce."""
-  from sentencepiece import sentencepiece_model_pb2  # needs protobuf, as sentencepiece does
-
-  proto = sentencepiece_model_pb2.ModelProto()
-  proto.ParseFromString(model_proto)
-  spec, norm = proto.trainer_spec, proto.normalizer_spec
-  unused = [p.piece for p in proto.pieces if p.type == _UNUSED]
-  refuse = {f'trainer_spec.model_type={spec.model_type}': spec.model_type not in (_UNIGRAM, _BPE),
-            'trainer_spec.treat_whitespace_as_suffix': spec.treat_whitespace_as_suffix,
-            'normalizer_spec.escape_whitespaces=false': not norm.escape_whitespaces,
-            'a denormalizer_spec': bool(proto.denormalizer_spec.precompiled_charsmap),
-            f'UNUSED pieces ({unused[:3]})': bool(unused)}
-  for field, bad in refuse.items():
-    if bad:
-      raise UnsupportedError(f'sentencepiece model: {field} has no tokenizer.json equivalent '
-                             'here (models from tools/train_tokenizer.py all convert)')
-
-  pieces = [p.piece for p in proto.pieces]
-  specials = {i: pieces[i] for i in (spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id) if i >= 0}
-  added = [dict(id=i, content=p, single_word=False, lstrip=False, rstrip=False,
-                normalized=False, special=True) for i, p in sorted(specials.items())]
-  # sentencepiece cuts user-defined pieces out of the normalized text (longest first) and emits
-  # each whole. An added token would not do: `tokenizers` normalizes its content too, so the
-  # dummy prefix would make '<tool>' match only as '▁<tool>'.
-  user_defined = sorted((p.piece for p in proto.pieces if p.type == _USER_DEFINED), key=len,
-                        reverse=True)
-  pre_tokenizer = None
-  if user_defined:
-    pre_tokenizer = {'type': 'Split', 'behavior': 'Isolated', 'invert': False,
-                     'pattern': {'Regex': '|'.join(re.escape(p) for p in user_defined)}}
-  post = None
-  if spec.bos_id >= 0:  # bos + text (+ bos + text for a pair), as Llama's
-    bos = pieces[spec.bos_id]
-    post = {'type': 'TemplateProcessing',
-            'single': [_special(bos, 0), _sequence('A', 0)],
-            'pair': [_special(bos, 0), _sequence('A', 0), _special(bos, 1), _sequence('B', 1)],
-            'special_tokens': {bos: {'id': bos, 'ids': [spec.bos_id], 'tokens': [bos]}}}
-  if spec.model_type == _BPE:
-    model = {'type': 'BPE', 'dropout': None,
-             'unk_token': pieces[spec.unk_id] if spec.unk_id >= 0 else None,
-             'continuing_subword_prefix': None, 'end_of_word_suffix': None,
-             'fuse_unk': True, 'byte_fallback': spec.byte_fallback,
-             # A pre-token that is a piece comes out whole: that emits user-defined pieces, which
-             # no merge forms. The text between them gets it too; sentencepiece's BPE gives each
-             # of its pieces back whole as well (checked on an 8k vocabulary).
-             'ignore_merges': bool(user_defined),
-             'vocab': {p: i for i, p in enumerate(pieces)}, 'merges': _bpe_merges(proto)}
-  else:
-    model = {'type': 'Unigram', 'unk_id': spec.unk_id if spec.unk_id >= 0 else None,
-             'vocab': _unigram_vocab(proto), 'byte_fallback': spec.byte_fallback}
-  return {'version': '1.0', 'truncation': None, 'padding': None, 'added_tokens': added,
-          'normalizer': _spm_normalizer(norm), 'pre_tokenizer': pre_tokenizer,
-          'post_processor': post, 'decoder': _spm_decoder(norm), 'model': model}
-
-
-def _spm_normalizer(norm) -> dict:
-  """sentencepiece's normalization in its order: the charsmap, whitespace cleanup, the dummy
-  prefix, then each space to '▁'."""
-  steps = []
-  if norm.precompiled_charsmap:  # e.g. nmt_nfkc; identity (jaxllm's default) has none
-    steps.append({'type': 'Precompiled',
-                  'precompiled_charsmap': base64.b64encode(norm.precompiled_charsmap).decode()})
-  if norm.remove_extra_whitespaces:  # spaces only, not tabs or newlines
-    steps += [_replace(r'\A +| +\z', '', regex=True), _replace(' {2,}', ' ', regex=True)]
-  if norm.add_dummy_prefix:  # even before a space; `tokenizers` leaves an empty text empty too
-    steps.append({'type': 'Prepend', 'prepend': '\u2581'})
-  steps.append(_replace(' ', '\u2581'))
-  return {'type': 'Sequence', 'normalizers': steps}
-
-
-def _spm_decoder(norm) -> dict:
-  """'▁' back to spaces, byte pieces back to UTF-8, less the dummy prefix's space."""
-  steps = [_replace('\u2581', ' '), {'type': 'ByteFallback'}, {'type': 'Fuse'}]
-  if norm.add_dummy_prefix:  # after Fuse, so that only the text's first space goes
-    steps.append({'type': 'Strip', 'content': ' ', 'start': 1, 'stop': 0})
-  return {'type': 'Sequence', 'decoders': steps}
-
-
-def _bpe_merges(proto) -> list[list[str]]:
-  """sentencepiece BPE merges the adjacent pair whose concatenation is the highest-scoring piece
-  (leftmost on a tie): every (left, right) split of each piece into two pieces, best merged
-  score first. Only ordinary pieces take part: user-defined ones are matched whole before the
-  model, and control and byte pieces never form from text."""
-  normal = {p.piece: p for p in proto.pieces if p.type == _NORMAL}
-  merges = []
-  for i, p in enumerate(proto.pieces):
-    if p.type != _NORMAL:
-      continue
-    for k in range(1, len(p.piece)):
-      left, right = p.piece[:k], p.piece[k:]
-      if left in normal and right in normal:
-        merges.append((-p.score, i, k, left, right))
-  return [[left, right] for *_, left, right in sorted(merges)]
-
-
-def _unigram_vocab(proto) -> list[list]:
-  """[piece, score] by id. sentencepiece's lattice never matches control, unknown or byte pieces
-  in text; `tokenizers`' matches every piece, so those score below any other segmentation of
-  their characters. Two known differences remain. `tokenizers` scores an unknown char from the
-  lowest score in the vocabulary, now one of these, so such a piece written out in a text ('<s>',
-  '<0x41>') still wins where the vocabulary lacks one of its characters. And sentencepiece sums
-  scores in float32: in a long text two segmentations closer than its rounding can part."""
-  lowest = min((p.score for p in proto.pieces if p.type == _NORMAL), default=0.0)
-  never = lambda n: n * (lowest - _UNK_PENALTY) - 1.0
-  return [[p.piece, never(len(p.piece)) if p.type in (_UNKNOWN, _CONTROL, _BYTE) else p.score]
-          for p in proto.pieces]
-
-
-def _replace(pattern: str, content: str, *, regex: bool = False) -> dict:
-  return {'type': 'Replace', 'pattern': {'Regex' if regex else 'String': pattern},
-          'content': content}
-
-
-def _special(token: str, type_id: int) -> dict:
-  return {'SpecialToken': {'id': token, 'type_id': type_id}}
-
-
-def _sequence(name: str, type_id: int) -> dict:
-  return {'Sequence': {'id': name, 'type_id': type_id}}

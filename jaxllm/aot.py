@@ -1,0 +1,122 @@
+"""Ahead-of-time compile of a config's train step for N devices: per-device memory, and a planner.
+
+Lowers and compiles from abstract shapes (no weights allocated) on the devices present, which
+for planning are N fake CPU devices (`tools/aot_compile.py --devices=N`). Two kinds of figure,
+kept apart by name:
+
+- measured by XLA (`compiled.memory_analysis()`, this backend's buffer assignment): argument,
+  output, aliased (donated) and temporary bytes per device, and the total they make;
+- computed here: the parameters' and optimizer state's shard bytes from their shardings (exact),
+  the gradients' bytes as an estimate (one gradient per parameter shard, in the parameters'
+  dtype: XLA reports gradients only inside the temporaries, not apart), and the analytic model
+  FLOPs.
+
+The memory is the CPU backend's, a regression signal and a planning estimate, not a GPU
+measurement: XLA attention on CPU materialises the [batch, heads, seq, seq] scores, which cuDNN
+flash attention on GPU does not, so on GPU the real temporaries are smaller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import jax
+import ml_collections
+
+from jaxllm import model as model_lib
+from jaxllm import train
+
+GIB = 2 ** 30
+# Least recompute first: the planner's tie-break between equal tokens per step.
+_REMAT_COST = {r: i for i, r in enumerate(['none', 'save_all_dots', 'save_dots', 'full'])}
+
+
+@dataclasses.dataclass
+class Estimate:
+  """One compiled train step; bytes are per device."""
+
+  per_device_batch: int
+  remat: str
+  seq_len: int
+  params_bytes: int  # this device's parameter shards (from the shardings)
+  opt_bytes: int  # this device's optimizer-state shards (from the shardings)
+  grad_bytes_estimate: int  # not measured: one gradient per parameter shard, as params_bytes
+  argument_bytes: int  # XLA: the step's inputs (state and batch)
+  output_bytes: int  # XLA: the step's outputs (new state and metrics)
+  alias_bytes: int  # XLA: outputs written in place of donated inputs
+  temp_bytes: int  # XLA: every temporary (gradients, activations, workspace)
+  total_bytes: int  # XLA's figures combined: arguments + outputs - aliases + temporaries
+  model_flops: float  # per device and step, analytic (model.flops_per_token)
+  compile_s: float
+
+  @property
+  def tokens_per_step(self) -> int:
+    """Tokens per device and step."""
+    return self.per_device_batch * self.seq_len
+
+  def fits(self, budget_gib: float) -> bool:
+    return self.total_bytes <= budget_gib * GIB
+
+
+def _shard_bytes(tree) -> int:
+  return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+             for a in jax.tree.leaves(tree))
+
+
+def estimate(config: ml_collections.ConfigDict, per_device_batch: int, remat: str) -> Estimate:
+  """Compiles the step of `config` with this batch per device and remat policy, on the devices
+  present, and reads its memory. `config` is changed (remat, batch, microbatches = 1)."""
+  with config.unlocked():
+    config.model.remat = remat
+    config.train.global_batch_size = per_device_batch * jax.device_count()
+    config.train.microbatches = 1
+  trainer = train.setup(config)
+  seq = config.data.seq_len
+  start = time.perf_counter()
+  compiled = trainer.compile_train_step(config.train.global_batch_size, seq)
+  compile_s = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  params = _shard_bytes(trainer.abstract_state['params'])
+  return Estimate(
+      per_device_batch=per_device_batch, remat=remat, seq_len=seq, params_bytes=params,
+      opt_bytes=_shard_bytes(trainer.abstract_state['opt_state']),
+      grad_bytes_estimate=params,
+      argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+      alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
+      total_bytes=(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                   - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
+      model_flops=model_lib.flops_per_token(trainer.model_cfg, seq) * per_device_batch * seq,
+      compile_s=compile_s)
+
+
+def plan(config: ml_collections.ConfigDict, batches: list[int], remats: list[str],
+         budget_gib: float) -> list[Estimate]:
+  """Every (remat, batch) tried, largest batch first per remat until one fits (a smaller batch
+  with that policy fits too and carries fewer tokens); ranked: fitting first, then by tokens per
+  step, then by the least recompute (none < save_dots < full)."""
+  found = []
+  for remat in remats:
+    for batch in sorted(batches, reverse=True):
+      est = estimate(config.copy_and_resolve_references(), batch, remat)
+      found.append(est)
+      if est.fits(budget_gib):
+        break
+  return sorted(found, key=lambda e: (not e.fits(budget_gib), -e.tokens_per_step,
+                                      _REMAT_COST.get(e.remat, len(_REMAT_COST))))
+
+
+HEADER = (f'{"batch":>5} {"remat":>13} {"tokens":>8} {"params":>7} {"opt":>7} {"~grads":>7} '
+          f'{"args":>7} {"temp":>8} {"total":>8} {"TFLOP":>8} {"comp s":>6}  fits'
+          '   (GiB per device; args, temp, total: XLA; ~grads: estimate, inside temp)')
+
+
+def row(e: Estimate, budget_gib: float) -> str:
+  """One line under HEADER."""
+  return (f'{e.per_device_batch:>5} {e.remat:>13} {e.tokens_per_step:>8,} '
+          f'{e.params_bytes / GIB:>7.2f} {e.opt_bytes / GIB:>7.2f} '
+          f'{e.grad_bytes_estimate / GIB:>7.2f} {e.argument_bytes / GIB:>7.2f} '
+          f'{e.temp_bytes / GIB:>8.2f} {e.total_bytes / GIB:>8.2f} '
+          f'{e.model_flops / 1e12:>8.1f} {e.compile_s:>6.1f}  '
+          f'{"yes" if e.fits(budget_gib) else "no"}')

@@ -1,0 +1,186 @@
+"""A sentencepiece model as the tokenizer files of an HF model folder.
+
+`tokenizer_json` builds the `tokenizers` library's tokenizer.json from the serialized
+sentencepiece model alone (no transformers needed) so that it encodes every text as sentencepiece
+does; `files` gives every tokenizer file an export writes, as contents, for the caller to write.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+
+from jaxllm.convert import UnsupportedError
+
+TOKENIZER_MODEL = 'tokenizer.model'  # HF's name for the sentencepiece model in a model folder
+
+
+def files(model_proto: bytes, *, model_max_length: int) -> dict[str, bytes | dict]:
+  """File name -> contents (JSON-able dict, or bytes) of the tokenizer files of an HF model
+  folder: tokenizer.json, which AutoTokenizer runs, with its tokenizer_config.json and
+  special_tokens_map.json, and the sentencepiece model itself for sentencepiece users."""
+  from sentencepiece import sentencepiece_model_pb2  # needs protobuf, as sentencepiece does
+
+  proto = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
+  spec = proto.trainer_spec
+  piece = lambda i: proto.pieces[i].piece if i >= 0 else None
+  specials = dict(bos=piece(spec.bos_id), eos=piece(spec.eos_id), unk=piece(spec.unk_id))
+  return {
+      'tokenizer.json': tokenizer_json(model_proto),  # first: refuses what it cannot express
+      'tokenizer_config.json': tokenizer_config(**specials, model_max_length=model_max_length),
+      'special_tokens_map.json': {f'{k}_token': v for k, v in specials.items() if v is not None},
+      TOKENIZER_MODEL: model_proto}
+
+
+def tokenizer_config(*, bos: str | None = '<s>', eos: str | None = '</s>',
+                     unk: str | None = '<unk>', model_max_length: int = 4096) -> dict:
+  """tokenizer_config.json for the `tokenizer_json` beside it.
+
+  The class is the generic fast tokenizer, so transformers 4.x and 5.x both run tokenizer.json as
+  written: 5.x's `LlamaTokenizer` would rebuild it around a Metaspace pre-tokenizer, which drops
+  one '▁' from a text that starts with a space. jaxllm's tokenizer encodes without bos/eos (the
+  data pipeline adds them per document); HF conventionally adds bos, which tokenizer.json's
+  post-processor does (5.x reads add_bos_token only when there is no tokenizer.json).
+  sentencepiece reads '<s>' in a text as plain characters: split_special_tokens makes HF do so."""
+  return {'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': bos, 'eos_token': eos,
+          'unk_token': unk, 'pad_token': None, 'add_bos_token': bos is not None,
+          'add_eos_token': False, 'split_special_tokens': True,
+          'model_max_length': model_max_length, 'clean_up_tokenization_spaces': False}
+
+
+# sentencepiece ModelProto piece types and model types.
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+_UNIGRAM, _BPE = 1, 2
+_UNK_PENALTY = 10.0  # sentencepiece's (and tokenizers') score of an unknown char below the lowest
+
+
+def tokenizer_json(model_proto: bytes) -> dict:
+  """tokenizer.json (the `tokenizers` library's format) that encodes like the sentencepiece model
+  `model_proto` (its serialized bytes), built from the proto alone: no transformers needed.
+
+  sentencepiece prefixes '▁' to every non-empty text, then turns each space into '▁' (' a' ->
+  '▁▁a'); the Metaspace pre-tokenizer of transformers' Llama tokenizer skips the prefix when the
+  text already starts with one. So the normalizer here takes sentencepiece's steps in its order
+  and there is no pre-tokenizer (bar user-defined pieces): the model sees the whole text, as
+  sentencepiece's does. BPE is exact, on any text, for identity normalization (jaxllm's
+  default); a precompiled charsmap (nmt_nfkc) goes through `tokenizers`' Precompiled normalizer,
+  which differs on rare combining sequences. Unigram: see `_unigram_vocab`. Raises
+  UnsupportedError, naming the field, for options this mapping does not reproduce."""
+  from sentencepiece import sentencepiece_model_pb2  # needs protobuf, as sentencepiece does
+
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(model_proto)
+  spec, norm = proto.trainer_spec, proto.normalizer_spec
+  unused = [p.piece for p in proto.pieces if p.type == _UNUSED]
+  refuse = {f'trainer_spec.model_type={spec.model_type}': spec.model_type not in (_UNIGRAM, _BPE),
+            'trainer_spec.treat_whitespace_as_suffix': spec.treat_whitespace_as_suffix,
+            'normalizer_spec.escape_whitespaces=false': not norm.escape_whitespaces,
+            'a denormalizer_spec': bool(proto.denormalizer_spec.precompiled_charsmap),
+            f'UNUSED pieces ({unused[:3]})': bool(unused)}
+  for field, bad in refuse.items():
+    if bad:
+      raise UnsupportedError(f'sentencepiece model: {field} has no tokenizer.json equivalent '
+                             'here (models from tools/train_tokenizer.py all convert)')
+
+  pieces = [p.piece for p in proto.pieces]
+  specials = {i: pieces[i] for i in (spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id) if i >= 0}
+  added = [dict(id=i, content=p, single_word=False, lstrip=False, rstrip=False,
+                normalized=False, special=True) for i, p in sorted(specials.items())]
+  # sentencepiece cuts user-defined pieces out of the normalized text (longest first) and emits
+  # each whole. An added token would not do: `tokenizers` normalizes its content too, so the
+  # dummy prefix would make '<tool>' match only as '▁<tool>'.
+  user_defined = sorted((p.piece for p in proto.pieces if p.type == _USER_DEFINED), key=len,
+                        reverse=True)
+  pre_tokenizer = None
+  if user_defined:
+    pre_tokenizer = {'type': 'Split', 'behavior': 'Isolated', 'invert': False,
+                     'pattern': {'Regex': '|'.join(re.escape(p) for p in user_defined)}}
+  post = None
+  if spec.bos_id >= 0:  # bos + text (+ bos + text for a pair), as Llama's
+    bos = pieces[spec.bos_id]
+    post = {'type': 'TemplateProcessing',
+            'single': [_special(bos, 0), _sequence('A', 0)],
+            'pair': [_special(bos, 0), _sequence('A', 0), _special(bos, 1), _sequence('B', 1)],
+            'special_tokens': {bos: {'id': bos, 'ids': [spec.bos_id], 'tokens': [bos]}}}
+  if spec.model_type == _BPE:
+    model = {'type': 'BPE', 'dropout': None,
+             'unk_token': pieces[spec.unk_id] if spec.unk_id >= 0 else None,
+             'continuing_subword_prefix': None, 'end_of_word_suffix': None,
+             'fuse_unk': True, 'byte_fallback': spec.byte_fallback,
+             # A pre-token that is a piece comes out whole: that emits user-defined pieces, which
+             # no merge forms. The text between them gets it too; sentencepiece's BPE gives each
+             # of its pieces back whole as well (checked on an 8k vocabulary).
+             'ignore_merges': bool(user_defined),
+             'vocab': {p: i for i, p in enumerate(pieces)}, 'merges': _bpe_merges(proto)}
+  else:
+    model = {'type': 'Unigram', 'unk_id': spec.unk_id if spec.unk_id >= 0 else None,
+             'vocab': _unigram_vocab(proto), 'byte_fallback': spec.byte_fallback}
+  return {'version': '1.0', 'truncation': None, 'padding': None, 'added_tokens': added,
+          'normalizer': _spm_normalizer(norm), 'pre_tokenizer': pre_tokenizer,
+          'post_processor': post, 'decoder': _spm_decoder(norm), 'model': model}
+
+
+def _spm_normalizer(norm) -> dict:
+  """sentencepiece's normalization in its order: the charsmap, whitespace cleanup, the dummy
+  prefix, then each space to '▁'."""
+  steps = []
+  if norm.precompiled_charsmap:  # e.g. nmt_nfkc; identity (jaxllm's default) has none
+    steps.append({'type': 'Precompiled',
+                  'precompiled_charsmap': base64.b64encode(norm.precompiled_charsmap).decode()})
+  if norm.remove_extra_whitespaces:  # spaces only, not tabs or newlines
+    steps += [_replace(r'\A +| +\z', '', regex=True), _replace(' {2,}', ' ', regex=True)]
+  if norm.add_dummy_prefix:  # even before a space; `tokenizers` leaves an empty text empty too
+    steps.append({'type': 'Prepend', 'prepend': '\u2581'})
+  steps.append(_replace(' ', '\u2581'))
+  return {'type': 'Sequence', 'normalizers': steps}
+
+
+def _spm_decoder(norm) -> dict:
+  """'▁' back to spaces, byte pieces back to UTF-8, less the dummy prefix's space."""
+  steps = [_replace('\u2581', ' '), {'type': 'ByteFallback'}, {'type': 'Fuse'}]
+  if norm.add_dummy_prefix:  # after Fuse, so that only the text's first space goes
+    steps.append({'type': 'Strip', 'content': ' ', 'start': 1, 'stop': 0})
+  return {'type': 'Sequence', 'decoders': steps}
+
+
+def _bpe_merges(proto) -> list[list[str]]:
+  """sentencepiece BPE merges the adjacent pair whose concatenation is the highest-scoring piece
+  (leftmost on a tie): every (left, right) split of each piece into two pieces, best merged
+  score first. Only ordinary pieces take part: user-defined ones are matched whole before the
+  model, and control and byte pieces never form from text."""
+  normal = {p.piece: p for p in proto.pieces if p.type == _NORMAL}
+  merges = []
+  for i, p in enumerate(proto.pieces):
+    if p.type != _NORMAL:
+      continue
+    for k in range(1, len(p.piece)):
+      left, right = p.piece[:k], p.piece[k:]
+      if left in normal and right in normal:
+        merges.append((-p.score, i, k, left, right))
+  return [[left, right] for *_, left, right in sorted(merges)]
+
+
+def _unigram_vocab(proto) -> list[list]:
+  """[piece, score] by id. sentencepiece's lattice never matches control, unknown or byte pieces
+  in text; `tokenizers`' matches every piece, so those score below any other segmentation of
+  their characters. Two known differences remain. `tokenizers` scores an unknown char from the
+  lowest score in the vocabulary, now one of these, so such a piece written out in a text ('<s>',
+  '<0x41>') still wins where the vocabulary lacks one of its characters. And sentencepiece sums
+  scores in float32: in a long text two segmentations closer than its rounding can part."""
+  lowest = min((p.score for p in proto.pieces if p.type == _NORMAL), default=0.0)
+  never = lambda n: n * (lowest - _UNK_PENALTY) - 1.0
+  return [[p.piece, never(len(p.piece)) if p.type in (_UNKNOWN, _CONTROL, _BYTE) else p.score]
+          for p in proto.pieces]
+
+
+def _replace(pattern: str, content: str, *, regex: bool = False) -> dict:
+  return {'type': 'Replace', 'pattern': {'Regex' if regex else 'String': pattern},
+          'content': content}
+
+
+def _special(token: str, type_id: int) -> dict:
+  return {'SpecialToken': {'id': token, 'type_id': type_id}}
+
+
+def _sequence(name: str, type_id: int) -> dict:
+  return {'Sequence': {'id': name, 'type_id': type_id}}

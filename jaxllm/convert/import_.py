@@ -1,0 +1,112 @@
+"""A Hugging Face model folder (safetensors only) as a jaxllm run directory to fine-tune from.
+
+Writes, through `rundir.RunDir(out)`: the checkpoint at step 0 (parameters and config, the layout
+`checkpoint.init_from` reads), config.json (the jaxllm `model` section, so the export and the
+evaluation CLIs reopen it as a run) and config.py (base config + that model section +
+checkpoint.init_from, and data.tokenizer when the HF folder has a sentencepiece tokenizer.model,
+copied into the run). Pickled `.bin` weights are refused: unpickling runs code.
+
+Imports six jaxllm modules: it is the conversion's wiring (the key table and the safetensors
+reader on one side; the checkpointer and the run directory on the other).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pprint
+import shutil
+from typing import Any
+
+from jaxllm import checkpoint as checkpoint_lib
+from jaxllm import model as model_lib
+from jaxllm import rundir
+from jaxllm.convert import hf, hf_tokenizer, safetensors_io
+
+
+def load_hf(hf_dir: str, *, dtype: str = 'float32') -> tuple[dict, dict[str, Any]]:
+  """(params pure dict of numpy arrays, jaxllm `model` section) from an HF model folder."""
+  with open(os.path.join(hf_dir, hf.CONFIG_FILE)) as f:
+    model = hf.model_config_from_hf(json.load(f))
+  model['param_dtype'] = dtype
+  names, read = safetensors_io.open_weights(hf_dir)
+  params = hf.from_hf(names, read, model_lib.ModelConfig.from_section(model))
+  return params, model
+
+
+def write_checkpoint(params: dict, model: dict[str, Any], directory: str) -> str:
+  """Step 0 in the checkpoint directory `directory`: the `params` item that `restore_params`
+  reads and a `meta` item with the config {'model': model}; returns the directory."""
+  import jax
+  # Orbax copies numpy leaves before writing them but reads a CPU jax.Array in place: move the
+  # leaves over in place, so each numpy array is freed as its copy is made (2 GiB less peak host
+  # memory for the 1B model, docs/benchmarks.md).
+  def to_device(tree):
+    for key, value in tree.items():
+      tree[key] = to_device(value) if isinstance(value, dict) else jax.device_put(value)
+    return tree
+  to_device(params)
+  ckpt = checkpoint_lib.Checkpointer(directory, async_save=False)
+  try:
+    ckpt.save_params(0, params, {'model': model})
+  finally:
+    ckpt.close()
+  return ckpt.directory
+
+
+_CONFIG_PY = '''"""Fine-tune {source} (imported by tools/convert_from_hf.py).
+
+    python -m jaxllm.main --config={path} --workdir=DIR
+"""
+
+from jaxllm import config as config_lib
+
+MODEL = {model}
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.name = {name!r}
+  c.model.update(MODEL)
+  c.checkpoint.init_from = {init_from!r}
+{tokenizer}  return c
+'''
+
+
+def write_config_py(run: rundir.RunDir, model: dict[str, Any], *, source: str, checkpoints: str,
+                    tokenizer: str | None) -> None:
+  """config.py: the config to fine-tune with (`jaxllm.main --config=`)."""
+  body = _CONFIG_PY.format(
+      source=source, path=run.config_py,
+      model=pprint.pformat(model, indent=4, sort_dicts=False),
+      name=os.path.basename(run.workdir.rstrip('/')), init_from=checkpoints,
+      tokenizer=(f'  c.data.tokenizer = {tokenizer!r}\n' if tokenizer else
+                 '  # This model has no sentencepiece tokenizer.model: set data.tokenizer.\n'))
+  with open(run.config_py, 'w') as f:
+    f.write(body)
+
+
+def write_run(params: dict, model: dict[str, Any], out: str, *, source: str,
+              tokenizer_model: str | None = None) -> rundir.RunDir:
+  """The run directory `out`: checkpoint, config.json, config.py and (given the path of a
+  sentencepiece `tokenizer_model`) a copy of the tokenizer. `params` leaves are moved to device
+  arrays as they are written (see write_checkpoint)."""
+  run = rundir.RunDir(out)
+  os.makedirs(out, exist_ok=True)
+  checkpoints = write_checkpoint(params, model, run.checkpoints())
+  tokenizer = None
+  if tokenizer_model:
+    tokenizer = os.path.abspath(run.tokenizer_path())
+    shutil.copyfile(tokenizer_model, tokenizer)
+  run.write_config({'model': model})
+  write_config_py(run, model, source=source, checkpoints=checkpoints, tokenizer=tokenizer)
+  return run
+
+
+def convert(hf_dir: str, out: str, *, dtype: str = 'float32') -> dict[str, Any]:
+  """`load_hf` then `write_run`; returns the jaxllm `model` section."""
+  params, model = load_hf(hf_dir, dtype=dtype)
+  tokenizer = os.path.join(hf_dir, hf_tokenizer.TOKENIZER_MODEL)
+  write_run(params, model, out, source=hf_dir,
+            tokenizer_model=tokenizer if os.path.exists(tokenizer) else None)
+  return model
