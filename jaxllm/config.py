@@ -20,8 +20,8 @@ MODEL_SIZES = {
                         vocab_size=128_256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
                         head_dim=64, mlp_dim=8192, rope_theta=500_000.0, norm_eps=1e-5,
                         tie_embeddings=True),
-    'llama2-7b': dict(source='Touvron et al. 2023, Llama 2, Table 1; meta-llama/Llama-2-7b-hf '
-                             'config.json',
+    'llama2-7b': dict(source='Touvron et al. 2023, Llama 2, Table 1; the config.json of '
+                             'meta-llama/Llama-2-7b-hf',
                       vocab_size=32_000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
                       head_dim=128, mlp_dim=11_008, rope_theta=10_000.0, norm_eps=1e-5,
                       tie_embeddings=False),
