@@ -180,11 +180,15 @@ def _train_step(trainer: Trainer, state, batch):
   grads = jax.tree.map(lambda g: g / tokens, grads)
   updates, opt_state = trainer.tx.update(grads, state['opt_state'], params)
   new_params = optax.apply_updates(params, updates)
+  # The new parameters are checked too: a finite loss and gradient can still give an update that
+  # overflows, and a saved state must never be one that cannot be trained on.
+  params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
   metrics = {'loss': loss_sum / tokens, 'grad_norm': optax.tree.norm(grads),
+             'params_finite': params_finite.astype(jnp.float32),
              'lr': trainer.schedule(state['step']), 'tokens': tokens}
   if trainer.skip_nonfinite:
     # A bad step leaves params and optimizer state as they were; its batch is still consumed.
-    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm']) & params_finite
     new_params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                          (new_params, opt_state), (params, state['opt_state']))
   return {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state}, metrics
@@ -224,19 +228,40 @@ class NonFiniteGuard:
   def __init__(self, max_in_a_row: int = 0):
     self.max_in_a_row, self.in_a_row, self.skipped = max_in_a_row, 0, 0
 
-  def check(self, step: int, metrics: Mapping[str, float]) -> None:
-    if np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm']):
+  def check(self, step: int, metrics: Mapping[str, float],
+            resume_hint: Callable[[], str] = str) -> None:
+    """`resume_hint()` is said when the run stops (see resume_hint below)."""
+    finite = (np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])
+              and metrics.get('params_finite', 1.0) == 1.0)
+    if finite:
       self.in_a_row = 0
       return
-    what = f'non-finite loss or gradient at step {step} (loss={metrics["loss"]}, grad_norm=' \
-           f'{metrics["grad_norm"]})'
+    what = (f'non-finite loss or gradient at step {step} (loss={metrics["loss"]}, grad_norm='
+            f'{metrics["grad_norm"]}, parameters finite after the update: '
+            f'{bool(metrics.get("params_finite", 1.0))})')
     self.in_a_row, self.skipped = self.in_a_row + 1, self.skipped + 1
     if self.in_a_row > self.max_in_a_row:
       limit = (f'{self.in_a_row} in a row, more than optim.skip_nonfinite={self.max_in_a_row}; '
                if self.max_in_a_row else '')
-      raise FloatingPointError(f'{what}; {limit}lower optim.peak_lr or raise optim.warmup_steps')
+      raise FloatingPointError(f'{what}; {limit}lower optim.peak_lr or raise optim.warmup_steps, '
+                               f'or set optim.skip_nonfinite=K to skip such steps{resume_hint()}')
     logging.warning('%s: update skipped (%d in a row, %d in this process so far)', what,
                     self.in_a_row, self.skipped)
+
+
+def resume_hint(ckpt: checkpoint_lib.Checkpointer, bad_step: int) -> str:
+  """How to continue after a non-finite step: which checkpoint a rerun resumes from, and that
+  the one just before the bad step holds the parameters that produced it."""
+  latest = ckpt.latest_step()
+  if latest is None:
+    return '; no checkpoint was saved, so a rerun starts afresh'
+  hint = f'; a rerun resumes from step {latest} ({ckpt.step_dir(latest)})'
+  if latest == bad_step - 1:
+    older = [s for s in ckpt.all_steps() if s < latest]
+    hint += (', whose parameters gave this step: with the same settings it may fail again; move '
+             f'that directory out of {ckpt.directory} to resume from '
+             f'{f"step {older[-1]}" if older else "scratch"} instead')
+  return hint
 
 
 def make_pipeline(config: ml_collections.ConfigDict, workdir: str, batch_size: int):
@@ -394,13 +419,13 @@ def _train_loop(config, trainer: Trainer, state, train_iter, pipeline, ckpt, wri
       state, step_metrics = trainer.train_step(state, batch)
       # Read step N-1's metrics only now that step N is queued: the device never waits on us.
       if pending is not None:
-        last.update(_finish_step(*pending, reporter, guard, t))
+        last.update(_finish_step(*pending, reporter, guard, t, ckpt))
       pending = (step, step_metrics)
       stop = watch.should_stop(step)
       if stop or (every and step % every == 0) or step == t.num_steps:
         # Check this step's loss first so a non-finite state is never saved. The iterator has
         # given exactly `step` batches here: its state is the position to resume from.
-        last.update(_finish_step(*pending, reporter, guard, t))
+        last.update(_finish_step(*pending, reporter, guard, t, ckpt))
         pending = None
         ckpt.save(step, state, train_iter, config_dict)
       if stop:
@@ -411,15 +436,15 @@ def _train_loop(config, trainer: Trainer, state, train_iter, pipeline, ckpt, wri
       if t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
         last.update(_run_eval(config, trainer, state, pipeline, step, writer))
     if pending is not None:
-      last.update(_finish_step(*pending, reporter, guard, t))
+      last.update(_finish_step(*pending, reporter, guard, t, ckpt))
   last.update(_run_eval(config, trainer, state, pipeline, t.num_steps, writer))
   last['state'] = state
   return last
 
 
-def _finish_step(step: int, device_metrics, reporter, guard: NonFiniteGuard, t) -> dict:
+def _finish_step(step: int, device_metrics, reporter, guard: NonFiniteGuard, t, ckpt) -> dict:
   host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-  guard.check(step, host)
+  guard.check(step, host, resume_hint=lambda: resume_hint(ckpt, step))
   if step % t.log_every == 0 or step == t.num_steps:
     scalars = {k: host[k] for k in ('loss', 'lr', 'grad_norm')}
     if guard.max_in_a_row:

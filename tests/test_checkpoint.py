@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tensorboard.backend.event_processing import event_accumulator
 
 from jaxllm import checkpoint as checkpoint_lib
+from jaxllm import data as data_lib
 from jaxllm import config as config_lib
 from jaxllm import sharding
 from jaxllm import train
@@ -30,8 +31,12 @@ MESHES = {'2,2,2': (2, 2, 2), '1,8,1': (1, 8, 1), '1,1,1': (1, 1, 1)}
 
 @pytest.fixture(scope='module')
 def shared_data(tmp_path_factory):
-  """Tokenizer and dataset built once (by the first run) for every CLI run of this module."""
-  return tmp_path_factory.mktemp('shared')
+  """Tokenizer and dataset built once for every CLI run of this module (which name them in
+  data.tokenizer and data.cache_dir, as a user sharing a tokenizer between runs does)."""
+  shared = tmp_path_factory.mktemp('shared')
+  data_lib.make_pipeline(cache_dir=str(shared / 'data'), tokenizer_path=str(shared / 'tok.model'),
+                         vocab_size=512, seq_len=32, batch_size=8, eval_files=2, seed=0)
+  return shared
 
 
 def cli(workdir, shared, num_steps, *extra):
@@ -233,6 +238,9 @@ def test_non_finite_step_is_never_saved(tmp_path, shared_data):
   bad = int(re.search(r'non-finite loss or gradient at step (\d+)', proc.stderr).group(1))
   steps = sorted(map(int, os.listdir(workdir / 'checkpoints')))
   assert steps and steps[-1] == bad - 1  # the last good step is the latest
+  # ... and the message says a rerun resumes there, whose parameters gave the bad step.
+  assert f'a rerun resumes from step {bad - 1}' in proc.stderr
+  assert f'to resume from step {bad - 2}' in proc.stderr
 
 
 _KILLED_MID_SAVE = '''

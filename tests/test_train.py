@@ -92,6 +92,13 @@ def test_non_finite_loss_names_the_step():
     guard.check(7, NAN)
 
 
+def test_non_finite_parameters_stop_the_run_though_loss_and_gradient_are_finite():
+  guard = train.NonFiniteGuard()
+  with pytest.raises(FloatingPointError, match='step 3.*parameters finite after the update: False'):
+    guard.check(3, {**GOOD, 'params_finite': 0.0}, resume_hint=lambda: '; HINT')
+  guard.check(4, {**GOOD, 'params_finite': 1.0})
+
+
 def test_skip_nonfinite_allows_k_in_a_row_and_counts_them():
   guard = train.NonFiniteGuard(2)
   for step, m in enumerate([NAN, NAN, GOOD, NAN, {'loss': 1.0, 'grad_norm': float('inf')}]):
@@ -121,6 +128,7 @@ def test_skipped_step_keeps_the_state_and_a_good_step_updates_it():
     skipped, metrics = step(poisoned)
     updated, good = step(state)
   assert not np.isfinite(metrics['loss']) and np.isfinite(good['loss'])
+  assert (metrics['params_finite'], good['params_finite']) == (0.0, 1.0)  # checked in the step
   assert skipped['step'] == updated['step'] == 1
   for a, b in zip(jax.tree.leaves(skipped['params']) + jax.tree.leaves(skipped['opt_state']),
                   jax.tree.leaves(poisoned['params']) + jax.tree.leaves(poisoned['opt_state'])):
