@@ -91,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.pretokenize = False  # train from token ids cached under <cache_dir>/tokens (tools/prepare_data.py)
   d.worker_count = 0  # grain worker processes (resume stays exact; batch order differs from 0)
   d.cache_dir = ''  # where the array_record dataset is built; '' = <workdir>/data
-  d.tokenizer = ''  # sentencepiece model path; '' = train one into <workdir>/tokenizer.model
+  d.tokenizer = ''  # sentencepiece model (must exist); '' = <workdir>/tokenizer.model, trained if missing
   d.eval_files = 2  # whole source files held out for evaluation
   d.seq_len = 256  # tokens per row (packed documents)
   d.seed = 0  # shuffling seed
