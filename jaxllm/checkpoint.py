@@ -119,10 +119,12 @@ class Checkpointer:
   def save_params(self, step: int, params: Mapping[str, Any], config: Mapping[str, Any]) -> None:
     """Parameters and config only (an imported model to fine-tune from: `checkpoint.init_from`
     reads it with restore_params); waits until committed."""
-    self._manager.save(step, args=ocp.args.Composite(
+    saved = self._manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         meta=ocp.args.JsonSave({'step': step, 'config': dict(config)})))
     self.wait()
+    if not saved:  # Orbax declines to overwrite a step: the old parameters would stay
+      raise CheckpointError(f'{self.step_dir(step)} already exists and was not overwritten')
 
   def params_metadata(self, step: int):
     """Saved parameter shapes, read from metadata only."""

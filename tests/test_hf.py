@@ -178,6 +178,35 @@ def test_import_writes_a_checkpoint_that_init_from_reads(tmp_path):
     export.export_run(str(tmp_path / 'out'), str(tmp_path / 'again'), step=7)
 
 
+def test_converters_protect_their_output(tmp_path):
+  """A non-empty --out is refused without --overwrite (an earlier import's step 0 would stay
+  while config.py changed); --overwrite really replaces the weights, and a stale single-file
+  export cannot shadow a new sharded one; --out equal to the source is always refused; a folder
+  name with quotes cannot break out of the generated config.py's docstring."""
+  first, second = hf_model('llama2', seed=0), hf_model('llama2', seed=1)
+  src = tmp_path / 'hf """x'
+  first.save_pretrained(src)
+  out = tmp_path / 'run'
+  import_.convert(str(src), str(out))
+  with pytest.raises(FileExistsError, match=f'--out={out} is not empty.*--overwrite'):
+    import_.convert(str(src), str(out))
+  with pytest.raises(ValueError, match='is the folder being converted'):
+    import_.convert(str(src), str(src), overwrite=True)
+  second.save_pretrained(src)
+  import_.convert(str(src), str(out), overwrite=True)
+  spec = importlib.util.spec_from_file_location('cfg', out / 'config.py')
+  spec.loader.exec_module(importlib.util.module_from_spec(spec))  # still valid Python
+  hf_out = tmp_path / 'hf_out'
+  export.export_run(str(out), str(hf_out))
+  with pytest.raises(FileExistsError, match='--overwrite'):
+    export.export_run(str(out), str(hf_out))
+  export.export_run(str(out), str(hf_out), overwrite=True, max_shard_bytes=20_000)
+  assert not (hf_out / 'model.safetensors').exists()  # would shadow the shards in transformers
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(hf_out, dtype=torch.float32)
+  want = second.state_dict()['model.layers.0.mlp.up_proj.weight']
+  np.testing.assert_array_equal(reloaded.state_dict()['model.layers.0.mlp.up_proj.weight'], want)
+
+
 def test_command_lines_round_trip(tokens, tmp_path):
   """HF -> tools/convert_from_hf.py -> a jaxllm checkpoint dir -> tools/convert_to_hf.py -> HF."""
   import subprocess

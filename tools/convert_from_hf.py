@@ -19,12 +19,14 @@ _HF = flags.DEFINE_string('hf', None, 'HF model directory: config.json and *.saf
 _OUT = flags.DEFINE_string('out', None, 'output directory for the jaxllm checkpoint and config')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', sorted(hf.DTYPES),
                            'parameter dtype of the checkpoint')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'replace what an earlier conversion wrote into a non-empty --out')
 flags.mark_flags_as_required(['hf', 'out'])
 
 
 def main(argv) -> None:
   del argv
-  model = import_.convert(_HF.value, _OUT.value, dtype=_DTYPE.value)
+  model = import_.convert(_HF.value, _OUT.value, dtype=_DTYPE.value,
+                         overwrite=_OVERWRITE.value)
   print(f'wrote {_OUT.value}: {model["n_layers"]} layers, width {model["d_model"]}; fine-tune '
         f'with python -m jaxllm.main --config={rundir.RunDir(_OUT.value).config_py} --workdir=DIR')
 

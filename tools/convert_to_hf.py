@@ -24,6 +24,7 @@ _MAX_POS = flags.DEFINE_integer('max_position_embeddings', 0,
                                 "config.json's value; 0 = data.seq_len")
 _SHARD_GB = flags.DEFINE_float('max_shard_gb', 5.0,
                                'safetensors shard size limit, GB (10^9 bytes)')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'replace what an earlier conversion wrote into a non-empty --out')
 flags.mark_flags_as_required(['workdir', 'out'])
 
 
@@ -32,7 +33,8 @@ def main(argv) -> None:
   step = export.export_run(_WORKDIR.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value,
                            family=_FAMILY.value or None,
                            max_position_embeddings=_MAX_POS.value or None,
-                           max_shard_bytes=int(_SHARD_GB.value * 10**9))
+                           max_shard_bytes=int(_SHARD_GB.value * 10**9),
+                           overwrite=_OVERWRITE.value)
   print(f'wrote {_OUT.value} from step {step} of {_WORKDIR.value} ({_DTYPE.value})')
 
 

@@ -10,6 +10,18 @@ The first three are leaves (no file layout of a run, no torch); the last two com
 the run directory and the checkpointer, and `tools/convert_*_hf.py` are their CLIs.
 """
 
+import os
+
 
 class UnsupportedError(ValueError):
   """An HF model, option or file that jaxllm cannot convert faithfully; the message names it."""
+
+
+def check_out(out: str, *, source: str, overwrite: bool) -> None:
+  """Refuses an --out that is the source folder (it would be overwritten), and one that already
+  holds files unless `overwrite` (a re-conversion would mix old and new files)."""
+  if os.path.realpath(out) == os.path.realpath(source):
+    raise ValueError(f'--out={out} is the folder being converted: choose another one')
+  if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    raise FileExistsError(f'--out={out} is not empty: choose a new folder, or pass --overwrite to '
+                          'replace the files this conversion writes there')

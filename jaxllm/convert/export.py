@@ -21,7 +21,7 @@ from typing import Any
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import model as model_lib
 from jaxllm import rundir
-from jaxllm.convert import UnsupportedError, hf, hf_tokenizer, safetensors_io
+from jaxllm.convert import UnsupportedError, check_out, hf, hf_tokenizer, safetensors_io
 
 def write_weights(params: Mapping | Callable, cfg: model_lib.ModelConfig, out: str, *,
                   dtype: str, max_shard_bytes: int = safetensors_io.MAX_SHARD_BYTES) -> list[str]:
@@ -66,6 +66,9 @@ def export(params: Mapping | Callable, model: Mapping[str, Any], out: str, *,
                                  bos_token_id=bos_token_id, eos_token_id=eos_token_id)
   proto = tokenizer_proto(tokenizer) if tokenizer is not None else None
   os.makedirs(out, exist_ok=True)
+  for name in os.listdir(out):  # an earlier export's weights would shadow or mix with these
+    if name.startswith('model') and name.endswith(('.safetensors', '.safetensors.index.json')):
+      os.remove(os.path.join(out, name))
   if proto is not None:  # first: a tokenizer that cannot convert fails before the weights
     write_tokenizer(proto, out, model_max_length=config['max_position_embeddings'])
   write_weights(params, model_lib.ModelConfig.from_section(model), out, dtype=dtype,
@@ -77,10 +80,12 @@ def export(params: Mapping | Callable, model: Mapping[str, Any], out: str, *,
 
 def export_run(workdir: str, out: str, *, step: int = -1, dtype: str = 'float32',
                family: str | None = None, max_position_embeddings: int | None = None,
-               max_shard_bytes: int = safetensors_io.MAX_SHARD_BYTES) -> int:
+               max_shard_bytes: int = safetensors_io.MAX_SHARD_BYTES,
+               overwrite: bool = False) -> int:
   """`export` of a run's checkpoint at `step` (-1: the latest) and its tokenizer, if the run has
   one; returns the step. The model section is the one the checkpoint was saved with;
   max_position_embeddings defaults to that config's data.seq_len."""
+  check_out(out, source=workdir, overwrite=overwrite)
   run = rundir.RunDir(workdir)
   config = run.load_config()
   ckpt, step = run.open_checkpoint(config, step)

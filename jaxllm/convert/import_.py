@@ -21,7 +21,7 @@ from typing import Any
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import model as model_lib
 from jaxllm import rundir
-from jaxllm.convert import hf, hf_tokenizer, safetensors_io
+from jaxllm.convert import check_out, hf, hf_tokenizer, safetensors_io
 
 
 def load_hf(hf_dir: str, *, dtype: str = 'float32') -> tuple[dict, dict[str, Any]]:
@@ -76,8 +76,11 @@ def get_config():
 def write_config_py(run: rundir.RunDir, model: dict[str, Any], *, source: str, checkpoints: str,
                     tokenizer: str | None) -> None:
   """config.py: the config to fine-tune with (`jaxllm.main --config=`)."""
+  # Paths go into the docstring escaped (a folder name with quotes must not end it) and into
+  # code as repr.
+  escape = lambda text: json.dumps(text)[1:-1]
   body = _CONFIG_PY.format(
-      source=source, path=run.config_py,
+      source=escape(source), path=escape(run.config_py),
       model=pprint.pformat(model, indent=4, sort_dicts=False),
       name=os.path.basename(run.workdir.rstrip('/')), init_from=checkpoints,
       tokenizer=(f'  c.data.tokenizer = {tokenizer!r}\n' if tokenizer else
@@ -87,12 +90,16 @@ def write_config_py(run: rundir.RunDir, model: dict[str, Any], *, source: str, c
 
 
 def write_run(params: dict, model: dict[str, Any], out: str, *, source: str,
-              tokenizer_model: str | None = None) -> rundir.RunDir:
+              tokenizer_model: str | None = None, overwrite: bool = False) -> rundir.RunDir:
   """The run directory `out`: checkpoint, config.json, config.py and (given the path of a
   sentencepiece `tokenizer_model`) a copy of the tokenizer. `params` leaves are moved to device
-  arrays as they are written (see write_checkpoint)."""
+  arrays as they are written (see write_checkpoint). `overwrite` replaces an earlier import's
+  checkpoint there; without it a non-empty `out` is refused."""
+  check_out(out, source=source, overwrite=overwrite)
   run = rundir.RunDir(out)
   os.makedirs(out, exist_ok=True)
+  if overwrite and os.path.isdir(run.checkpoints()):
+    shutil.rmtree(run.checkpoints())  # asked for: the old step 0 would otherwise be kept
   checkpoints = write_checkpoint(params, model, run.checkpoints())
   tokenizer = None
   if tokenizer_model:
@@ -103,10 +110,12 @@ def write_run(params: dict, model: dict[str, Any], out: str, *, source: str,
   return run
 
 
-def convert(hf_dir: str, out: str, *, dtype: str = 'float32') -> dict[str, Any]:
+def convert(hf_dir: str, out: str, *, dtype: str = 'float32',
+            overwrite: bool = False) -> dict[str, Any]:
   """`load_hf` then `write_run`; returns the jaxllm `model` section."""
+  check_out(out, source=hf_dir, overwrite=overwrite)  # before the (long) read
   params, model = load_hf(hf_dir, dtype=dtype)
   tokenizer = os.path.join(hf_dir, hf_tokenizer.TOKENIZER_MODEL)
   write_run(params, model, out, source=hf_dir,
-            tokenizer_model=tokenizer if os.path.exists(tokenizer) else None)
+            tokenizer_model=tokenizer if os.path.exists(tokenizer) else None, overwrite=overwrite)
   return model
