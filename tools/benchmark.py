@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxllm import metrics, model, runtime, sharding, train
+from jaxllm import attention, metrics, model, runtime, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps.')
@@ -81,7 +81,7 @@ def run(config, steps: int, warmup: int) -> dict:
       'dtype': config.model.dtype, 'remat': config.model.remat,
       'loss_chunk': config.train.loss_chunk, 'cpu_reuse_memory': reuse,
       'compiler_options': trainer.compiler_options,
-      'attention': model.attention_implementation(trainer.model_cfg),
+      'attention': attention.kernel(config.model.attention, dtype=config.model.dtype, head_dim=config.model.head_dim, seq_len=seq, packed=False, sliding_window=config.model.sliding_window),
       'mesh': dict(trainer.mesh.shape), 'devices': n_dev, 'device_kind': kind,
       'jax': jax.__version__,
       'tokens_per_s': tokens_per_s, 'tokens_per_s_per_device': tokens_per_s / n_dev,
