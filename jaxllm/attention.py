@@ -11,7 +11,7 @@ Kernels, and what `model.attention` picks:
 | kernel | packed rows reach it as | where it runs | picked by |
 |---|---|---|---|
 | `xla` | a dense [B, 1, L, L] boolean mask | everywhere (the reference) | 'xla'; the fallback |
-| `cudnn` | a dense mask, turned into a [B, 1, L, L] bias by JAX | GPU, bf16/fp16 | 'cudnn'/'auto' on unpacked rows |
+| `cudnn` | a dense mask, turned into a [B, 1, L, L] bias by JAX | GPU, bf16/fp16 | 'cudnn'/'auto' (packed rows: below) |
 | `cudnn_packed` | per-segment lengths and offsets (cuDNN's packed layout) | Hopper+ GPU | 'cudnn'/'auto' on packed rows |
 | `pallas` | segment ids compared inside the kernel's tiles | GPU (Triton); interpret mode elsewhere | 'pallas' |
 
@@ -19,8 +19,9 @@ Kernels, and what `model.attention` picks:
 the same function `jax.nn.dot_product_attention` calls, which does not expose the packed layout):
 present and unchanged in signature from jax 0.10.2 to 0.11.x. Where it is missing, or the GPU is
 older than Hopper (cuDNN's packed layout needs sm90), packed rows go to `cudnn` with the dense
-mask. cuDNN needs a static bound on segments per row: `max_segments(L)`; a batch with a row over
-it takes the dense-mask cuDNN kernel for that step (a `lax.cond`, so results never depend on it).
+mask. cuDNN's packed layout needs a static bound on segments per row, `max_segments`; a batch
+with a row over it runs that step's attention in the Pallas kernel (with a window: the dense-mask
+cuDNN one) through a `lax.cond`: slower, never wrong.
 Each fallback is logged once with its reason.
 """
 
@@ -54,14 +55,16 @@ def mask(segment_ids_BL):
   return (same_BLL & (segment_ids_BL[:, None, :] > 0))[:, None, :, :]
 
 
-def max_segments(seq_len: int) -> int:
-  """Segments per row the packed cuDNN kernel is compiled for: seq_len / 256, at least 16.
+def max_segments(seq_len: int, configured: int = 0) -> int:
+  """Segments per row the packed cuDNN kernel is compiled for (model.attention_max_segments):
+  `configured`, or if 0, seq_len / 256 and at least 16.
 
-  cuDNN walks max_segments x batch (mostly empty) sequences, so the bound should be small; rows
-  from jaxllm/data.py hold documents plus one padding run, and Shakespeare documents are about
-  600 tokens (4096 -> 16 fits the ~8 of a row with room for short ones). Rows over it are still
-  right: that step takes the dense-mask kernel (see the module doc)."""
-  return min(seq_len, max(16, seq_len // 256))
+  cuDNN treats each of the batch x max_segments slots as a sequence of up to seq_len tokens (its
+  softmax statistics are [B x M, H, L] float32, 100 MB a layer for the 1B at batch 12 and M=16),
+  so the bound should be small. Rows from jaxllm/data.py hold documents plus one padding run;
+  Shakespeare documents are about 560 tokens (at 4096: about 7 documents and a padding run a row,
+  at most 11 in `tools/benchmark.py --packed`). Rows over it are still right (module doc)."""
+  return min(seq_len, configured or max(16, seq_len // 256))
 
 
 def packed_layout(segment_ids_BL, num_segments: int):
@@ -172,17 +175,16 @@ def kernel(implementation: str, *, dtype: str, head_dim: int, seq_len: int, pack
       _log_once(logging.WARNING, 'attention: cuDNN with a dense [B, 1, L, L] mask for packed '
                                  'rows, not the packed layout: ' + '; '.join(reasons))
       return 'cudnn'
-    _log_once(logging.INFO, f'attention: cuDNN flash attention, packed layout (at most '
-                            f'{max_segments(seq_len)} segments per row)')
+    _log_once(logging.INFO, 'attention: cuDNN flash attention, packed layout')
     return 'cudnn_packed'
   return 'xla'
 
 
 def attend(q_BLHDh, k_BLKDh, v_BLKDh, segment_ids_BL=None, *, implementation: str,
-           dtype: str, sliding_window: int = 0):
+           dtype: str, sliding_window: int = 0, max_segments_per_row: int = 0):
   """Causal attention [B, L, H, Dh] (GQA when K < H: query head h reads kv head h // (H // K)).
 
-  `segment_ids_BL` None means one document per row."""
+  `segment_ids_BL` None means one document per row; `max_segments_per_row`: see max_segments."""
   B, L, H, Dh = q_BLHDh.shape
   packed = segment_ids_BL is not None
   name = kernel(implementation, dtype=dtype, head_dim=Dh, seq_len=L, packed=packed,
@@ -190,7 +192,8 @@ def attend(q_BLHDh, k_BLKDh, v_BLKDh, segment_ids_BL=None, *, implementation: st
   if name == 'pallas':
     return _pallas(q_BLHDh, k_BLKDh, v_BLKDh, segment_ids_BL)
   if name == 'cudnn_packed':
-    return _cudnn_packed(q_BLHDh, k_BLKDh, v_BLKDh, segment_ids_BL, sliding_window)
+    return _cudnn_packed(q_BLHDh, k_BLKDh, v_BLKDh, segment_ids_BL, sliding_window,
+                         max_segments_per_row)
   return _dense(q_BLHDh, k_BLKDh, v_BLKDh, segment_ids_BL, sliding_window, name)
 
 
@@ -201,24 +204,32 @@ def _dense(q, k, v, segment_ids_BL, sliding_window: int, name: str):
                                       local_window_size=window, implementation=name)
 
 
-def _cudnn_packed(q, k, v, segment_ids_BL, sliding_window: int):
+def _cudnn_packed(q, k, v, segment_ids_BL, sliding_window: int, max_segments_per_row: int):
   fa = _cudnn_internal()
   B, L, H, Dh = q.shape
-  M = max_segments(L)
-  seqlens_BM, offsets_BM1, count_B = packed_layout(segment_ids_BL, M)
+  if k.shape[2] != H and not _packed_gqa_offsets_ok():
+    k, v = (jnp.repeat(x, H // x.shape[2], axis=2) for x in (k, v))
 
-  def packed(q, k, v):
-    if k.shape[2] != H and not _packed_gqa_offsets_ok():
-      k, v = (jnp.repeat(x, H // x.shape[2], axis=2) for x in (k, v))
+  def packed(num_segments, q, k, v):
+    seqlens_BM, offsets_BM1, _ = packed_layout(segment_ids_BL, num_segments)
     return fa.dot_product_attention(
         q, k, v, q_seqlen=seqlens_BM, kv_seqlen=seqlens_BM, q_offsets=offsets_BM1,
         kv_offsets=offsets_BM1, scale=1.0 / math.sqrt(Dh),
         mask_type=fa.MaskType.PADDING_CAUSAL, sliding_window_length=sliding_window or None)
 
-  def dense(q, k, v):
+  M = max_segments(L, max_segments_per_row)
+  if M >= L:
+    return packed(L, q, k, v)
+  # A row can hold up to L segments (1-token pieces), but planning for L would cost cuDNN
+  # B x L x H x L float32 statistics. A batch with a row over M takes a kernel with no bound:
+  # Pallas (small residuals), or with a window the dense-mask cuDNN. Rare, slower, never wrong.
+  def unbounded(q, k, v):
+    if not sliding_window and _pallas_block(L) >= 16:
+      return _pallas(q, k, v, segment_ids_BL)
     return _dense(q, k, v, segment_ids_BL, sliding_window, 'cudnn')
 
-  return jax.lax.cond(jnp.max(count_B) <= M, packed, dense, q, k, v)
+  _, _, count_B = packed_layout(segment_ids_BL, 1)
+  return jax.lax.cond(jnp.max(count_B) <= M, functools.partial(packed, M), unbounded, q, k, v)
 
 
 def _pallas(q, k, v, segment_ids_BL):

@@ -57,6 +57,7 @@ class ModelConfig:
   remat: str = 'none'  # key of REMAT_POLICIES
   scan_layers: bool = True  # False unrolls the layer loop (same math; for tests and profiling)
   attention: str = 'xla'  # attention kernel: 'xla', 'cudnn', 'pallas' or 'auto' (attention.py)
+  attention_max_segments: int = 0  # packed cuDNN: documents per row it plans for; 0 = by length
   # Switches of the Llama-family variants (see jaxllm/convert/hf.py); the defaults are plain Llama.
   qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
   o_bias: bool = False  # bias on the attention output projection (Llama/Qwen3 attention_bias)
@@ -73,6 +74,9 @@ class ModelConfig:
       raise ValueError(f'model.remat={self.remat!r}: choose one of {sorted(REMAT_POLICIES)}')
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(f'model.attention={self.attention!r}: choose one of {ATTENTION_IMPLS}')
+    if self.attention_max_segments < 0:
+      raise ValueError(f'model.attention_max_segments={self.attention_max_segments} must be >= 0 '
+                       '(0 picks it from the sequence length)')
     if self.rope_scaling not in ROPE_SCALINGS:
       raise ValueError(f'model.rope_scaling={self.rope_scaling!r}: choose one of {ROPE_SCALINGS}')
     if self.n_heads % self.n_kv_heads:
@@ -234,7 +238,8 @@ class Attention(nnx.Module):
     cfg = self.cfg
     q, k, v = self._qkv(x_BLD, positions_BL)
     out_BLHDh = attention_lib.attend(q, k, v, segment_ids_BL, implementation=cfg.attention,
-                                     dtype=cfg.dtype, sliding_window=cfg.sliding_window)
+                                     dtype=cfg.dtype, sliding_window=cfg.sliding_window,
+                                     max_segments_per_row=cfg.attention_max_segments)
     return self._output(out_BLHDh)
 
   def decode(self, x_BTD, positions_BT, mask_B1TS, k_BSKDh, v_BSKDh, index):

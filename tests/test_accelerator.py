@@ -89,12 +89,14 @@ def test_cudnn_packed_matches_xla(kv_heads, window):
   compare('cudnn', *inputs(kv_heads), seg, window)
 
 
-def test_cudnn_packed_rows_over_the_bound_take_the_dense_mask():
-  """40 documents of 25 tokens: over max_segments(1024) = 16, so the lax.cond takes the dense
-  mask; the result must still be right."""
+def test_cudnn_packed_rows_over_the_bound_are_still_right():
+  """40 documents of 25 tokens: over max_segments(1024) = 16, so the lax.cond takes the Pallas
+  kernel (with a window, the dense-mask cuDNN one); the result must be the same."""
   gpu_only()
   assert attention.max_segments(L) < 40
-  compare('cudnn', *inputs(2), packed_segment_ids([25] * 40))
+  seg = packed_segment_ids([25] * 40)
+  compare('cudnn', *inputs(2), seg)
+  compare('cudnn', *inputs(2), seg, window=100)
 
 
 @pytest.mark.parametrize('kv_heads', [8, 2])

@@ -118,6 +118,34 @@ def test_packed_layout_matches_a_loop():
 def test_max_segments_bound():
   assert attention.max_segments(4096) == 16 and attention.max_segments(8192) == 32
   assert attention.max_segments(256) == 16 and attention.max_segments(8) == 8
+  assert attention.max_segments(4096, 12) == 12 and attention.max_segments(8, 12) == 8
+  with pytest.raises(ValueError, match='model.attention_max_segments=-1'):
+    model_lib.ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=1, n_kv_heads=1,
+                          head_dim=8, mlp_dim=8, attention_max_segments=-1)
+
+
+@pytest.mark.parametrize('window', [0, 24])
+def test_cudnn_packed_path_traces_with_its_fallback(monkeypatch, window):
+  """The cuDNN packed path cannot run on a CPU, but its gradient traces here once JAX's GPU
+  checks are stubbed: JAX's own argument checks (shapes, dtypes, ranks of the seqlens and offsets)
+  pass, cuDNN sees B x max_segments sequences, and the lax.cond's other branch is the Pallas
+  kernel (with a window: the dense-mask cuDNN kernel)."""
+  fa = attention._cudnn_internal()
+  if fa is None:
+    pytest.skip(f'jax {jax.__version__} has no packed-layout cuDNN wrapper (the dense mask is used)')
+  monkeypatch.setattr(fa, 'check_cudnn_version', lambda: 91000)
+  monkeypatch.setattr(fa, 'check_compute_capability', lambda capability: True)
+  monkeypatch.setattr(fa, 'is_cuda_compute_capability_equal', lambda capability: False)
+  q, k, v, _ = (x.astype(jnp.bfloat16) for x in qkv(2))
+  seg = jnp.asarray(packed_rows())
+
+  def loss(q, k, v):
+    out = attention._cudnn_packed(q, k, v, seg, window, 4)
+    return out.astype(jnp.float32).sum()
+  text = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+  assert 'cond[' in text and 'dot_product_attention_bwd_wrapper' in text
+  assert f'f32[{B * 4},{H},{L}]' in text  # softmax statistics of B x M sequences
+  assert ('pallas_call' in text) == (window == 0)
 
 
 @pytest.mark.parametrize('implementation,window,packed,expected', [

@@ -66,8 +66,8 @@ def corpus_document_tokens(bytes_per_token: float) -> np.ndarray:
   return np.maximum(1, np.round(np.array(lengths) / bytes_per_token)).astype(np.int64)
 
 
-def packed_batches(trainer, n: int, batch: int, seq: int, vocab: int,
-                   bytes_per_token: float) -> tuple[list[dict], dict]:
+def packed_batches(trainer, n: int, batch: int, seq: int, vocab: int, bytes_per_token: float,
+                   max_segments: int = 0) -> tuple[list[dict], dict]:
   """`n` batches of corpus-length documents (random ids) packed as training packs them, and
   statistics of the rows: documents per row, padding, segments per row."""
   rng = np.random.default_rng(0)
@@ -85,7 +85,7 @@ def packed_batches(trainer, n: int, batch: int, seq: int, vocab: int,
            'doc_tokens_mean': float(lengths.mean() + 1), 'doc_tokens_median': float(np.median(lengths) + 1),
            'docs_per_row_mean': float(seg.max(-1).mean()),
            'segments_per_row_max': int(runs.max()),
-           'attention_max_segments': attention.max_segments(seq),
+           'attention_max_segments': attention.max_segments(seq, max_segments),
            'padding_fraction': float((seg == 0).mean())}
   return [sharding.global_batch(b, trainer.batch_sharding) for b in host], stats
 
@@ -105,7 +105,7 @@ def run(config, steps: int, warmup: int, *, packed: bool = False,
   state = trainer.init_state()
   if packed:
     batches, packing = packed_batches(trainer, 4, batch, seq, config.model.vocab_size,
-                                      bytes_per_token)
+                                      bytes_per_token, config.model.attention_max_segments)
   else:
     batches, packing = synthetic_batches(trainer, 4, batch, seq, config.model.vocab_size), None
   times = []
