@@ -34,6 +34,8 @@ import math
 import jax
 import jax.numpy as jnp
 from absl import logging
+from flax.linen import partitioning as nn_partitioning
+from jax.sharding import PartitionSpec as P
 
 IMPLEMENTATIONS = ('xla', 'cudnn', 'pallas', 'auto')  # values of model.attention
 KERNELS = ('xla', 'cudnn', 'cudnn_packed', 'pallas')  # what runs (benchmark lines report it)
@@ -232,7 +234,30 @@ def _cudnn_packed(q, k, v, segment_ids_BL, sliding_window: int, max_segments_per
   return jax.lax.cond(jnp.max(count_B) <= M, functools.partial(packed, M), unbounded, q, k, v)
 
 
+def _per_shard(fn, q, k, v, segment_ids_BL):
+  """Runs `fn` (a kernel XLA cannot partition: a Pallas call) on each device's rows and heads, as
+  the active logical rules shard them; whole rows, since attention needs them. Without a mesh of
+  several devices, just calls it."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(q, k, v, segment_ids_BL)
+  batch, _, heads, _ = nn_partitioning.logical_to_mesh_axes(('batch', 'length', 'heads', 'head_dim'))
+  kv_heads = nn_partitioning.logical_to_mesh_axes(('batch', 'length', 'kv_heads', 'head_dim'))[2]
+  if heads != kv_heads:  # query head h reads kv head h // G only if both split the same way
+    heads = kv_heads = None
+  q_spec, kv_spec = P(batch, None, heads, None), P(batch, None, kv_heads, None)
+  if segment_ids_BL is None:
+    return jax.shard_map(lambda q, k, v: fn(q, k, v, None), in_specs=(q_spec, kv_spec, kv_spec),
+                         out_specs=q_spec, check_vma=False)(q, k, v)
+  return jax.shard_map(fn, in_specs=(q_spec, kv_spec, kv_spec, P(batch, None)), out_specs=q_spec,
+                       check_vma=False)(q, k, v, segment_ids_BL)
+
+
 def _pallas(q, k, v, segment_ids_BL):
+  return _per_shard(_pallas_local, q, k, v, segment_ids_BL)
+
+
+def _pallas_local(q, k, v, segment_ids_BL):
   from jax.experimental.pallas.ops.gpu import attention as pallas_attention
   B, L, H, Dh = q.shape
   if k.shape[2] != H:  # the kernel reads one kv head per query head
