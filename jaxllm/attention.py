@@ -17,7 +17,8 @@ Kernels, and what `model.attention` picks:
 
 `cudnn_packed` calls JAX's internal cuDNN wrapper (`jax._src.cudnn.fused_attention_stablehlo`,
 the same function `jax.nn.dot_product_attention` calls, which does not expose the packed layout):
-present and unchanged in signature from jax 0.10.2 to 0.11.x. Where it is missing, or the GPU is
+the same signature in jax 0.10.2, 0.11.0 and JAX's main branch of 2026-08 (checked; the GPU
+machine's 0.11.2 is checked when the wrapper is found at run time). Where it is missing, or the GPU is
 older than Hopper (cuDNN's packed layout needs sm90), packed rows go to `cudnn` with the dense
 mask. cuDNN's packed layout needs a static bound on segments per row, `max_segments`; a batch
 with a row over it runs that step's attention in the Pallas kernel (with a window: the dense-mask
@@ -69,6 +70,12 @@ def max_segments(seq_len: int, configured: int = 0) -> int:
   return min(seq_len, configured or max(16, seq_len // 256))
 
 
+def _segment_starts(segment_ids_BL):
+  """[B, L] bool: where a run of equal ids (a document, or the padding) begins."""
+  return jnp.concatenate([jnp.ones_like(segment_ids_BL[:, :1], bool),
+                          segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1)
+
+
 def packed_layout(segment_ids_BL, num_segments: int):
   """Segment ids -> cuDNN's packed layout, inside the jit.
 
@@ -79,8 +86,7 @@ def packed_layout(segment_ids_BL, num_segments: int):
   the first two outputs are not valid for that row).
   """
   B, L = segment_ids_BL.shape
-  starts_BL = jnp.concatenate([jnp.ones((B, 1), bool),
-                               segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1)
+  starts_BL = _segment_starts(segment_ids_BL)
   count_B = starts_BL.sum(axis=1, dtype=jnp.int32)
   first_BM1 = jax.vmap(lambda s: jnp.nonzero(s, size=num_segments + 1, fill_value=L)[0])(starts_BL)
   first_BM1 = first_BM1.astype(jnp.int32)
@@ -230,8 +236,8 @@ def _cudnn_packed(q, k, v, segment_ids_BL, sliding_window: int, max_segments_per
       return _pallas(q, k, v, segment_ids_BL)
     return _dense(q, k, v, segment_ids_BL, sliding_window, 'cudnn')
 
-  _, _, count_B = packed_layout(segment_ids_BL, 1)
-  return jax.lax.cond(jnp.max(count_B) <= M, functools.partial(packed, M), unbounded, q, k, v)
+  most = jnp.max(_segment_starts(segment_ids_BL).sum(axis=1))
+  return jax.lax.cond(most <= M, functools.partial(packed, M), unbounded, q, k, v)
 
 
 def _per_shard(fn, q, k, v, segment_ids_BL):
