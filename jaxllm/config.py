@@ -69,7 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'  # compute dtype: 'bfloat16' on accelerators; logits and loss stay float32
   m.remat = 'none'  # activation recompute: none | full | save_dots | save_all_dots
   m.scan_layers = True  # scan over stacked layers (compile time independent of depth)
-  m.attention = 'xla'  # jax.nn.dot_product_attention implementation: xla | cudnn | auto
+  m.attention = 'xla'  # kernel: xla | cudnn | pallas | auto (cuDNN on bf16 GPUs); jaxllm/attention.py
+  m.attention_max_segments = 0  # packed cuDNN: segments per row planned for; 0 = max(16, seq_len/256)
   # Llama-family variants (jaxllm/convert/hf.py sets these when importing a Hugging Face model).
   m.qkv_bias = False  # biases on the q/k/v projections (Qwen2)
   m.o_bias = False  # bias on the attention output projection (Llama/Qwen3 attention_bias=True)

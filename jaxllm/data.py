@@ -164,6 +164,25 @@ def _finish(rows: Batch) -> Batch:
           'segment_ids': rows['inputs_segment_ids'], 'positions': rows['inputs_positions']}
 
 
+def _pack(docs: grain.IterDataset, *, seq_len: int, batch_size: int, seed: int,
+          shuffle: bool) -> grain.IterDataset:
+  """Lists of documents (bos + ids + eos) -> packed rows with segment ids and positions."""
+  chunks = grain.experimental.FlatMapIterDataset(docs, _Chunk(seq_len))
+  return grain.experimental.FirstFitPackIterDataset(
+      chunks, length_struct={'inputs': seq_len, 'targets': seq_len},
+      num_packing_bins=4 * batch_size, seed=seed, shuffle_bins=shuffle)  # more bins, less padding
+
+
+def pack_documents(docs: Sequence[np.ndarray], *, seq_len: int, batch_size: int,
+                   seed: int = 0) -> Iterator[Batch]:
+  """Batches of `docs` (int32 bos + ids + eos each, in this order) packed exactly as training
+  packs them: the same chunking, first-fit packing, segment ids and positions (for benchmarks)."""
+  lists = grain.MapDataset.source(list(docs)).batch(_ENCODE_BATCH, batch_fn=list)
+  rows = _pack(lists.to_iter_dataset(), seq_len=seq_len, batch_size=batch_size, seed=seed,
+               shuffle=True)
+  return iter(rows.batch(batch_size, drop_remainder=True).map(_finish))
+
+
 def _tag(source: int, index: int) -> tuple[int, int]:
   return source, int(index)
 
@@ -191,10 +210,8 @@ class Pipeline:
 
   def _rows(self, order: grain.MapDataset, split: str, *, shuffle: bool) -> grain.IterDataset:
     docs = order.batch(_ENCODE_BATCH, batch_fn=list).map(functools.partial(self._ids, split))
-    chunks = grain.experimental.FlatMapIterDataset(docs.to_iter_dataset(_READ), _Chunk(self.seq_len))
-    return grain.experimental.FirstFitPackIterDataset(
-        chunks, length_struct={'inputs': self.seq_len, 'targets': self.seq_len},
-        num_packing_bins=4 * self.batch_size, seed=self.seed, shuffle_bins=shuffle)  # more bins, less padding
+    return _pack(docs.to_iter_dataset(_READ), seq_len=self.seq_len, batch_size=self.batch_size,
+                 seed=self.seed, shuffle=shuffle)
 
   def train_doc_order(self) -> grain.MapDataset:
     """(source, document) pairs this process reads, in order: each source's shard reshuffled every

@@ -22,10 +22,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from jaxllm import sharding
+
+from jaxllm import attention as attention_lib
 
 REMAT_POLICIES = {
     'none': None,  # keep every activation (most memory, no recompute)
@@ -35,7 +36,7 @@ REMAT_POLICIES = {
     'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     'save_all_dots': jax.checkpoint_policies.checkpoint_dots,  # also keep attention matmuls
 }
-ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
+ATTENTION_IMPLS = attention_lib.IMPLEMENTATIONS
 ROPE_SCALINGS = ('none', 'llama3')
 
 
@@ -58,7 +59,8 @@ class ModelConfig:
   dtype: str = 'float32'  # compute dtype of activations and matmuls; logits come out float32
   remat: str = 'none'  # key of REMAT_POLICIES
   scan_layers: bool = True  # False unrolls the layer loop (same math; for tests and profiling)
-  attention: str = 'xla'  # jax.nn.dot_product_attention implementation: 'xla', 'cudnn' or 'auto'
+  attention: str = 'xla'  # attention kernel: 'xla', 'cudnn', 'pallas' or 'auto' (attention.py)
+  attention_max_segments: int = 0  # packed cuDNN: documents per row it plans for; 0 = by length
   # Switches of the Llama-family variants (see jaxllm/convert/hf.py); the defaults are plain Llama.
   qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
   o_bias: bool = False  # bias on the attention output projection (Llama/Qwen3 attention_bias)
@@ -75,6 +77,9 @@ class ModelConfig:
       raise ValueError(f'model.remat={self.remat!r}: choose one of {sorted(REMAT_POLICIES)}')
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(f'model.attention={self.attention!r}: choose one of {ATTENTION_IMPLS}')
+    if self.attention_max_segments < 0:
+      raise ValueError(f'model.attention_max_segments={self.attention_max_segments} must be >= 0 '
+                       '(0 picks it from the sequence length)')
     if self.rope_scaling not in ROPE_SCALINGS:
       raise ValueError(f'model.rope_scaling={self.rope_scaling!r}: choose one of {ROPE_SCALINGS}')
     if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
@@ -177,33 +182,6 @@ def rope(x_BLNDh, positions_BL, theta: float, inv_freq_h=None):
   return out.astype(x_BLNDh.dtype)
 
 
-def attention_mask(segment_ids_BL):
-  """[B, 1, L, L] mask: a token sees earlier tokens of its own document, never padding (id 0)."""
-  if segment_ids_BL is None:
-    return None
-  same = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
-  return (same & (segment_ids_BL[:, None, :] > 0))[:, None, :, :]
-
-
-def attention_implementation(cfg: ModelConfig) -> str:
-  """Resolves model.attention: 'auto' takes cuDNN flash attention where it applies."""
-  if cfg.attention != 'auto':
-    return cfg.attention
-  reasons = []
-  if jax.default_backend() != 'gpu':
-    reasons.append(f'backend is {jax.default_backend()}')
-  if cfg.dtype not in ('bfloat16', 'float16'):
-    reasons.append(f'model.dtype={cfg.dtype} (cuDNN needs bfloat16 or float16)')
-  if cfg.head_dim % 8 or cfg.head_dim > 256:
-    reasons.append(f'model.head_dim={cfg.head_dim} (cuDNN needs a multiple of 8, at most 256)')
-  if reasons:
-    logging.log_first_n(logging.INFO, 'attention: XLA, not cuDNN flash attention: %s', 1,
-                        '; '.join(reasons))
-    return 'xla'
-  logging.log_first_n(logging.INFO, 'attention: cuDNN flash attention', 1)
-  return 'cudnn'
-
-
 def _dense(x, w, n_in: int = 1, **kwargs):
   """Contracts the last `n_in` dims of `x` with the first `n_in` of `w`, as one 2-D matrix
   product: [tokens, in] @ [in, out]. Same math as the einsum; XLA's CPU backend runs the backward
@@ -263,15 +241,13 @@ class Attention(nnx.Module):
       out_BLD = out_BLD + self.o_bias[...].astype(dt)
     return out_BLD
 
-  def __call__(self, x_BLD, positions_BL, mask_B1LL):
-    """`mask_B1LL`: attention_mask(segment_ids), or None for one document per row."""
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+    """`segment_ids_BL`: packed documents (0 = padding), or None for one document per row."""
     cfg = self.cfg
     q, k, v = self._qkv(x_BLD, positions_BL)
-    # GQA is native: H query heads attend in groups of H // K to each kv head.
-    window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
-    out_BLHDh = jax.nn.dot_product_attention(
-        q, k, v, mask=mask_B1LL, is_causal=True, local_window_size=window,
-        implementation=attention_implementation(cfg))
+    out_BLHDh = attention_lib.attend(q, k, v, segment_ids_BL, implementation=cfg.attention,
+                                     dtype=cfg.dtype, sliding_window=cfg.sliding_window,
+                                     max_segments_per_row=cfg.attention_max_segments)
     return self._output(out_BLHDh)
 
   def decode(self, x_BTD, positions_BT, mask_B1TS, k_BSKDh, v_BSKDh, index):
@@ -314,8 +290,8 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BLD, positions_BL, mask_B1LL):
-    x_BLD = x_BLD + self.self_attn(self.input_layernorm(x_BLD), positions_BL, mask_B1LL)
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+    x_BLD = x_BLD + self.self_attn(self.input_layernorm(x_BLD), positions_BL, segment_ids_BL)
     x_BLD = x_BLD + self.mlp(self.post_attention_layernorm(x_BLD))
     return sharding.constrain(x_BLD, ('batch', 'length', 'embed'))
 
@@ -360,10 +336,9 @@ class Llama(nnx.Module):
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
     x_BLD = sharding.constrain(x_BLD, ('batch', 'length', 'embed'))
-    mask_B1LL = attention_mask(segment_ids_BL)  # once, shared by every layer
 
     def body(x_BLD, layer: DecoderLayer):
-      return layer(x_BLD, positions_BL, mask_B1LL)
+      return layer(x_BLD, positions_BL, segment_ids_BL)
 
     policy = REMAT_POLICIES[cfg.remat]
     if cfg.remat != 'none':

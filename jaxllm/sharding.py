@@ -159,10 +159,15 @@ def activate(mesh: Mesh, rules: Rules):
     _RULES.reset(token)
 
 
+def active_spec(names: Sequence[str | None]) -> P | None:
+  """The mesh PartitionSpec of logical `names` under the enclosing `activate`'s rules; None
+  outside one."""
+  rules = _RULES.get()
+  return None if rules is None else logical_to_mesh(P(*names), rules)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Pins the layout of activation `x`, one logical name per dim (None: whole), through the
   rules of the enclosing `activate`; a no-op outside one (tests, conversion, a single device)."""
-  rules = _RULES.get()
-  if rules is None:
-    return x
-  return jax.lax.with_sharding_constraint(x, logical_to_mesh(P(*names), rules))
+  spec = active_spec(names)
+  return x if spec is None else jax.lax.with_sharding_constraint(x, spec)

@@ -141,6 +141,26 @@ def test_packing_invariants_and_no_mixed_documents(pipe, corpus, split):
   assert sum((b['segment_ids'] > 0).mean() for b in batches) / len(batches) > 0.9  # little padding
 
 
+def test_pack_documents_packs_like_training():
+  """The packer tools/benchmark.py uses (the pipeline's own): every target token of every
+  document lands once, in a segment whose positions restart at 0, padding only at row ends."""
+  rng = np.random.default_rng(0)
+  docs = [np.r_[1, rng.integers(3, 99, n), 2].astype(np.int32) for n in (10, 30, 5, 50, 7, 1)]
+  rows = list(data.pack_documents(docs, seq_len=16, batch_size=2))
+  seg = np.concatenate([b['segment_ids'] for b in rows])
+  pos = np.concatenate([b['positions'] for b in rows])
+  targets = np.concatenate([b['targets'] for b in rows])
+  starts = (seg > 0) & np.concatenate([np.ones((len(seg), 1), bool), seg[:, 1:] != seg[:, :-1]], 1)
+  assert np.all(pos[starts] == 0) and np.all((seg[:, 1:] == 0) | (seg[:, :-1] > 0))
+  inputs = np.concatenate([b['inputs'] for b in rows])
+  text = ' ' + ' '.join(' '.join(map(str, d)) for d in docs) + ' '
+  for r, s in zip(*np.nonzero(starts)):  # each segment is a piece of one document, shifted by one
+    n = (seg[r] == seg[r, s]).sum()
+    assert ' ' + ' '.join(map(str, inputs[r, s:s + n])) + ' ' in text
+    np.testing.assert_array_equal(targets[r, s:s + n - 1], inputs[r, s + 1:s + n])
+  assert (seg > 0).sum() > 0.8 * sum(len(d) - 1 for d in docs)  # whole batches, little dropped
+
+
 def test_two_processes_read_disjoint_documents_covering_the_epoch(pipe, work):
   procs = [_make(work, process_index=i, process_count=2) for i in range(2)]
   n = len(pipe.train_source)

@@ -12,7 +12,9 @@ import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).parent.parent
-ENV = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, 'JAX_PLATFORMS': 'cpu'}
+# PYTHONPATH: the tools import jaxllm from this checkout, not from wherever it is installed.
+ENV = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, 'JAX_PLATFORMS': 'cpu',
+       'PYTHONPATH': str(REPO)}
 
 
 def run_tool(*args) -> tuple[dict, str]:
@@ -31,8 +33,11 @@ def test_benchmark_prints_every_field_and_the_peer_line():
             'tokens_per_s_per_device', 'step_s', 'compile_s', 'steps_timed', 'final_loss',
             'flops_per_token', 'peak_flops_per_device', 'mfu', 'mfu_formula',
             'peak_memory_bytes', 'cpu_reuse_memory', 'compiler_options',
-            'host_page_faults_per_step', 'host_peak_rss_bytes'}
+            'host_page_faults_per_step', 'host_peak_rss_bytes', 'mode', 'packing',
+            'real_tokens_per_s'}
   assert fields <= set(out), fields - set(out)
+  assert out['mode'] == 'one document per row' and out['packing'] is None
+  assert out['real_tokens_per_s'] == out['tokens_per_s']
   assert out['cpu_reuse_memory'] is sys.platform.startswith('linux')  # JAX_PLATFORMS=cpu
   assert out['compiler_options'] == {'xla_cpu_use_fusion_emitters': False}
   assert out['host_page_faults_per_step'] >= 0 and out['host_peak_rss_bytes'] > 2**27
@@ -44,6 +49,21 @@ def test_benchmark_prints_every_field_and_the_peer_line():
   assert out['mfu'] is None  # no known peak FLOP/s for a CPU
   peer = re.search(r'^tokens_per_s=([\d.]+) step_ms=([\d.]+) compile_s=([\d.]+)$', stdout, re.M)
   assert peer and abs(float(peer.group(1)) - out['tokens_per_s']) < 0.1 + 1e-3 * out['tokens_per_s']
+
+
+def test_benchmark_packed_mode_feeds_corpus_length_documents():
+  """--packed: rows of several documents (seq_len 512 holds about one Shakespeare document of
+  ~560 tokens at 4 bytes/token, so most rows hold parts of two), segment ids and positions."""
+  out, _ = run_tool('tools/benchmark.py', '--config=configs/tiny.py', '--steps=1', '--warmup=0',
+                    '--packed', '--config.data.seq_len=512', '--config.train.global_batch_size=4')
+  assert out['mode'] == 'packed' and out['attention'] == 'xla'
+  p = out['packing']
+  assert p['corpus_docs'] > 2000 and p['bytes_per_token'] == 4.0
+  assert 400 < p['doc_tokens_median'] < 700  # ~2,200-byte documents / 4
+  assert 1.2 < p['docs_per_row_mean'] <= p['segments_per_row_max'] <= p['attention_max_segments']
+  assert 0 <= p['padding_fraction'] < 0.2
+  assert out['real_tokens_per_s'] == out['tokens_per_s'] * (1 - p['padding_fraction'])
+  assert out['final_loss'] > 0
 
 
 def test_benchmark_checkpoint_reports_blocked_and_total(tmp_path):
