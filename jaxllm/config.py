@@ -70,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat = 'none'  # activation recompute: none | full | save_dots | save_all_dots
   m.scan_layers = True  # scan over stacked layers (compile time independent of depth)
   m.attention = 'xla'  # jax.nn.dot_product_attention implementation: xla | cudnn | auto
+  m.fp8 = False  # q/k/v/o and MLP matmuls in float8, scaled per tensor (jaxllm/fp8.py)
   # Llama-family variants (jaxllm/convert/hf.py sets these when importing a Hugging Face model).
   m.qkv_bias = False  # biases on the q/k/v projections (Qwen2)
   m.o_bias = False  # bias on the attention output projection (Llama/Qwen3 attention_bias=True)
