@@ -25,9 +25,22 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 E4M3 = jnp.float8_e4m3fn  # operands: 3 mantissa bits, max 448
 E5M2 = jnp.float8_e5m2  # gradients: 2 mantissa bits, max 57344
+
+
+def native_fp8_gemms() -> tuple[bool, str]:
+  """Whether the default device runs fp8 GEMMs (NVIDIA sm_89+: Ada, Hopper, Blackwell), and what
+  it is, for logs and test skips."""
+  dev = jax.devices()[0]
+  cc = getattr(dev, 'compute_capability', None) if dev.platform == 'gpu' else None
+  what = f'{dev.device_kind} ({dev.platform}' + (f', sm_{cc})' if cc else ')')
+  try:
+    return cc is not None and tuple(int(v) for v in str(cc).split('.')) >= (8, 9), what
+  except ValueError:  # a compute capability that is not 'major.minor' (ROCm's gfx names)
+    return False, what
 
 
 def scale_of(x, dtype) -> jax.Array:
@@ -83,6 +96,11 @@ def matmul(x_MK, w_KN) -> jax.Array:
   if x_MK.ndim != 2 or w_KN.ndim != 2 or x_MK.shape[1] != w_KN.shape[0]:
     raise ValueError(f'fp8.matmul takes [M, K] @ [K, N]; got {x_MK.shape} @ {w_KN.shape}')
   dtype = jnp.result_type(x_MK, w_KN)
+  native, what = native_fp8_gemms()  # at trace time: once per compile, not per step
+  if not native:
+    logging.log_first_n(logging.WARNING, 'model.fp8: %s has no fp8 GEMMs that jaxllm knows of; '
+                        'XLA upcasts the f8 operands (fp8 numerics, slower than model.fp8=false)',
+                        1, what)
   # One dtype inside the custom_vjp, so both cotangents have the incoming gradient's dtype;
   # the casts' own VJPs return each gradient in its operand's dtype.
   return _matmul(x_MK.astype(dtype), w_KN.astype(dtype))
