@@ -12,10 +12,11 @@ layer would carry through the train state and that the loop would have to write 
 scaling needs no state; it costs one max-reduction per operand, which XLA fuses with the quantize.
 
 What XLA sees: `dot_general(f8, f8, preferred_element_type=dtype)` times the product of the two
-scales. On Hopper and later GPUs XLA's GEMM rewriter turns an f8 x f8 dot into a cuBLASLt fp8 GEMM
-(`__cublas$lt$matmul$f8`); the backward's two products are e5m2 x e4m3, which cuBLASLt accepts (it
-needs at least one e4m3 operand, so never e5m2 x e5m2). Other GPUs and the CPU upcast the f8
-operands and run an ordinary dot: the same numbers, no speed-up.
+scales (the form Qwix and flax.linen.fp8_ops emit too). On NVIDIA GPUs of compute capability 8.9
+and later (Ada, Hopper, Blackwell) XLA's GEMM rewriter turns an f8 x f8 dot into a cuBLASLt fp8
+GEMM (`__cublas$lt$matmul$f8`), or its Triton GEMMs take it; the backward's two products are
+e5m2 x e4m3, which cuBLASLt accepts (it needs at least one e4m3 operand, so never e5m2 x e5m2).
+Other GPUs and the CPU upcast the f8 operands and run an ordinary dot: the same numbers, slower.
 
 Non-finite inputs stay non-finite (an inf or nan amax gives nan outputs), so the train loop's
 non-finite check still stops a diverging run; an all-zero tensor gets scale 1.

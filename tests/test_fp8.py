@@ -209,13 +209,14 @@ def test_bad_fp8_value_names_the_key():
     dataclasses.replace(CFG, fp8='yes')
 
 
-def run_train_steps(use_fp8):
+def run_train_steps(use_fp8, shape=(1, 1, 1)):
   config = small_config()
   with config.unlocked():
     config.model.update(dtype='bfloat16', fp8=use_fp8)
-  mesh_shape = {'data': 1, 'fsdp': 1, 'tensor': 1}
+  mesh_shape = dict(zip(sharding.MESH_AXES, shape))
   config_lib.validate(config, mesh_shape)
-  trainer = train.make_trainer(config, sharding.make_mesh(mesh_shape, jax.devices()[:1]))
+  devices = jax.devices()[:1] if shape == (1, 1, 1) else None
+  trainer = train.make_trainer(config, sharding.make_mesh(mesh_shape, devices))
   state, losses = trainer.init_state(), []
   with sharding.activate(trainer.mesh, trainer.rules):
     for batch in synthetic_batches():
@@ -225,35 +226,43 @@ def run_train_steps(use_fp8):
 
 
 def test_train_steps_fp8_close_to_bf16():
-  """The tiny config's train step (float32 master weights, AdamW) with bf16 vs fp8 matmuls on the
-  same batches: every loss within 1% (the issue's target after 100 steps on the GPU)."""
-  bf16, f8 = run_train_steps(False), run_train_steps(True)
+  """The tiny config's train step (float32 master weights, AdamW) with bf16 matmuls on one device
+  and fp8 ones sharded over data, fsdp and tensor (per-tensor scales then need a max over the
+  shards): every loss within 1% (the issue's target after 100 steps on the GPU)."""
+  bf16, f8 = run_train_steps(False), run_train_steps(True, shape=(2, 2, 2))
   assert bf16[-1] < bf16[0] - 0.01 and f8[-1] < f8[0] - 0.01  # both learn
   np.testing.assert_allclose(f8, bf16, rtol=1e-2)
   assert not np.array_equal(f8, bf16)  # and fp8 really ran
 
 
-F8_GEMM = 'custom_call_target="__cublas$lt$matmul$f8"'
+def fp8_gemms(hlo: str) -> int:
+  """GEMMs of a compiled GPU program that run in fp8: cuBLASLt fp8 calls, plus dots with f8
+  operands left inside fusions (XLA's Triton GEMMs may take a dot instead of cuBLAS). A dot that
+  XLA upcast reads bf16 operands and counts for neither."""
+  return (hlo.count('custom_call_target="__cublas$lt$matmul$f8"')
+          + len(re.findall(r' dot\(f8e', hlo)))
 
 
 @pytest.mark.accelerator
-def test_fp8_becomes_cublaslt_fp8_gemms_on_gpu():
-  """On NVIDIA sm_89+ (Ada, Hopper, Blackwell) XLA rewrites all three products of a forward +
-  backward into cuBLASLt fp8 GEMMs, and every projection of the model's train step; elsewhere fp8
-  runs upcast and this says so by skipping."""
+def test_fp8_products_run_as_fp8_gemms_on_gpu():
+  """On NVIDIA sm_89+ (Ada, Hopper, Blackwell) all three products of a forward + backward, and
+  every projection of the model's train step, run as fp8 GEMMs (not upcast); elsewhere fp8 runs
+  upcast and this says so by skipping."""
   native, what = fp8.native_fp8_gemms()
   if not native:
     pytest.skip(f'{what}: no fp8 tensor cores; XLA upcasts')
   x, w, g = (jnp.ones(s, jnp.bfloat16) for s in ((256, 512), (512, 384), (256, 384)))
   hlo = fwd_bwd.lower(x, w, g).compile().as_text()
   targets = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
-  assert hlo.count(F8_GEMM) == 3, targets
+  assert fp8_gemms(hlo) == 3, targets
   # The model: 7 projections a layer, forward and both backward products (cuBLASLt wants every
-  # dim a multiple of 16: these are).
+  # dim a multiple of 16: these are), under the remat policy of the benchmark rows.
   cfg = model_lib.ModelConfig(vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
-                              head_dim=32, mlp_dim=256, dtype='bfloat16', fp8=True)
+                              head_dim=32, mlp_dim=256, dtype='bfloat16', fp8=True,
+                              remat='save_dots')
   graphdef, state = nnx.split(model_lib.Llama(cfg, rngs=nnx.Rngs(0)))
   tokens = jnp.zeros((2, 64), jnp.int32)
   loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(tokens))
   hlo = jax.jit(jax.grad(loss)).lower(nnx.to_pure_dict(state)).compile().as_text()
-  assert hlo.count(F8_GEMM) >= 21, (hlo.count(F8_GEMM), targets)
+  assert fp8_gemms(hlo) >= 21, (fp8_gemms(hlo), sorted(set(re.findall(
+      r'custom_call_target="([^"]+)"', hlo))))
