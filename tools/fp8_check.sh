@@ -5,7 +5,8 @@
 #      (target: fp8 tokens/s >= 1.25x bf16's);
 #   3. 100 steps of the tiny config on the embedded corpus in bf16, then with fp8 on the same
 #      tokenizer and data (target: fp8's losses within 1% of bf16's).
-# Benchmark rows are appended to $OUT/bench.jsonl, the comparison to $OUT/fp8.json; a summary is
+# Benchmark rows are appended to $OUT/bench.jsonl (the bf16 row is gpu_check.sh's
+# 7b_l16_b8_save_dots when that ran first), the comparison goes to $OUT/fp8.json; a summary is
 # printed last. Usage (repo root): bash tools/fp8_check.sh, or from tools/gpu_check.sh, whose
 # OUT and PYTHONPATH it inherits. FP8_BENCH (benchmark flags) and FP8_TINY_STEPS shrink it for a
 # CPU dry run: FP8_BENCH=--config=configs/tiny.py FP8_TINY_STEPS=40 bash tools/fp8_check.sh
@@ -22,8 +23,13 @@ JAXLLM_TEST_ACCELERATOR=1 timeout 180 $PY -m pytest -q -m accelerator tests/test
 
 for mode in bf16 fp8; do
   fp8=false; [ $mode = fp8 ] && fp8=true
+  # tools/gpu_check.sh's bf16 row of the same shape, when it ran just before: reused, not rerun.
+  if [ $mode = bf16 ] && [ -z "${FP8_BENCH:-}" ] && grep -qs '^{' "$OUT/7b_l16_b8_save_dots.log"; then
+    grep '^{' "$OUT/7b_l16_b8_save_dots.log" | tail -1 > "$OUT/fp8_bench_bf16.json"
+    continue
+  fi
   # shellcheck disable=SC2086  # BENCH is a list of flags
-  timeout ${BENCH_TIMEOUT:-150} $PY tools/benchmark.py --steps=${STEPS:-8} --warmup=2 $BENCH \
+  timeout ${BENCH_TIMEOUT:-200} $PY tools/benchmark.py --steps=${STEPS:-8} --warmup=2 $BENCH \
     --config.model.fp8=$fp8 > "$OUT/fp8_bench_$mode.log" 2>&1
   grep '^{' "$OUT/fp8_bench_$mode.log" | tail -1 | tee -a "$OUT/bench.jsonl" > "$OUT/fp8_bench_$mode.json"
 done
