@@ -185,8 +185,8 @@ def test_model_fp8_forward_and_backward_close_to_float32(model_runs):
       b = b[k.key]
     assert np.all(np.isfinite(a)), path
     # A gradient passes through two or three fp8 roundings in a row (e5m2 alone: relative RMS
-    # error 2^-4/sqrt(3) to 2^-3/sqrt(3), 4-7%), so per-parameter gradients differ by 4-11% (relative
-    # 2-norm, measured) but point the same way: cosine > 0.99, which is what AdamW follows.
+    # error 2^-4/sqrt(3) to 2^-3/sqrt(3), 4-7%), so per-parameter gradients differ by 4-11%
+    # (relative 2-norm, measured) but point the same way: cosine > 0.99, what AdamW follows.
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     assert rel_err(a, b) < 0.15, (path, rel_err(a, b))
     assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.99, path
@@ -220,7 +220,8 @@ def run_train_steps(use_fp8, shape=(1, 1, 1)):
   state, losses = trainer.init_state(), []
   with sharding.activate(trainer.mesh, trainer.rules):
     for batch in synthetic_batches():
-      state, metrics = trainer.train_step(state, sharding.global_batch(batch, trainer.batch_sharding))
+      batch = sharding.global_batch(batch, trainer.batch_sharding)
+      state, metrics = trainer.train_step(state, batch)
       losses.append(float(metrics['loss']))
   return np.array(losses)
 

@@ -15,7 +15,8 @@ OUT=${OUT:-/tmp/jaxllm_gpu}; mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 PY=${PYTHON:-python3}
-BENCH=${FP8_BENCH:---config=configs/7b.py --config.model.n_layers=16 --config.train.global_batch_size=8 --config.model.remat=save_dots}
+BENCH=${FP8_BENCH:---config=configs/7b.py --config.model.n_layers=16 \
+  --config.train.global_batch_size=8 --config.model.remat=save_dots}
 TINY_STEPS=${FP8_TINY_STEPS:-100}
 
 JAXLLM_TEST_ACCELERATOR=1 timeout 180 $PY -m pytest -q -m accelerator tests/test_fp8.py 2>&1 \
@@ -24,14 +25,16 @@ JAXLLM_TEST_ACCELERATOR=1 timeout 180 $PY -m pytest -q -m accelerator tests/test
 for mode in bf16 fp8; do
   fp8=false; [ $mode = fp8 ] && fp8=true
   # tools/gpu_check.sh's bf16 row of the same shape, when it ran just before: reused, not rerun.
-  if [ $mode = bf16 ] && [ -z "${FP8_BENCH:-}" ] && grep -qs '^{' "$OUT/7b_l16_b8_save_dots.log"; then
-    grep '^{' "$OUT/7b_l16_b8_save_dots.log" | tail -1 > "$OUT/fp8_bench_bf16.json"
+  row=$OUT/7b_l16_b8_save_dots.log
+  if [ $mode = bf16 ] && [ -z "${FP8_BENCH:-}" ] && grep -qs '^{' "$row"; then
+    grep '^{' "$row" | tail -1 > "$OUT/fp8_bench_bf16.json"
     continue
   fi
   # shellcheck disable=SC2086  # BENCH is a list of flags
   timeout ${BENCH_TIMEOUT:-200} $PY tools/benchmark.py --steps=${STEPS:-8} --warmup=2 $BENCH \
     --config.model.fp8=$fp8 > "$OUT/fp8_bench_$mode.log" 2>&1
-  grep '^{' "$OUT/fp8_bench_$mode.log" | tail -1 | tee -a "$OUT/bench.jsonl" > "$OUT/fp8_bench_$mode.json"
+  grep '^{' "$OUT/fp8_bench_$mode.log" | tail -1 | tee -a "$OUT/bench.jsonl" \
+    > "$OUT/fp8_bench_$mode.json"
 done
 
 # The fp8 run reads the tokenizer and the dataset the bf16 run built: the same tokens, same order.
@@ -40,12 +43,14 @@ for mode in bf16 fp8; do
   fp8=false; shared=()
   if [ $mode = fp8 ]; then
     fp8=true
-    shared=(--config.data.tokenizer="$TINY/bf16/tokenizer.model" --config.data.cache_dir="$TINY/bf16/data")
+    shared=(--config.data.tokenizer="$TINY/bf16/tokenizer.model"
+            --config.data.cache_dir="$TINY/bf16/data")
   fi
-  timeout ${TINY_TIMEOUT:-300} $PY -m jaxllm.main --config=configs/tiny.py --workdir="$TINY/$mode" \
+  timeout ${TINY_TIMEOUT:-300} $PY -m jaxllm.main --config=configs/tiny.py \
+    --workdir="$TINY/$mode" \
     --config.train.num_steps="$TINY_STEPS" --config.model.dtype=bfloat16 --config.model.fp8=$fp8 \
     --config.train.sample_tokens=0 --config.checkpoint.every=0 ${shared[@]+"${shared[@]}"} \
-    > "$OUT/fp8_tiny_$mode.log" 2>&1 || echo "tiny $mode run failed (rc=$?): $OUT/fp8_tiny_$mode.log"
+    > "$OUT/fp8_tiny_$mode.log" 2>&1 || echo "tiny $mode run failed (rc=$?): see its log"
 done
 
 $PY - "$OUT" "$TINY_STEPS" <<'PY'
