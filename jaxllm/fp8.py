@@ -58,9 +58,12 @@ def quantize(x, dtype, scale) -> jax.Array:
   return jnp.clip(x.astype(jnp.float32) / scale, -fmax, fmax).astype(dtype)
 
 
-def _scaled_dot(a, b, scale, contracting, out_dtype):
-  """dot of two f8 tensors, dequantized by the product of their scales."""
-  y = jax.lax.dot_general(a, b, (contracting, ((), ())), preferred_element_type=out_dtype)
+def _scaled_dot(a, b, scale, contracting, out_dtype, precision=jax.lax.Precision.DEFAULT):
+  """dot of two f8 tensors, dequantized by the product of their scales. For f8 operands XLA:GPU
+  reads `precision` as the accumulation mode: DEFAULT lets cuBLASLt accumulate fast (less
+  precisely), HIGHEST makes it promote partial sums to float32 (the usual choice for gradients)."""
+  y = jax.lax.dot_general(a, b, (contracting, ((), ())), precision=precision,
+                          preferred_element_type=out_dtype)
   # The dot's own output is in `out_dtype`, as in the bf16 path, so remat policies that save
   # matmul outputs save as many bytes as before; the rescale is elementwise and fuses.
   return (y.astype(jnp.float32) * scale).astype(out_dtype)
@@ -83,8 +86,11 @@ def _matmul_bwd(residuals, g_MN):
   qx_MK, qw_KN, sx, sw = residuals
   sg = scale_of(g_MN, E5M2)
   qg_MN = quantize(g_MN, E5M2, sg)
-  dx_MK = _scaled_dot(qg_MN, qw_KN, sg * sw, ((1,), (1,)), g_MN.dtype)  # g @ w.T
-  dw_KN = _scaled_dot(qx_MK, qg_MN, sx * sg, ((0,), (0,)), g_MN.dtype)  # x.T @ g
+  # Gradients accumulate in full precision (torchao's default recipe too): they sum over
+  # many more terms (all tokens, for dw) and feed the optimizer directly.
+  full = jax.lax.Precision.HIGHEST
+  dx_MK = _scaled_dot(qg_MN, qw_KN, sg * sw, ((1,), (1,)), g_MN.dtype, full)  # g @ w.T
+  dw_KN = _scaled_dot(qx_MK, qg_MN, sx * sg, ((0,), (0,)), g_MN.dtype, full)  # x.T @ g
   return dx_MK, dw_KN
 
 
