@@ -129,7 +129,7 @@ def run(config, steps: int, warmup: int, *, packed: bool = False,
   return {
       'config': config.name, 'params': trainer.model_cfg.num_params(),
       'n_layers': config.model.n_layers, 'seq_len': seq, 'global_batch': batch,
-      'dtype': config.model.dtype, 'remat': config.model.remat,
+      'dtype': config.model.dtype, 'fp8': config.model.fp8, 'remat': config.model.remat,
       'loss_chunk': config.train.loss_chunk, 'cpu_reuse_memory': reuse,
       'compiler_options': trainer.compiler_options,
       'mode': 'packed' if packed else 'one document per row', 'packing': packing,
