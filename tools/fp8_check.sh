@@ -19,10 +19,20 @@ BENCH=${FP8_BENCH:---config=configs/7b.py --config.model.n_layers=16 \
   --config.train.global_batch_size=8 --config.model.remat=save_dots}
 TINY_STEPS=${FP8_TINY_STEPS:-100}
 
+if [ -z "${FP8_ROWS:-}" ]; then
 JAXLLM_TEST_ACCELERATOR=1 timeout 180 $PY -m pytest -q -m accelerator tests/test_fp8.py 2>&1 \
   | tail -3 | tee "$OUT/fp8_tests.txt"
+fi
 
+# FP8_ROWS="BF16_NAME FP8_NAME": rows gpu_check.sh already wrote to bench.jsonl (its accelerator
+# tests include test_fp8.py): compared, not rerun.
+if [ -n "${FP8_ROWS:-}" ]; then
+  read -r bf16_row fp8_row <<< "$FP8_ROWS"
+  grep "\"name\": \"$bf16_row\"" "$OUT/bench.jsonl" | tail -1 > "$OUT/fp8_bench_bf16.json"
+  grep "\"name\": \"$fp8_row\"" "$OUT/bench.jsonl" | tail -1 > "$OUT/fp8_bench_fp8.json"
+fi
 for mode in bf16 fp8; do
+  [ -n "${FP8_ROWS:-}" ] && break
   fp8=false; [ $mode = fp8 ] && fp8=true
   # tools/gpu_check.sh's bf16 row of the same shape, when it ran just before: reused, not rerun.
   row=$OUT/7b_l16_b8_save_dots.log
@@ -58,8 +68,10 @@ import json, pathlib, re, sys
 out, steps = pathlib.Path(sys.argv[1]), int(sys.argv[2])
 
 def bench(mode):
-  text = (out / f'fp8_bench_{mode}.json').read_text().strip()
-  return json.loads(text) if text else None
+  path = out / f'fp8_bench_{mode}.json'
+  text = path.read_text().strip() if path.exists() else ''
+  row = json.loads(text) if text else None
+  return None if row is None or 'failed' in row else row
 
 def losses(mode):
   log = (out / f'fp8_tiny_{mode}.log').read_text()

@@ -39,7 +39,7 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'cudnn', cudnn, jax.devi
 PY
 
 JAXLLM_TEST_ACCELERATOR=1 timeout 170 python3 -m pytest -q -m accelerator tests/test_accelerator.py \
-  > "$OUT/accelerator_tests.txt" 2>&1
+  tests/test_fp8.py > "$OUT/accelerator_tests.txt" 2>&1
 tail -15 "$OUT/accelerator_tests.txt"
 
 bench() {  # name, per-row timeout (s), then benchmark.py flags and config overrides
@@ -56,16 +56,21 @@ bench() {  # name, per-row timeout (s), then benchmark.py flags and config overr
     echo "{\"name\": \"$name\", \"failed\": \"rc=$rc $(grep -E 'Error|error|RESOURCE' "$OUT/$name.log" | tail -1 | tr -d '"\\' | cut -c1-200)\"}" >> "$OUT/bench.jsonl"; fi
   echo "$name: rc=$rc at ${SECONDS}s"
 }
-B1="--config=configs/1b.py --config.train.global_batch_size=12 --config.model.remat=save_dots"
-B7="--config=configs/7b.py --config.model.n_layers=16 --config.train.global_batch_size=8 --config.model.remat=save_dots"
-B7W="--config=configs/7b.py --config.train.global_batch_size=2 --config.model.remat=full"
+# B1, B7, B7W can be set for a CPU dry run of this script (e.g. all to --config=configs/tiny.py).
+B1=${B1:-"--config=configs/1b.py --config.train.global_batch_size=12 --config.model.remat=save_dots"}
+B7=${B7:-"--config=configs/7b.py --config.model.n_layers=16 --config.train.global_batch_size=8 --config.model.remat=save_dots"}
+B7W=${B7W:-"--config=configs/7b.py --config.train.global_batch_size=2 --config.model.remat=full"}
 bench 1b_b12_save_dots_packed 150 --packed $B1
 bench 1b_b12_save_dots 150 $B1
 bench 7b_l16_b8_save_dots_packed 170 --packed $B7
+# fp8 (issue 21 item 3): the same packed 7B row with model.fp8, then 100 tiny-config steps on the
+# embedded corpus in bf16 and fp8 (tools/fp8_check.sh compares them; its GPU test ran above).
+bench 7b_l16_b8_save_dots_packed_fp8 170 --packed $B7 --config.model.fp8=true
+if [ $(( BUDGET_S - SECONDS )) -gt 100 ]; then
+  FP8_ROWS="7b_l16_b8_save_dots_packed 7b_l16_b8_save_dots_packed_fp8" TINY_TIMEOUT=90 \
+    bash tools/fp8_check.sh 2>&1 | tail -6 | tee "$OUT/fp8_summary.txt"
+fi
 bench 7b_b2_full_packed 170 --packed $B7W
-# ---- fp8 rows (issue 21 item 3) go here: the fp8 option's rows beside their bf16 twins above,
-# ---- e.g.  bench 7b_l16_b8_save_dots_packed_fp8 170 --packed $B7 --config.model.<fp8 key>=...
-# ---- end of fp8 rows
 # Extras, only if time is left: cuDNN planning for fewer segments per row (its cost grows with
 # model.attention_max_segments; the packing line's segments_per_row_max must stay <= it), then the
 # Pallas kernel, on the 1B packed row.
@@ -74,14 +79,14 @@ bench 1b_b12_save_dots_packed_pallas 150 --packed $B1 --config.model.attention=p
 
 python3 - "$OUT/bench.jsonl" <<'PY'
 import json, sys
-print(f"{'name':32} {'mode':7} {'attn':12} {'tok/s/dev':>10} {'real tok/s':>10} {'MFU':>6} {'step s':>7} {'compile':>7} {'peak GiB':>8} {'docs/row':>8} {'pad':>5}")
+print(f"{'name':32} {'mode':7} {'fp8':3} {'attn':12} {'tok/s/dev':>10} {'real tok/s':>10} {'MFU':>6} {'step s':>7} {'compile':>7} {'peak GiB':>8} {'docs/row':>8} {'pad':>5}")
 for line in open(sys.argv[1]):
   r = json.loads(line)
   if 'failed' in r:
     print(f"{r['name']:32} FAILED {r['failed']}"); continue
   mem = (r['peak_memory_bytes'] or 0) / 2**30
   p = r.get('packing') or {}
-  print(f"{r['name']:32} {r.get('mode', '')[:7]:7} {r['attention']:12} {r['tokens_per_s_per_device']:>10,.0f} "
+  print(f"{r['name']:32} {r.get('mode', '')[:7]:7} {'yes' if r.get('fp8') else 'no':3} {r['attention']:12} {r['tokens_per_s_per_device']:>10,.0f} "
         f"{r.get('real_tokens_per_s', 0) / r['devices']:>10,.0f} {100 * (r['mfu'] or 0):>5.1f}% "
         f"{r['step_s']['median']:>7.3f} {r['compile_s']:>7.1f} {mem:>8.1f} "
         f"{p.get('docs_per_row_mean', 1):>8.2f} {p.get('padding_fraction', 0):>5.3f}")
