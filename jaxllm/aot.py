@@ -6,6 +6,7 @@ kept apart by name:
 
 - measured by XLA (`compiled.memory_analysis()`, this backend's buffer assignment): argument,
   output, aliased (donated) and temporary bytes per device, and the total they make;
+- read from the compiled HLO (jaxllm/collectives.py): bytes of each collective kind per mesh axis;
 - computed here: the parameters' and optimizer state's shard bytes from their shardings (exact),
   the gradients' bytes as an estimate (one gradient per parameter shard, in the parameters'
   dtype: XLA reports gradients only inside the temporaries, not apart), and the analytic model
@@ -25,6 +26,7 @@ import time
 import jax
 import ml_collections
 
+from jaxllm import collectives
 from jaxllm import model as model_lib
 from jaxllm import train
 
@@ -50,6 +52,8 @@ class Estimate:
   total_bytes: int  # XLA's figures combined: arguments + outputs - aliases + temporaries
   model_flops: float  # per device and step, analytic (model.flops_per_token)
   compile_s: float
+  # From the compiled HLO (jaxllm/collectives.py): per device and step, {kind: {mesh axes: bytes}}.
+  collective_bytes: dict = dataclasses.field(default_factory=dict)
 
   @property
   def tokens_per_step(self) -> int:
@@ -88,7 +92,8 @@ def estimate(config: ml_collections.ConfigDict, per_device_batch: int, remat: st
       total_bytes=(mem.argument_size_in_bytes + mem.output_size_in_bytes
                    - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
       model_flops=model_lib.flops_per_token(trainer.model_cfg, seq) * per_device_batch * seq,
-      compile_s=compile_s)
+      compile_s=compile_s,
+      collective_bytes=collectives.count(compiled.as_text(), dict(trainer.mesh.shape))['bytes'])
 
 
 def plan(config: ml_collections.ConfigDict, batches: list[int], remats: list[str],

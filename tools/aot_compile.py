@@ -34,7 +34,7 @@ def main(argv):
   # Fake devices must be requested before JAX starts its backends (jaxllm.aot imports jax only).
   jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_num_cpu_devices', _DEVICES.value)
-  from jaxllm import aot
+  from jaxllm import aot, collectives
   config, budget = _CONFIG.value, _HBM_GIB.value
   print(f'{config.name}: {jax.device_count()} devices, budget {budget:g} GiB per device')
   print(aot.HEADER)
@@ -42,6 +42,7 @@ def main(argv):
     est = aot.estimate(config, config.train.global_batch_size // jax.device_count(),
                        config.model.remat)
     print(aot.row(est, budget))
+    print('collectives per device and step (HLO):\n' + collectives.summary(est.collective_bytes))
     print(json.dumps({**dataclasses.asdict(est), 'fits': est.fits(budget)}))
     return
   ranked = aot.plan(config, [int(b) for b in _BATCHES.value], _REMATS.value, budget)
