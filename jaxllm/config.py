@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention = 'xla'  # kernel: xla | cudnn | pallas | auto (cuDNN on bf16 GPUs); jaxllm/attention.py
   m.attention_max_segments = 0  # packed cuDNN: segments per row planned for; 0 = max(16, seq_len/256)
   m.fp8 = False  # q/k/v/o and MLP matmuls in float8, scaled per tensor (jaxllm/fp8.py)
+  m.gather_in_compute_dtype = False  # FSDP all-gathers weights in model.dtype, not param_dtype
   # Llama-family variants (jaxllm/convert/hf.py sets these when importing a Hugging Face model).
   m.qkv_bias = False  # biases on the q/k/v projections (Qwen2)
   m.o_bias = False  # bias on the attention output projection (Llama/Qwen3 attention_bias=True)

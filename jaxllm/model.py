@@ -64,6 +64,7 @@ class ModelConfig:
   attention: str = 'xla'  # attention kernel: 'xla', 'cudnn', 'pallas' or 'auto' (attention.py)
   attention_max_segments: int = 0  # packed cuDNN: documents per row it plans for; 0 = by length
   fp8: bool = False  # q/k/v/o and MLP matmuls in float8 (jaxllm/fp8.py); the head stays in dtype
+  gather_in_compute_dtype: bool = False  # cast weights on their shards, so FSDP gathers dtype bytes
   # Switches of the Llama-family variants (see jaxllm/convert/hf.py); the defaults are plain Llama.
   qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
   o_bias: bool = False  # bias on the attention output projection (Llama/Qwen3 attention_bias)
@@ -187,6 +188,17 @@ def rope(x_BLNDh, positions_BL, theta: float, inv_freq_h=None):
   return out.astype(x_BLNDh.dtype)
 
 
+def _weight(param: nnx.Param, cfg: ModelConfig):
+  """A weight in the compute dtype. With model.gather_in_compute_dtype the cast is pinned to the
+  parameter's own (FSDP-sharded) layout, so the all-gather before its matmul moves compute-dtype
+  bytes: half of float32's for bfloat16. The same values either way (a cast commutes with a
+  gather); without the pin XLA gathers the float32 shards and casts after."""
+  w = param[...].astype(jnp.dtype(cfg.dtype))
+  if cfg.gather_in_compute_dtype and w.dtype != param.dtype:
+    w = sharding.constrain(w, param.get_metadata()['out_sharding'])
+  return w
+
+
 def _dense(x, w, n_in: int = 1, *, fp8: bool = False, **kwargs):
   """Contracts the last `n_in` dims of `x` with the first `n_in` of `w`, as one 2-D matrix
   product: [tokens, in] @ [in, out]. Same math as the einsum; XLA's CPU backend runs the backward
@@ -229,7 +241,7 @@ class Attention(nnx.Module):
   def _project(self, x_BLD, name):
     """x @ {name}_proj (+ its bias), [B, L, heads, Dh] in the compute dtype."""
     dt = jnp.dtype(self.cfg.dtype)
-    y = _dense(x_BLD, getattr(self, f'{name}_proj')[...].astype(dt), fp8=self.cfg.fp8)
+    y = _dense(x_BLD, _weight(getattr(self, f'{name}_proj'), self.cfg), fp8=self.cfg.fp8)
     if self.cfg.qkv_bias:
       y = y + getattr(self, f'{name}_bias')[...].astype(dt)
     return y
@@ -249,7 +261,7 @@ class Attention(nnx.Module):
 
   def _output(self, out_BLHDh):
     dt = jnp.dtype(self.cfg.dtype)
-    out_BLD = _dense(out_BLHDh, self.o_proj[...].astype(dt), n_in=2, fp8=self.cfg.fp8)
+    out_BLD = _dense(out_BLHDh, _weight(self.o_proj, self.cfg), n_in=2, fp8=self.cfg.fp8)
     if self.cfg.o_bias:
       out_BLD = out_BLD + self.o_bias[...].astype(dt)
     return out_BLD
@@ -285,15 +297,14 @@ class MLP(nnx.Module):
     self.gate_proj = _param(rngs, (d, f), ('embed', 'mlp'), cfg, std=std)
     self.up_proj = _param(rngs, (d, f), ('embed', 'mlp'), cfg, std=std)
     self.down_proj = _param(rngs, (f, d), ('mlp', 'embed'), cfg, std=std)
-    self.dtype = jnp.dtype(cfg.dtype)
-    self.fp8 = cfg.fp8
+    self.cfg = cfg
 
   def __call__(self, x_BLD):
-    dt, fp8 = self.dtype, self.fp8
-    gate_BLF = _dense(x_BLD, self.gate_proj[...].astype(dt), fp8=fp8)
-    up_BLF = _dense(x_BLD, self.up_proj[...].astype(dt), fp8=fp8)
+    fp8 = self.cfg.fp8
+    gate_BLF = _dense(x_BLD, _weight(self.gate_proj, self.cfg), fp8=fp8)
+    up_BLF = _dense(x_BLD, _weight(self.up_proj, self.cfg), fp8=fp8)
     h_BLF = sharding.constrain(jax.nn.silu(gate_BLF) * up_BLF, ('batch', 'length', 'mlp'))
-    return _dense(h_BLF, self.down_proj[...].astype(dt), fp8=fp8)
+    return _dense(h_BLF, _weight(self.down_proj, self.cfg), fp8=fp8)
 
 
 class DecoderLayer(nnx.Module):
@@ -342,7 +353,7 @@ class Llama(nnx.Module):
 
   def hidden(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None):
     """The final-normed hidden states [B, L, D] (compute dtype) that `logits` projects."""
-    x_BLD = jnp.take(self.embed_tokens[...], tokens_BL, axis=0).astype(jnp.dtype(self.cfg.dtype))
+    x_BLD = jnp.take(_weight(self.embed_tokens, self.cfg), tokens_BL, axis=0)
     return self.norm(self._stack(x_BLD, positions_BL, segment_ids_BL))
 
   def _stack(self, x_BLD, positions_BL, segment_ids_BL):
@@ -366,8 +377,9 @@ class Llama(nnx.Module):
 
   def head_DV(self):
     """The output projection [D, V] in the compute dtype (the embedding's transpose if tied)."""
-    head_DV = self.embed_tokens[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-    return head_DV.astype(jnp.dtype(self.cfg.dtype))
+    if self.cfg.tie_embeddings:
+      return _weight(self.embed_tokens, self.cfg).T
+    return _weight(self.lm_head, self.cfg)
 
   def logits(self, x_BLD):
     """Normed hidden states [B, L, D] -> logits [B, L, V] in float32."""
@@ -384,7 +396,7 @@ class Llama(nnx.Module):
     slots_T = index + jnp.arange(tokens_BT.shape[1])
     positions_BT = jnp.maximum(slots_T[None, :] - starts_B[:, None], 0)
     mask_B1TS = decode_mask(slots_T, starts_B, S, cfg.sliding_window)
-    x_BTD = jnp.take(self.embed_tokens[...], tokens_BT, axis=0).astype(jnp.dtype(cfg.dtype))
+    x_BTD = jnp.take(_weight(self.embed_tokens, cfg), tokens_BT, axis=0)
     x_BTD = sharding.constrain(x_BTD, ('batch', 'length', 'embed'))
 
     def body(x_BTD, layer: DecoderLayer, k_BSKDh, v_BSKDh):

@@ -64,3 +64,27 @@ def test_fsdp_train_step_gathers_every_sharded_parameter_on_the_fsdp_axis():
   sharded = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(trainer.abstract_state['params'])
                 if 'fsdp' in jax.tree.leaves(tuple(a.sharding.spec)))
   assert sharded > 0 and counted['bytes']['all-gather']['fsdp'] >= sharded
+
+
+def test_gathering_in_the_compute_dtype_keeps_every_loss_bit():
+  """model.gather_in_compute_dtype casts each weight on its shard before FSDP gathers it: a cast
+  commutes with a gather, so three bf16 steps give the same losses to the bit. (XLA:CPU widens
+  bf16 collectives to f32, so the halved bytes show in TPU/GPU HLO: docs/benchmarks.md.)"""
+  losses = {}
+  for gather in (False, True):
+    config = config_lib.base_config()
+    config.model.update(n_layers=2, vocab_size=256, d_model=64, n_heads=4, n_kv_heads=4,
+                        head_dim=16, mlp_dim=128, dtype='bfloat16', gather_in_compute_dtype=gather)
+    config.train.global_batch_size, config.data.seq_len = 8, 32
+    config.mesh.update(data=1, fsdp=8, tensor=1)
+    trainer = train.setup(config)
+    state = trainer.init_state()
+    rng = np.random.default_rng(0)
+    batch = {k: rng.integers(0, 256, (8, 32)).astype(np.int32) for k in ('inputs', 'targets')}
+    with sharding.activate(trainer.mesh, trainer.rules):
+      losses[gather] = []
+      for _ in range(3):
+        state, metrics = trainer.train_step(state, sharding.global_batch(batch,
+                                                                         trainer.batch_sharding))
+        losses[gather].append(float(metrics['loss']))
+  assert losses[True] == losses[False] and losses[True][2] != losses[True][0]
