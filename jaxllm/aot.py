@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 
 import jax
@@ -69,14 +70,17 @@ def _shard_bytes(tree) -> int:
              for a in jax.tree.leaves(tree))
 
 
-def estimate(config: ml_collections.ConfigDict, per_device_batch: int, remat: str) -> Estimate:
-  """Compiles the step of `config` with this batch per device and remat policy, on the devices
-  present, and reads its memory. `config` is changed (remat, batch, microbatches = 1)."""
+def estimate(config: ml_collections.ConfigDict, per_device_batch: int, remat: str,
+             devices=None) -> Estimate:
+  """Compiles the step of `config` with this batch per device and remat policy for `devices`
+  (default: those present; or a TPU topology's, see `topology_devices`), and reads its memory.
+  `config` is changed (remat, batch, microbatches = 1)."""
+  devices = jax.devices() if devices is None else list(devices)
   with config.unlocked():
     config.model.remat = remat
-    config.train.global_batch_size = per_device_batch * jax.device_count()
+    config.train.global_batch_size = per_device_batch * len(devices)
     config.train.microbatches = 1
-  trainer = train.setup(config)
+  trainer = train.setup(config, devices)
   seq = config.data.seq_len
   start = time.perf_counter()
   compiled = trainer.compile_train_step(config.train.global_batch_size, seq)
@@ -97,19 +101,46 @@ def estimate(config: ml_collections.ConfigDict, per_device_batch: int, remat: st
 
 
 def plan(config: ml_collections.ConfigDict, batches: list[int], remats: list[str],
-         budget_gib: float) -> list[Estimate]:
+         budget_gib: float, devices=None) -> list[Estimate]:
   """Every (remat, batch) tried, largest batch first per remat until one fits (a smaller batch
   with that policy fits too and carries fewer tokens); ranked: fitting first, then by tokens per
   step, then by the least recompute (none < save_dots < full)."""
   found = []
   for remat in remats:
     for batch in sorted(batches, reverse=True):
-      est = estimate(config.copy_and_resolve_references(), batch, remat)
+      est = estimate(config.copy_and_resolve_references(), batch, remat, devices)
       found.append(est)
       if est.fits(budget_gib):
         break
   return sorted(found, key=lambda e: (not e.fits(budget_gib), -e.tokens_per_step,
                                       _REMAT_COST.get(e.remat, len(_REMAT_COST))))
+
+
+# Cloud TPU slice names -> (topology name for JAX, chips). v5p counts TensorCores (2 a chip);
+# v5e and v6e count chips.
+_SLICES = {f'v5p-{2 * x * y * z}': f'v5p:{x}x{y}x{z}' for x, y, z in
+           [(2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4), (4, 4, 4), (4, 4, 8), (4, 8, 8), (8, 8, 8)]}
+_SLICES.update({f'{g}-{x * y}': f'{g}:{x}x{y}' for g in ('v5e', 'v6e')
+                for x, y in [(2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16)]})
+
+
+def topology_devices(name: str) -> list:
+  """The devices of a TPU slice (`v5p-128`, `v6e-256`, or JAX's `v5p:4x4x4`), for compiling on a
+  machine without TPUs through libtpu's ahead-of-time compiler (`pip install 'jax[tpu]'`)."""
+  from jax.experimental import topologies
+  # Off a TPU VM libtpu has no worker list to read, and it locks itself to one process; neither
+  # matters to a compile-only use (setdefault: a TPU VM's own settings win).
+  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  topology = _SLICES.get(name, name)
+  if ':' not in topology:
+    raise ValueError(f'--topology={name}: use a slice name ({", ".join(sorted(_SLICES))}) or '
+                     "JAX's form such as v5p:4x4x4")
+  try:
+    return list(topologies.get_topology_desc(platform='tpu', topology_name=topology).devices)
+  except Exception as e:  # no libtpu, or a name it does not know
+    raise RuntimeError(f'--topology={name}: libtpu could not describe {topology} ({e}); install '
+                       "it with pip install 'jax[tpu]' (a separate venv: see README)") from None
 
 
 HEADER = (f'{"batch":>5} {"remat":>13} {"tokens":>8} {"params":>7} {"opt":>7} {"~grads":>7} '

@@ -45,8 +45,9 @@ def _bytes(shape_text: str) -> int:
 
 
 def replica_groups(line: str) -> list[list[int]] | None:
-  """The replica groups of a collective's HLO line: explicit `{{0,1},{2,3}}` or iota
-  `[G,S]<=[dims]T(perm)`; None when the line has none (one group of every device)."""
+  """The replica groups of a collective's HLO line: explicit `{{0,1},{2,3}}`, iota
+  `[G,S]<=[dims]T(perm)`, or named `mesh['axis_0'=2,'axis_1'=4] {'axis_1'}` (TPU); None when the
+  line has none (one group of every device)."""
   explicit = re.search(r'replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}', line)
   if explicit:
     return [[int(i) for i in g.split(',') if i] for g in re.findall(r'\{([\d,]*)\}',
@@ -59,6 +60,15 @@ def replica_groups(line: str) -> list[list[int]] | None:
     if iota.group(3):
       ids = ids.transpose([int(p) for p in iota.group(3).split(',')])
     return ids.reshape(shape).tolist()
+  named = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+  if named:  # mesh['axis_0'=2,'axis_1'=4] {'axis_1'}: iota ids, groups vary over the named axes
+    axes = re.findall(r"'(\w+)'=(\d+)", named.group(1))
+    varying = re.findall(r"'(\w+)'", named.group(2))
+    ids = np.arange(math.prod(int(n) for _, n in axes)).reshape([int(n) for _, n in axes])
+    order = [i for i, (a, _) in enumerate(axes) if a not in varying] + \
+            [i for i, (a, _) in enumerate(axes) if a in varying]
+    size = math.prod(int(n) for a, n in axes if a in varying)
+    return ids.transpose(order).reshape(-1, size).tolist()
   pairs = re.search(r'source_target_pairs=\{(.*?)\}\}', line)
   if pairs:  # collective-permute: each pair is a group of two
     return [[int(a), int(b)] for a, b in re.findall(r'\{(\d+),(\d+)', pairs.group(0))]
@@ -76,6 +86,20 @@ def axes_of(groups: list[list[int]] | None, mesh_shape: Mapping[str, int]) -> st
     coords = np.array(np.unravel_index(np.asarray(group), dims)).T  # [group, axes]
     varying |= {i for i in range(len(names)) if len(set(coords[:, i])) > 1}
   return '+'.join(names[i] for i in sorted(varying)) or 'none'
+
+
+def _trip_count(line: str, comps: Mapping[str, list[str]]) -> int | None:
+  """A while loop's trip count: XLA's known_trip_count, else (TPU HLO has none) the bound of its
+  condition `i < N` with a constant N (JAX's scan and fori loops count from 0 by 1)."""
+  known = _TRIP.search(line)
+  if known:
+    return int(known.group(1))
+  cond = re.search(r'condition=%([\w.\-]+)', line)
+  body = comps.get(cond.group(1), []) if cond else []
+  constants = [int(c) for l in body for c in re.findall(r's32\[\]\S* constant\((\d+)\)', l)]
+  if len(constants) == 1 and any('direction=LT' in l for l in body):
+    return constants[0]
+  return None
 
 
 def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
@@ -119,11 +143,11 @@ def count(hlo_text: str, mesh_shape: Mapping[str, int]) -> dict:
         out['bytes'][kind][axes_of(groups, mesh_shape)] += size * times
         out['ops'][kind] += times
       if opcode == 'while':
-        trip = _TRIP.search(line)
-        if not trip:
+        trip = _trip_count(line, comps)
+        if trip is None:
           out['unknown'].append(line.split('=')[0].strip())
         body = re.search(r'body=%([\w.\-]+)', line).group(1)
-        walk(body, times * (int(trip.group(1)) if trip else 1), depth + 1)
+        walk(body, times * (trip or 1), depth + 1)
       if kind not in KINDS:  # a collective's to_apply is its reduction, not a call
         callees = re.findall(r'(?:to_apply|calls)=%([\w.\-]+)', line)
         for branches in re.findall(r'branch_computations=\{([^}]*)\}', line):

@@ -69,8 +69,9 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     grid = mesh_utils.create_hybrid_device_mesh(ici_dims, dcn_dims, devices,
                                                 process_is_granule=one_slice)
     return Mesh(grid, MESH_AXES, axis_types=axis_types)
-  if len(devices) == jax.device_count():
-    # Orders devices so that inner axes (tensor, then fsdp) stay on the fastest links.
+  if len(devices) == jax.device_count() or devices[0].platform != jax.default_backend():
+    # All devices (or an AOT topology's): ordered so that inner axes (tensor, then fsdp) stay on
+    # the fastest links.
     return jax.make_mesh(dims, MESH_AXES, axis_types=axis_types, devices=devices)
   return Mesh(np.asarray(devices).reshape(dims), MESH_AXES, axis_types=axis_types)
 

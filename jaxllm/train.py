@@ -276,11 +276,14 @@ def make_pipeline(config: ml_collections.ConfigDict, workdir: str, batch_size: i
       skip_bad_records=d.skip_bad_records, pretokenize=d.pretokenize, worker_count=d.worker_count)
 
 
-def setup(config: ml_collections.ConfigDict) -> Trainer:
-  """Resolves and validates the config against the devices present, and builds the trainer."""
-  shape = sharding.resolve_mesh_shape(config.mesh, jax.device_count())
+def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
+  """Resolves and validates the config against `devices` (default: the devices present; the
+  AOT planner passes a TPU topology's), and builds the trainer."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = sharding.resolve_mesh_shape(config.mesh, len(devices))
   config_lib.validate(config, shape)
-  return make_trainer(config, sharding.make_mesh(shape, dcn=sharding.dcn_shape(config.mesh)))
+  return make_trainer(config, sharding.make_mesh(shape, devices,
+                                                 dcn=sharding.dcn_shape(config.mesh)))
 
 
 def make_checkpointer(config: ml_collections.ConfigDict,

@@ -58,3 +58,18 @@ def test_plan_command_line_ranks_and_prints_the_overrides():
   assert [(r[0], r[1], r[2], r[-1]) for r in rows] == [('2', 'none', '256', 'yes'),
                                                         ('2', 'full', '256', 'yes')]
   assert lines[-1] == 'best: --config.train.global_batch_size=4 --config.model.remat=none'
+
+
+def test_compiles_for_a_tpu_slice_through_libtpu():
+  """The TPU compiler, run on this CPU machine (MaxText's train_compile does the same): the tiny
+  step for a v5e-8 slice, with its per-chip memory and collectives read from TPU HLO."""
+  pytest.importorskip('libtpu', reason="libtpu is not installed (pip install 'jax[tpu]' in a "
+                      'separate venv: it makes JAX look for TPUs); the topology compile needs it')
+  devices = aot.topology_devices('v5e-8')
+  assert len(devices) == 8 and devices[0].device_kind == 'TPU v5 lite'
+  config = load('configs/tiny.py', '--config.model.dtype=bfloat16')
+  est = aot.estimate(config, per_device_batch=1, remat='none', devices=devices)
+  assert est.argument_bytes >= est.params_bytes + est.opt_bytes > 0
+  assert set(est.collective_bytes['all-gather']) == {'fsdp'}
+  with pytest.raises(ValueError, match='--topology=v9-8: use a slice name'):
+    aot.topology_devices('v9-8')

@@ -88,3 +88,32 @@ def test_gathering_in_the_compute_dtype_keeps_every_loss_bit():
                                                                          trainer.batch_sharding))
         losses[gather].append(float(metrics['loss']))
   assert losses[True] == losses[False] and losses[True][2] != losses[True][0]
+
+
+TPU_STYLE_HLO = """
+%cond (p: (s32[], f32[4])) -> pred[] {
+  %c = s32[]{:T(128)} constant(5)
+  %p = (s32[], f32[4]) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %c), direction=LT
+}
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]) parameter(0)
+  %ag = bf16[8,16]{1,0:T(8,128)(2,1)} all-gather(%x), channel_id=1, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={0}
+  ROOT %t = (s32[], f32[4]) tuple(%i, %y)
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %w = (s32[], f32[4]) while(%t0), condition=%cond, body=%body
+}
+"""
+
+
+def test_tpu_style_loops_and_named_replica_groups():
+  """TPU HLO gives no known_trip_count (the bound comes from the condition's `i < 5`) and names
+  replica groups by mesh axes: 5 x a bf16 [8, 16] gather (256 bytes) over ids {0..3}, {4..7},
+  which vary in fsdp and tensor of a (2, 2, 2) mesh."""
+  counted = collectives.count(TPU_STYLE_HLO, MESH)
+  assert counted == {'bytes': {'all-gather': {'fsdp+tensor': 5 * 256}}, 'ops': {'all-gather': 5},
+                     'unknown': []}

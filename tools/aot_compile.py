@@ -1,14 +1,12 @@
 """Compiles a config's train step ahead of time for N devices and says whether it fits.
 
-    python tools/aot_compile.py --config=configs/7b.py --devices=8 --hbm_gib=80
-    python tools/aot_compile.py --config=configs/7b.py --devices=8 --hbm_gib=80 --plan
+    python tools/aot_compile.py --config=configs/7b.py --devices=8 --hbm_gib=80 [--plan]
+    python tools/aot_compile.py --config=configs/7b.py --topology=v5p-128 --hbm_gib=95
 
-Lowers and compiles from abstract shapes on N fake CPU devices (no weights allocated), then
-prints per-device bytes (parameters and optimizer state from their shardings; arguments,
-temporaries and the total as XLA measured them; gradients as an estimate), the model FLOPs per
-device and step, and whether the step fits `--hbm_gib`. `--plan` searches per-device batch and
-remat policy for the most tokens per step that fits and prints a ranked table with the overrides
-to use. The figures are XLA's CPU buffer assignment, not a GPU measurement: see jaxllm/aot.py.
+From abstract shapes (no weights allocated), on N fake CPU devices or, with --topology and libtpu
+installed, for a TPU slice with the TPU compiler. Prints per-device memory, collective bytes and
+FLOPs per step and whether it fits `--hbm_gib`; `--plan` ranks per-device batch and remat
+policies by tokens per step that fit (jaxllm/aot.py says which figures are measured).
 """
 
 import dataclasses
@@ -21,6 +19,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_c
 _DEVICES = flags.DEFINE_integer('devices', 8, 'Fake CPU devices to compile for.')
 _HBM_GIB = flags.DEFINE_float('hbm_gib', 80.0, 'Memory budget per device, GiB.')
 _PLAN = flags.DEFINE_bool('plan', False, 'Search per-device batch and remat for the best fit.')
+_TOPOLOGY = flags.DEFINE_string('topology', '', 'Compile for this TPU slice (v5p-128, v6e-256, '
+                                'v5p:4x4x4) through libtpu instead of --devices fake CPUs.')
 _BATCHES = flags.DEFINE_list('plan_batches', ['1', '2', '4', '8', '16'],
                              'Per-device batch sizes the planner tries.')
 _REMATS = flags.DEFINE_list('plan_remat', ['none', 'save_dots', 'full'],
@@ -33,25 +33,27 @@ def main(argv):
   import jax
   # Fake devices must be requested before JAX starts its backends (jaxllm.aot imports jax only).
   jax.config.update('jax_platforms', 'cpu')
-  jax.config.update('jax_num_cpu_devices', _DEVICES.value)
+  jax.config.update('jax_num_cpu_devices', 1 if _TOPOLOGY.value else _DEVICES.value)
   from jaxllm import aot, collectives
   config, budget = _CONFIG.value, _HBM_GIB.value
-  print(f'{config.name}: {jax.device_count()} devices, budget {budget:g} GiB per device')
+  devices = aot.topology_devices(_TOPOLOGY.value) if _TOPOLOGY.value else jax.devices()
+  print(f'{config.name}: {len(devices)} {devices[0].device_kind} devices, budget {budget:g} GiB '
+        'per device')
   print(aot.HEADER)
   if not _PLAN.value:
-    est = aot.estimate(config, config.train.global_batch_size // jax.device_count(),
-                       config.model.remat)
+    est = aot.estimate(config, config.train.global_batch_size // len(devices),
+                       config.model.remat, devices)
     print(aot.row(est, budget))
     print('collectives per device and step (HLO):\n' + collectives.summary(est.collective_bytes))
     print(json.dumps({**dataclasses.asdict(est), 'fits': est.fits(budget)}))
     return
-  ranked = aot.plan(config, [int(b) for b in _BATCHES.value], _REMATS.value, budget)
+  ranked = aot.plan(config, [int(b) for b in _BATCHES.value], _REMATS.value, budget, devices)
   for est in ranked:
     print(aot.row(est, budget))
   best = ranked[0]
   if not best.fits(budget):
     raise SystemExit(f'nothing fits {budget:g} GiB per device; add devices or lower data.seq_len')
-  print(f'best: --config.train.global_batch_size={best.per_device_batch * jax.device_count()} '
+  print(f'best: --config.train.global_batch_size={best.per_device_batch * len(devices)} '
         f'--config.model.remat={best.remat}')
 
 
