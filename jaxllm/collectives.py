@@ -96,7 +96,7 @@ def _trip_count(line: str, comps: Mapping[str, list[str]]) -> int | None:
     return int(known.group(1))
   cond = re.search(r'condition=%([\w.\-]+)', line)
   body = comps.get(cond.group(1), []) if cond else []
-  constants = [int(c) for l in body for c in re.findall(r's32\[\]\S* constant\((\d+)\)', l)]
+  constants = [int(c) for l in body for c in re.findall(r'[su]32\[\]\S* constant\((\d+)\)', l)]
   if len(constants) == 1 and any('direction=LT' in l for l in body):
     return constants[0]
   return None
@@ -135,8 +135,9 @@ def count(hlo_text: str, mesh_shape: Mapping[str, int]) -> dict:
       kind = opcode[:-len('-start')] if opcode.endswith('-start') else opcode
       if kind in KINDS and not opcode.endswith('-done'):
         size = _bytes(result)
-        if opcode.endswith('-start'):  # the result of an async start is (operand, result, ...)
-          size = _bytes(re.findall(r'[a-z0-9]+\[[\d,]*\]', result)[-1])
+        if opcode.endswith('-start'):  # an async start gives (operand, result, context...)
+          arrays = re.findall(r'[a-z0-9]+\[[\d,]*\]', result)
+          size = _bytes(arrays[1] if len(arrays) > 1 else arrays[0])
         groups = replica_groups(line)
         if kind == 'reduce-scatter':
           size *= len(groups[0]) if groups else math.prod(mesh_shape.values())
