@@ -21,7 +21,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxllm import data, rundir, sources
-from jaxllm import tokenizer as tokenizer_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file of the run.',
                                           lock_config=True)
@@ -57,7 +56,7 @@ def main(argv):
                        user_defined_symbols=_SPECIAL_TOKENS.value)
   ev = found.eval
   held_out = [ev.text(i) for i in range(0, len(ev), max(1, len(ev) // _EVAL_DOCS.value))]
-  tok = tokenizer_lib.open_tokenizer(out)
+  tok = run.tokenizer(config)  # the model just written, as the run will open it
   print(json.dumps({
       'out': os.path.abspath(out), 'model_type': _MODEL_TYPE.value, 'vocab_size': tok.vocab_size,
       'held_out_docs': len(held_out),
