@@ -244,7 +244,7 @@ class Attention(nnx.Module):
     dt = jnp.dtype(self.cfg.dtype)
     y = _dense(x_BLD, _weight(getattr(self, f'{name}_proj'), self.cfg), fp8=self.cfg.fp8)
     if self.cfg.qkv_bias:
-      y = y + getattr(self, f'{name}_bias')[...].astype(dt)
+      y = y + getattr(self, f'{name}_bias')[...].astype(dt)[None, None]  # [1, 1, heads, Dh]
     return y
 
   def _qkv(self, x_BLD, positions_BL):
@@ -264,7 +264,7 @@ class Attention(nnx.Module):
     dt = jnp.dtype(self.cfg.dtype)
     out_BLD = _dense(out_BLHDh, _weight(self.o_proj, self.cfg), n_in=2, fp8=self.cfg.fp8)
     if self.cfg.o_bias:
-      out_BLD = out_BLD + self.o_bias[...].astype(dt)
+      out_BLD = out_BLD + self.o_bias[...].astype(dt)[None, None]  # [1, 1, D]
     return out_BLD
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL):
