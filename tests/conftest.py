@@ -36,3 +36,12 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if 'accelerator' in item.keywords and 'also_on_cpu' not in item.keywords:
       item.add_marker(skip)
+
+
+@pytest.fixture(scope='session')
+def single_device():
+  """test_train.run_steps on one device, float32: (losses, params). The reference of the mesh
+  tests and of the bf16 test (test_accelerator), computed once per session."""
+  import jax
+  from test_train import run_steps
+  return run_steps({'data': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])

@@ -62,16 +62,12 @@ def run_steps(mesh_shape, microbatches=1, devices=None, loss_chunk=0):
   return np.array(losses), jax.device_get(state['params'])
 
 
-@pytest.fixture(scope='module')
-def single_device():
-  return run_steps({'data': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
-
-
 @pytest.mark.parametrize('shape,microbatches,loss_chunk', [
     ((8, 1, 1), 1, 0), ((1, 8, 1), 1, 0), ((2, 2, 2), 1, 0), ((1, 2, 4), 1, 0), ((2, 2, 2), 2, 0),
     ((1, 2, 4), 2, SEQ // 4)], ids=lambda v: str(v))
 def test_same_losses_on_every_mesh(single_device, shape, microbatches, loss_chunk):
-  """Also the fused chunked head + loss (train.loss_chunk), with the vocab split over `tensor`."""
+  """Also the fused chunked head + loss (train.loss_chunk), with the vocab split over `tensor`.
+  `single_device` (conftest.py): run_steps on one device, shared with test_accelerator."""
   ref_losses, ref_params = single_device
   assert ref_losses[-1] < ref_losses[0] - 0.01  # it learns (step 0 has lr 0)
   losses, params = run_steps(dict(zip(sharding.MESH_AXES, shape)), microbatches,
