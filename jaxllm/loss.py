@@ -64,7 +64,8 @@ def _head_pass(x_BLD, head_DV, targets_BL, weights_BL, chunk: int, grads: bool):
     # bfloat16 compute the gradients carry bfloat16 rounding of d logits that autodiff of the
     # unfused path, which multiplies the float32 cotangent, does not.
     vocab_V = jnp.arange(logits_BCV.shape[-1], dtype=targets_BC.dtype)
-    dlogits_BCV = ((jnp.exp(logits_BCV - logz_BC[..., None]) - (vocab_V == targets_BC[..., None]))
+    onehot_BCV = vocab_V[None, None] == targets_BC[..., None]
+    dlogits_BCV = ((jnp.exp(logits_BCV - logz_BC[..., None]) - onehot_BCV)
                    * weights_BC[..., None]).astype(x_BCD.dtype)
     dx_BCD = _matmul(dlogits_BCV, head_DV.T).astype(x_BCD.dtype)
     dhead_DV += _matmul(x_BCD.reshape(-1, x_BCD.shape[-1]).T,

@@ -149,7 +149,8 @@ class RMSNorm(nnx.Module):
     # Normalise in float32 whatever the compute dtype, as HF does.
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+    w = jax.lax.broadcast_to_rank(self.weight[...].astype(jnp.float32), y.ndim)  # [1, .., D]
+    return (y * w).astype(x.dtype)
 
 
 def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
@@ -181,7 +182,7 @@ def rope(x_BLNDh, positions_BL, theta: float, inv_freq_h=None):
   half = x_BLNDh.shape[-1] // 2
   if inv_freq_h is None:
     inv_freq_h = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
-  angles_BLh = positions_BL[..., None].astype(jnp.float32) * inv_freq_h
+  angles_BLh = positions_BL[..., None].astype(jnp.float32) * inv_freq_h[None, None]
   sin, cos = jnp.sin(angles_BLh)[:, :, None, :], jnp.cos(angles_BLh)[:, :, None, :]
   x1, x2 = jnp.split(x_BLNDh.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -243,7 +244,7 @@ class Attention(nnx.Module):
     dt = jnp.dtype(self.cfg.dtype)
     y = _dense(x_BLD, _weight(getattr(self, f'{name}_proj'), self.cfg), fp8=self.cfg.fp8)
     if self.cfg.qkv_bias:
-      y = y + getattr(self, f'{name}_bias')[...].astype(dt)
+      y = y + getattr(self, f'{name}_bias')[...].astype(dt)[None, None]  # [1, 1, heads, Dh]
     return y
 
   def _qkv(self, x_BLD, positions_BL):
@@ -263,7 +264,7 @@ class Attention(nnx.Module):
     dt = jnp.dtype(self.cfg.dtype)
     out_BLD = _dense(out_BLHDh, _weight(self.o_proj, self.cfg), n_in=2, fp8=self.cfg.fp8)
     if self.cfg.o_bias:
-      out_BLD = out_BLD + self.o_bias[...].astype(dt)
+      out_BLD = out_BLD + self.o_bias[...].astype(dt)[None, None]  # [1, 1, D]
     return out_BLD
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL):

@@ -1,7 +1,10 @@
 """GPU/TPU checks: cuDNN flash attention (dense, and packed rows in cuDNN's packed layout) and the
-Pallas kernel agree with XLA's; `model.attention=auto` picks cuDNN for bf16 on a GPU.
+Pallas kernel agree with XLA's; `model.attention=auto` picks cuDNN for bf16 on a GPU; a bf16 train
+step learns.
 
-Run on an accelerator host: JAXLLM_TEST_ACCELERATOR=1 pytest -m accelerator
+Run on an accelerator host: JAXLLM_TEST_ACCELERATOR=1 pytest -m accelerator. The bf16 train step is
+also marked `also_on_cpu` (XLA:CPU computes in bfloat16 too): every run of the suite checks it,
+and an accelerator host checks it on its own device.
 
 Tolerances: bf16 inputs, outputs and gradients (8 significant bits, relative rounding 4e-3);
 the reference is XLA's kernel on the same bf16 inputs computed in float32, so differences are the
@@ -15,9 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxllm import attention
 from jaxllm import model as model_lib
+from jaxllm import sharding
+from jaxllm import train
+from test_train import small_config, synthetic_batches
 
 pytestmark = pytest.mark.accelerator
 L = 1024
@@ -117,3 +124,38 @@ def test_auto_attention_picks_cudnn_for_bf16_on_gpu():
   hopper = on_gpu and attention._gpu_capability() >= (9, 0)
   assert pick(cfg, True) == ('cudnn_packed' if hopper else 'cudnn' if on_gpu else 'xla')
   assert pick(dataclasses.replace(cfg, dtype='float32'), True) == 'xla'
+
+
+def bf16_train_losses():
+  """test_train.run_steps (STEPS steps on one fixed batch, step 0 at lr 0) on one device with
+  bfloat16 compute: (losses, trainer, final state)."""
+  config = small_config()
+  config.model.dtype = 'bfloat16'
+  trainer = train.make_trainer(config, sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1},
+                                                          jax.devices()[:1]))
+  state, losses = trainer.init_state(), []
+  with sharding.activate(trainer.mesh, trainer.rules):
+    for batch in synthetic_batches():
+      batch = sharding.global_batch(batch, trainer.batch_sharding)
+      state, metrics = trainer.train_step(state, batch)
+      losses.append(float(metrics['loss']))
+  return np.array(losses), trainer, state
+
+
+@pytest.mark.also_on_cpu  # and, as every test here, accelerator
+def test_bf16_train_step_learns_like_float32(single_device):
+  """bfloat16 compute over float32 parameters: the loss falls on a batch it sees again and
+  tracks the float32 run (`single_device`, conftest.py) within bfloat16's precision, without
+  being the float32 run."""
+  bf16, trainer, state = bf16_train_losses()
+  f32 = single_device[0]
+  # On CPU: 5.571, 5.571, 5.140 (float32: 5.571, 5.571, 5.138).
+  assert np.all(np.isfinite(bf16)) and bf16[-1] < bf16[0] - 0.3
+  np.testing.assert_allclose(bf16, f32, atol=0.01)
+  assert not np.array_equal(bf16, f32)  # the compute dtype really changed
+  # Parameters and AdamW moments stay float32; only the activations are bfloat16.
+  assert {x.dtype for x in jax.tree.leaves(state['params'])} == {np.dtype('float32')}
+  assert {x.dtype for x in jax.tree.leaves(state['opt_state']) if x.ndim} == {np.dtype('float32')}
+  tokens = jnp.zeros((2, 8), jnp.int32)
+  hidden = jax.eval_shape(lambda p: nnx.merge(trainer.graphdef, p).hidden(tokens), state['params'])
+  assert hidden.dtype == jnp.bfloat16

@@ -1,5 +1,6 @@
 """KV-cache decoding: cached logits == full forward, greedy == argmax, filters, ragged batches."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,8 +33,10 @@ def prompts(*lengths, seed=0):
 def greedy(llama, batch, **kw):
   graphdef, params, _ = llama
   tokens, starts = sample.left_pad(batch)
-  return jax.device_get(sample.generate(graphdef, params, tokens, starts, jax.random.key(0),
-                                        max_new_tokens=N, **kw))
+  out = jax.device_get(sample.generate(graphdef, params, tokens, starts, jax.random.key(0),
+                                       max_new_tokens=N, **kw))
+  chex.assert_shape([out['tokens'], out['lengths']], [(len(batch), N), (len(batch),)])
+  return out
 
 
 def test_cached_logits_equal_the_full_forward_at_every_position(llama):
@@ -44,10 +47,10 @@ def test_cached_logits_equal_the_full_forward_at_every_position(llama):
   prefill = jax.jit(lambda p, t, s: sample.prefill(nnx.merge(graphdef, p), t, s, cache_len=12))
   step = jax.jit(lambda p, c, t, i, s: sample.step(nnx.merge(graphdef, p), c, t, i, s))
   logits, cache = prefill(params, tokens[:, :5], starts)
-  np.testing.assert_allclose(logits, full[:, :5], atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(logits, full[:, :5], atol=1e-5, rtol=1e-5)
   for t in range(5, 12):  # teacher-forced: one token a step through the cache
     logits, cache = step(params, cache, tokens[:, t], t, starts)
-    np.testing.assert_allclose(logits, full[:, t], atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(logits, full[:, t], atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_is_deterministic_and_the_argmax_of_the_full_forward(llama):
@@ -62,13 +65,17 @@ def test_greedy_is_deterministic_and_the_argmax_of_the_full_forward(llama):
   assert out['lengths'][0] == N
 
 
-def test_top_k_1_and_temperature_0_equal_greedy(llama):
+def test_top_k_1_and_a_tiny_top_p_equal_greedy(llama):
+  """Hot draws (temperature > 0, so the sampling path) from a filter that keeps only the most
+  likely token: top_k=1, or a nucleus of probability 1e-6 (the top token alone reaches it)."""
   batch = prompts(4, 9)
-  ref = greedy(llama, batch)['tokens']
+  ref = greedy(llama, batch)['tokens']  # temperature 0
   np.testing.assert_array_equal(greedy(llama, batch, temperature=1.5, top_k=1)['tokens'], ref)
-  np.testing.assert_array_equal(greedy(llama, batch, temperature=0.0, top_p=0.3)['tokens'], ref)
+  np.testing.assert_array_equal(greedy(llama, batch, temperature=5.0, top_p=1e-6)['tokens'], ref)
   drawn = greedy(llama, batch, temperature=5.0)['tokens']
-  assert not np.array_equal(drawn, ref)  # a hot sample differs: the draw is really random
+  assert not np.array_equal(drawn, ref)  # unfiltered, a hot sample differs: the draw is random
+  nucleus = greedy(llama, batch, temperature=5.0, top_p=0.5)['tokens']
+  assert not np.array_equal(nucleus, ref)  # a wide nucleus still draws
 
 
 def test_prompts_of_different_lengths_in_one_batch_equal_each_alone(llama):

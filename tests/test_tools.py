@@ -10,6 +10,10 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
+
+import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).parent.parent
 # PYTHONPATH: the tools import jaxllm from this checkout, not from wherever it is installed.
@@ -26,8 +30,10 @@ def run_tool(*args) -> tuple[dict, str]:
 
 
 def test_benchmark_prints_every_field_and_the_peer_line():
+  start = time.perf_counter()
   out, stdout = run_tool('tools/benchmark.py', '--config=configs/tiny.py', '--steps=3',
                          '--warmup=1', '--peer_line')
+  wall_s = time.perf_counter() - start
   fields = {'config', 'params', 'n_layers', 'seq_len', 'global_batch', 'dtype', 'remat',
             'loss_chunk', 'attention', 'mesh', 'devices', 'device_kind', 'jax', 'tokens_per_s',
             'tokens_per_s_per_device', 'step_s', 'compile_s', 'steps_timed', 'final_loss',
@@ -42,13 +48,26 @@ def test_benchmark_prints_every_field_and_the_peer_line():
   assert out['compiler_options'] == {'xla_cpu_use_fusion_emitters': False}
   assert out['host_page_faults_per_step'] >= 0 and out['host_peak_rss_bytes'] > 2**27
   assert out['devices'] == 1 and out['steps_timed'] == 3
+  # The tiny config by hand: 1.38M parameters (README), of which the matmuls are 4 layers x
+  # (4 attention projections 128 x 128 + 3 MLP 128 x 384) + the head 128 x 2048.
+  assert out['params'] == 1_377_408
+  matmul_params = 4 * (4 * 128 * 128 + 3 * 128 * 384) + 128 * 2048  # 1,114,112
+  attention = 6 * 4 * 4 * 32 * 128  # layers x heads x head_dim x seq_len, causal: 12x halved
+  assert out['flops_per_token'] == 6 * matmul_params + attention == 7_077_888
+  # Tokens per step are the config's (16 rows x 128 tokens, all on the one device); the step
+  # times it reports fit inside the wall time of the whole process, compile included.
   step = out['step_s']
   assert 0 < step['min'] <= step['median'] <= step['max']
-  assert out['tokens_per_s'] == out['global_batch'] * out['seq_len'] / step['median']
+  assert out['tokens_per_s'] * step['median'] == pytest.approx(16 * 128)
+  assert out['tokens_per_s_per_device'] == out['tokens_per_s']
+  assert out['compile_s'] + (1 + 3) * step['min'] < wall_s  # 1 warm-up + 3 timed steps
+  # Uniform random tokens hold nothing to learn: 4 steps in, the loss is still about ln(vocab).
+  assert abs(out['final_loss'] - np.log(2048)) < 0.5
   assert 'causal attention counted as half' in out['mfu_formula']
   assert out['mfu'] is None  # no known peak FLOP/s for a CPU
   peer = re.search(r'^tokens_per_s=([\d.]+) step_ms=([\d.]+) compile_s=([\d.]+)$', stdout, re.M)
   assert peer and abs(float(peer.group(1)) - out['tokens_per_s']) < 0.1 + 1e-3 * out['tokens_per_s']
+  assert float(peer.group(2)) == pytest.approx(1e3 * step['median'], abs=0.051)  # printed to 0.1 ms
 
 
 def test_benchmark_packed_mode_feeds_corpus_length_documents():

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,21 +62,18 @@ def run_steps(mesh_shape, microbatches=1, devices=None, loss_chunk=0):
   return np.array(losses), jax.device_get(state['params'])
 
 
-@pytest.fixture(scope='module')
-def single_device():
-  return run_steps({'data': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
-
-
 @pytest.mark.parametrize('shape,microbatches,loss_chunk', [
     ((8, 1, 1), 1, 0), ((1, 8, 1), 1, 0), ((2, 2, 2), 1, 0), ((1, 2, 4), 1, 0), ((2, 2, 2), 2, 0),
     ((1, 2, 4), 2, SEQ // 4)], ids=lambda v: str(v))
 def test_same_losses_on_every_mesh(single_device, shape, microbatches, loss_chunk):
-  """Also the fused chunked head + loss (train.loss_chunk), with the vocab split over `tensor`."""
+  """Also the fused chunked head + loss (train.loss_chunk), with the vocab split over `tensor`.
+  `single_device` (conftest.py): run_steps on one device, shared with test_accelerator."""
   ref_losses, ref_params = single_device
   assert ref_losses[-1] < ref_losses[0] - 0.01  # it learns (step 0 has lr 0)
   losses, params = run_steps(dict(zip(sharding.MESH_AXES, shape)), microbatches,
                              loss_chunk=loss_chunk)
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  chex.assert_trees_all_equal_shapes_and_dtypes(params, ref_params)  # then zip pairs them right
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
     # Adam divides by sqrt(second moment), which turns float32 noise in near-zero gradients into
     # visible element-wise differences; compare each tensor as a whole.
@@ -130,9 +128,9 @@ def test_skipped_step_keeps_the_state_and_a_good_step_updates_it():
   assert not np.isfinite(metrics['loss']) and np.isfinite(good['loss'])
   assert (metrics['params_finite'], good['params_finite']) == (0.0, 1.0)  # checked in the step
   assert skipped['step'] == updated['step'] == 1
-  for a, b in zip(jax.tree.leaves(skipped['params']) + jax.tree.leaves(skipped['opt_state']),
-                  jax.tree.leaves(poisoned['params']) + jax.tree.leaves(poisoned['opt_state'])):
-    np.testing.assert_array_equal(a, b)  # NaN == NaN here: bit for bit as it was
+  # Bit for bit as it was (NaN == NaN here), parameters and AdamW state alike.
+  chex.assert_trees_all_equal(skipped['params'], poisoned['params'])
+  chex.assert_trees_all_equal(skipped['opt_state'], poisoned['opt_state'])
   changed = [not np.array_equal(a, b) for a, b in
              zip(jax.tree.leaves(updated['params']), jax.tree.leaves(state['params']))]
   assert all(changed)
@@ -154,8 +152,7 @@ def test_fused_head_loss_matches_logits_then_loss(chunk):
   got, got_grads = jax.value_and_grad(lambda *a: 3 * fused(*a), argnums=(0, 1))(x, head)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   np.testing.assert_allclose(3 * jax.jit(fused)(x, head), want, rtol=1e-6)  # no-gradient path
-  for g, w in zip(got_grads, want_grads):
-    np.testing.assert_allclose(g, w, atol=3e-5)
+  chex.assert_trees_all_close(got_grads, want_grads, atol=3e-5)
   assert not np.any(got_grads[0][np.asarray(weights) == 0])  # padded positions get no gradient
   # bfloat16 compute (x and head in bf16, logits in float32): close to the float32 gradients.
   bf16 = jax.grad(fused, argnums=(0, 1))(x.astype(jnp.bfloat16), head.astype(jnp.bfloat16))

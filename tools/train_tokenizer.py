@@ -1,54 +1,68 @@
-"""Trains a sentencepiece model on any data source and reports its compression on held-out text.
+"""Trains a sentencepiece model on a run's data sources; reports its compression on held-out text.
 
-    python tools/train_tokenizer.py --sources='/data/web/*.jsonl' --text_field=text \
-        --eval_source=/data/heldout --vocab_size=32000 --model_type=bpe --out=/data/spm.model
+    python tools/train_tokenizer.py --config=configs/7b.py --workdir=runs/7b \
+        --config.data.sources='/data/web/*.jsonl' --config.data.eval_source=/data/heldout \
+        --config.data.tokenizer=/data/spm.model --model_type=unigram
 
-Sources are read as in training (`SPEC[@WEIGHT], ...`: directories, globs, files, tfds:NAME:SPLIT);
-the held-out text is `--eval_files` whole files of the first source or `--eval_source`, never seen
-by the trainer. Defaults: identity normalization (lossless), byte fallback, digits split, unk=0,
-bos=1, eos=2, no pad. Prints one JSON line with the held-out bytes per token.
+The data keys come from the config as training reads them: `data.sources` (or `data.source_dir`,
+or the embedded corpus), `data.text_field`, `data.tfds_data_dir`, the held-out text
+(`data.eval_source`, or `data.eval_files` whole files of the first source, never seen by the
+trainer), `model.vocab_size` pieces. The model is written where the run will look for it,
+`data.tokenizer` (default WORKDIR/tokenizer.model), and never over an existing one; the datasets
+are built under `data.cache_dir` (default WORKDIR/data), where training finds them. Defaults:
+identity normalization (lossless), byte fallback, digits split, unk=0, bos=1, eos=2, no pad.
+Prints one JSON line with the held-out bytes per token.
 """
 
-import argparse
 import json
 import os
-import tempfile
 
-from jaxllm import data, sources
-from jaxllm import tokenizer as tokenizer_lib
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxllm import data, rundir, sources
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file of the run.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory that training will use.')
+_MODEL_TYPE = flags.DEFINE_enum('model_type', 'bpe', ['bpe', 'unigram'], 'sentencepiece type.')
+_BYTE_FALLBACK = flags.DEFINE_bool('byte_fallback', True, 'Unknown characters as byte pieces.')
+_SPECIAL_TOKENS = flags.DEFINE_list('special_tokens', [], 'Pieces kept whole, e.g. <tool>,</tool>.')
+_NORMALIZATION = flags.DEFINE_string('normalization', 'identity',
+                                     "sentencepiece rule, e.g. 'nmt_nfkc' (lossy).")
+_MAX_DOCS = flags.DEFINE_integer('max_docs', data._TOKENIZER_DOCS, 'Train documents sampled.')
+_EVAL_DOCS = flags.DEFINE_integer('eval_docs', 2000, 'Held-out documents for bytes per token.')
+flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--out', required=True, help='path of the .model file to write')
-  p.add_argument('--sources', default='', help="'SPEC[@WEIGHT], ...'; empty = the embedded corpus")
-  p.add_argument('--eval_source', default='')
-  p.add_argument('--eval_files', type=int, default=2)
-  p.add_argument('--text_field', default='text')
-  p.add_argument('--tfds_data_dir', default=None)
-  p.add_argument('--cache_dir', default='', help='where file sources are built; empty = a temp dir')
-  p.add_argument('--vocab_size', type=int, default=2048)
-  p.add_argument('--model_type', choices=('bpe', 'unigram'), default='bpe')
-  p.add_argument('--no_byte_fallback', action='store_true')
-  p.add_argument('--special_tokens', default='', help='comma-separated pieces kept whole, e.g. <tool>,</tool>')
-  p.add_argument('--normalization', default='identity', help="sentencepiece rule, e.g. 'nmt_nfkc' (lossy)")
-  p.add_argument('--max_docs', type=int, default=data._TOKENIZER_DOCS, help='train documents sampled')
-  p.add_argument('--eval_docs', type=int, default=2000, help='held-out documents for the compression figure')
-  a = p.parse_args()
-  specs = sources.parse_sources(a.sources) if a.sources else [(sources.default_source_dir(), 1.0)]
-  with tempfile.TemporaryDirectory() as tmp:
-    found = sources.open_sources(specs, cache_dir=a.cache_dir or tmp, eval_files=a.eval_files,
-                                 eval_source=a.eval_source, text_field=a.text_field, tfds_data_dir=a.tfds_data_dir)
-    data.train_tokenizer(a.out, data.tokenizer_sample(found, a.max_docs), a.vocab_size, model_type=a.model_type,
-                         byte_fallback=not a.no_byte_fallback, normalization=a.normalization,
-                         user_defined_symbols=[s for s in a.special_tokens.split(',') if s])
-    ev = found.eval
-    held_out = [ev.text(i) for i in range(0, len(ev), max(1, len(ev) // a.eval_docs))]
-    tok = tokenizer_lib.open_tokenizer(a.out)
-    print(json.dumps({'out': os.path.abspath(a.out), 'model_type': a.model_type, 'vocab_size': tok.vocab_size,
-                      'held_out_docs': len(held_out), 'bytes_per_token': round(data.bytes_per_token(tok, held_out), 3),
-                      'round_trips': all(tok.decode(tok.encode(t)) == t for t in held_out[:200])}))
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config, run = _CONFIG.value, rundir.RunDir(_WORKDIR.value)
+  d, out = config.data, run.tokenizer_path(config)
+  if os.path.exists(out):
+    # The run's checkpoints and token caches belong to the tokenizer already there.
+    raise app.UsageError(f'{out} exists: delete it, or set --config.data.tokenizer to a new path')
+  # As data.make_pipeline resolves them: sources, else source_dir, else the embedded corpus.
+  specs = (sources.parse_sources(d.sources) if d.sources
+           else [(d.source_dir or sources.default_source_dir(), 1.0)])
+  found = sources.open_sources(specs, cache_dir=run.data_cache(config), eval_files=d.eval_files,
+                               eval_source=d.eval_source, text_field=d.text_field,
+                               tfds_data_dir=d.tfds_data_dir or None,
+                               skip_bad_records=d.skip_bad_records)
+  data.train_tokenizer(out, data.tokenizer_sample(found, _MAX_DOCS.value), config.model.vocab_size,
+                       model_type=_MODEL_TYPE.value, byte_fallback=_BYTE_FALLBACK.value,
+                       normalization=_NORMALIZATION.value,
+                       user_defined_symbols=_SPECIAL_TOKENS.value)
+  ev = found.eval
+  held_out = [ev.text(i) for i in range(0, len(ev), max(1, len(ev) // _EVAL_DOCS.value))]
+  tok = run.tokenizer(config)  # the model just written, as the run will open it
+  print(json.dumps({
+      'out': os.path.abspath(out), 'model_type': _MODEL_TYPE.value, 'vocab_size': tok.vocab_size,
+      'held_out_docs': len(held_out),
+      'bytes_per_token': round(data.bytes_per_token(tok, held_out), 3),
+      'round_trips': all(tok.decode(tok.encode(t)) == t for t in held_out[:200])}))
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)
