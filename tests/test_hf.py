@@ -251,6 +251,89 @@ def test_qwen_sliding_window_is_refused():
     hf.model_config_from_hf(config)
 
 
+# A model folder written with the safetensors package alone (no torch): the tensors of a tiny
+# Llama by their HF names, in one file or two shards with their index.
+FOLDER_MODEL = dict(vocab_size=32, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=4,
+                    mlp_dim=16)
+
+
+def write_folder(path, *, shards=1):
+  from safetensors.numpy import save_file
+  cfg = model_lib.ModelConfig.from_section(FOLDER_MODEL)
+  rng = np.random.default_rng(0)
+  tensors = {name: rng.standard_normal(shape).astype(np.float32)
+             for name, shape in hf.hf_tensor_shapes(cfg).items()}
+  path.mkdir()
+  (path / 'config.json').write_text(json.dumps(hf.model_config_to_hf(FOLDER_MODEL)))
+  names = list(tensors)
+  groups = [names] if shards == 1 else [names[:len(names) // 2], names[len(names) // 2:]]
+  for file, group in zip(safetensors_io.shard_file_names(len(groups)), groups):
+    save_file({n: tensors[n] for n in group}, str(path / file))
+  if shards > 1:
+    index = safetensors_io.shard_index(groups, 0)
+    (path / safetensors_io.INDEX_FILE).write_text(json.dumps(index))
+  return tensors
+
+
+def assert_params_are(params, tensors):
+  cfg = model_lib.ModelConfig.from_section(FOLDER_MODEL)
+  jax.tree.map(np.testing.assert_array_equal, params, hf.from_hf(tensors, tensors.get, cfg))
+
+
+@pytest.mark.parametrize('shards', [1, 2])
+def test_stray_weight_files_beside_the_model_are_skipped(tmp_path, shards, caplog):
+  """Mistral's repos ship consolidated.safetensors (other names, the same weights) beside the
+  transformers files, and a PEFT adapter may sit in the folder: the import reads what
+  transformers reads (model.safetensors, else the files the index names) and says what it
+  skipped."""
+  from safetensors.numpy import save_file
+  folder = tmp_path / 'hf'
+  tensors = write_folder(folder, shards=shards)
+  save_file({'layers.0.attention.wq.weight': np.ones((8, 8), np.float32)},
+            str(folder / 'consolidated.safetensors'))
+  save_file({'model.norm.weight': np.zeros(8, np.float32)},  # a name the model has, other values
+            str(folder / 'adapter_model.safetensors'))
+  with caplog.at_level('WARNING'):
+    params, _ = import_.load_hf(str(folder))
+  assert_params_are(params, tensors)
+  assert 'skipping adapter_model.safetensors, consolidated.safetensors' in caplog.text
+
+
+def test_index_names_the_files_read(tmp_path):
+  """Only the index's files are read, every one of them must be there, and a tensor in two of
+  them is refused naming both (never the last one read winning)."""
+  from safetensors.numpy import load_file, save_file
+  folder = tmp_path / 'hf'
+  write_folder(folder, shards=2)
+  first, second = safetensors_io.shard_file_names(2)
+  os.rename(folder / second, tmp_path / second)
+  with pytest.raises(FileNotFoundError, match=f'{second} .*named by {safetensors_io.INDEX_FILE}, '
+                     'is missing'):
+    import_.load_hf(str(folder))
+  os.rename(tmp_path / second, folder / second)
+  twice = load_file(str(folder / second)) | {'model.embed_tokens.weight': np.zeros((32, 8),
+                                                                                  np.float32)}
+  save_file(twice, str(folder / second))  # also still in the first shard
+  with pytest.raises(hf.UnsupportedError, match=f"'model.embed_tokens.weight' is in both {first} "
+                     f'and {second}'):
+    import_.load_hf(str(folder))
+  del twice['model.embed_tokens.weight'], twice['model.norm.weight']
+  save_file(twice, str(folder / second))  # the index still places model.norm.weight there
+  with pytest.raises(hf.UnsupportedError, match=f"'model.norm.weight' in {second}, which lacks it"):
+    import_.load_hf(str(folder))
+
+
+def test_a_folder_without_the_transformers_files_is_refused_by_name(tmp_path):
+  from safetensors.numpy import save_file
+  folder = tmp_path / 'hf'
+  write_folder(folder)
+  os.rename(folder / safetensors_io.SINGLE_FILE, folder / 'consolidated.safetensors')
+  save_file({'x': np.zeros(2, np.float32)}, str(folder / 'adapter_model.safetensors'))
+  with pytest.raises(hf.UnsupportedError, match='has adapter_model.safetensors, consolidated'
+                     '.safetensors but neither model.safetensors nor model.safetensors.index.json'):
+    import_.load_hf(str(folder))
+
+
 def test_unknown_tensor_is_refused():
   section = hf.model_config_from_hf(transformers.LlamaConfig(**TINY).to_dict())
   cfg = model_lib.ModelConfig.from_section(section)
