@@ -334,6 +334,39 @@ def test_a_folder_without_the_transformers_files_is_refused_by_name(tmp_path):
     import_.load_hf(str(folder))
 
 
+def test_writers_replace_whole_files_and_remove_stale_temps(tmp_path):
+  """Every file a converter writes is written under a temp name and renamed: an interrupted
+  write leaves the old file, and its temp file (from a killed process) goes on the next write."""
+  folder = tmp_path / 'hf'
+  write_folder(folder)
+  params, section = import_.load_hf(str(folder))
+  out = tmp_path / 'out'
+  out.mkdir()
+  stale = ['model.safetensors.tmp4242', 'model-00001-of-00003.safetensors.tmp7',
+           'model.safetensors.index.json.tmp', 'config.json.tmp12',
+           'generation_config.json.tmp3']
+  for name in stale:
+    (out / name).write_bytes(b'half a file')
+  (out / 'notes.txt.tmp1').write_text('not a converter file')
+  export.export(params, section, str(out))
+  assert sorted(os.listdir(out)) == ['config.json', 'generation_config.json', 'model.safetensors',
+                                     'notes.txt.tmp1']
+  # A write that fails midway (a tensor of the wrong shape) keeps the file it was replacing.
+  before = (out / 'model.safetensors').read_bytes()
+  layout = [('a', (2,)), ('b', (3,))]
+  tensors = iter([('a', np.zeros(2, np.float32)), ('b', np.zeros(4, np.float32))])
+  with pytest.raises(AssertionError):
+    safetensors_io.write_file(str(out / 'model.safetensors'), tensors, layout, np.float32)
+  assert (out / 'model.safetensors').read_bytes() == before
+  assert not [n for n in os.listdir(out) if n.startswith('model.safetensors.tmp')]
+  # The import's own files: config.py (and config.json, through rundir).
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / 'config.py.tmp99').write_text('half a config')
+  import_.convert(str(folder), str(run), overwrite=True)
+  assert not [n for n in os.listdir(run) if '.tmp' in n]
+
+
 def test_unknown_tensor_is_refused():
   section = hf.model_config_from_hf(transformers.LlamaConfig(**TINY).to_dict())
   cfg = model_lib.ModelConfig.from_section(section)

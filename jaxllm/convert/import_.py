@@ -21,7 +21,7 @@ from typing import Any
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import model as model_lib
 from jaxllm import rundir
-from jaxllm.convert import check_out, hf, hf_tokenizer, safetensors_io
+from jaxllm.convert import check_out, hf, hf_tokenizer, replacing, safetensors_io
 
 
 def load_hf(hf_dir: str, *, dtype: str = 'float32') -> tuple[dict, dict[str, Any]]:
@@ -85,7 +85,7 @@ def write_config_py(run: rundir.RunDir, model: dict[str, Any], *, source: str, c
       name=os.path.basename(run.workdir.rstrip('/')), init_from=checkpoints,
       tokenizer=(f'  c.data.tokenizer = {tokenizer!r}\n' if tokenizer else
                  '  # This model has no sentencepiece tokenizer.model: set data.tokenizer.\n'))
-  with open(run.config_py, 'w') as f:
+  with replacing(run.config_py) as f:
     f.write(body)
 
 
@@ -104,7 +104,8 @@ def write_run(params: dict, model: dict[str, Any], out: str, *, source: str,
   tokenizer = None
   if tokenizer_model:
     tokenizer = os.path.abspath(run.tokenizer_path())
-    shutil.copyfile(tokenizer_model, tokenizer)
+    with open(tokenizer_model, 'rb') as src, replacing(tokenizer, 'wb') as dst:
+      shutil.copyfileobj(src, dst)
   run.write_config({'model': model})
   write_config_py(run, model, source=source, checkpoints=checkpoints, tokenizer=tokenizer)
   return run

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 
-from jaxllm.convert import UnsupportedError
+from jaxllm.convert import UnsupportedError, replacing
 
 MAX_SHARD_BYTES = 5 * 10**9  # shard above this, as transformers does ('5GB')
 SINGLE_FILE = 'model.safetensors'
@@ -151,14 +151,12 @@ def write_file(path: str, tensors: Iterator[tuple[str, np.ndarray]],
     offset += nbytes
   blob = json.dumps(header, separators=(',', ':')).encode()
   blob += b' ' * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
+  with replacing(path, 'wb') as f:
     f.write(struct.pack('<Q', len(blob)) + blob)
     for name, shape in layout:
       got_name, x = next(tensors)
       assert got_name == name and x.shape == tuple(shape), (got_name, name, x.shape, shape)
       f.write(np.ascontiguousarray(x, dtype).reshape(-1).view(np.uint8).data)  # no copy
-  os.replace(tmp, path)
 
 
 def write_folder(folder: str, tensors: Iterator[tuple[str, np.ndarray]],
@@ -174,6 +172,6 @@ def write_folder(folder: str, tensors: Iterator[tuple[str, np.ndarray]],
   for file, names in zip(files, shards):
     write_file(os.path.join(folder, file), tensors, [(n, shapes[n]) for n in names], dtype)
   if len(shards) > 1:
-    with open(os.path.join(folder, INDEX_FILE), 'w') as f:
+    with replacing(os.path.join(folder, INDEX_FILE)) as f:
       json.dump(shard_index(shards, sum(b for _, b in sizes)), f, indent=2)
   return files
