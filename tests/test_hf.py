@@ -172,6 +172,19 @@ def test_import_writes_a_checkpoint_that_init_from_reads(tmp_path):
   config = module.get_config()
   assert config.model.qk_norm and config.model.head_dim == 32
   assert config.checkpoint.init_from == str(tmp_path / 'out' / 'checkpoints')
+  # This HF folder has no sentencepiece tokenizer.model (as Llama 3 and Qwen ship): training the
+  # generated config stops at the data pipeline, where it would have trained an unrelated one.
+  from jaxllm import train
+  assert config.data.tokenizer == import_.UNSET_TOKENIZER
+  texts = tmp_path / 'texts'  # two small files: the embedded corpus would take seconds to open
+  texts.mkdir()
+  for name in ('a.txt', 'b.txt'):
+    (texts / name).write_text('Some text for the tokenizer to learn from.\n' * 50)
+  config.data.source_dir, config.data.eval_files = str(texts), 1
+  config.model.vocab_size = 320  # one these texts can train (256 byte pieces and their chars)
+  with pytest.raises(FileNotFoundError, match=r'data.tokenizer=UNSET \(set data.tokenizer to'):
+    train.make_pipeline(config, str(tmp_path / 'ft'), 8)
+  assert not list((tmp_path / 'ft').rglob('*.model'))
   # The import's output reopens as a run: exporting a step it lacks names the flag, not a key.
   with pytest.raises(checkpoint_lib.CheckpointError, match=r'--step=7 is not a checkpoint of '
                      r'--workdir=.*steps \[0\]'):
