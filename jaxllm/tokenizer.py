@@ -23,7 +23,14 @@ import sentencepiece as spm
 
 class Tokenizer(abc.ABC):
   """Texts <-> ids. `encode` adds no BOS/EOS; `encode_docs` frames each text as a document.
-"""
+
+  Text is only ever text: the spelling of a control token inside a document ('</s>', '<s>',
+  '<unk>', '<|eot_id|>') encodes as its characters, never as the control id, so data cannot end
+  a document or fake a turn (sentencepiece never matches control pieces in input; an
+  implementation over HF tokenizer.json must not match its special tokens either).
+  User-defined symbols (tools/train_tokenizer.py --special_tokens) are matched in text: that is
+  what they are for, and they decode back to their spelling.
+  """
 
   path: str
   vocab_size: int

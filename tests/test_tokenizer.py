@@ -41,6 +41,27 @@ def tok(request, corpus, tmp_path_factory):
   return tokenizer_lib.open_tokenizer(str(path))
 
 
+def test_control_token_spellings_in_documents_encode_as_text(tok):
+  sp = tok.sp
+  control = {i for i in range(tok.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
+  assert {tok.bos_id, tok.eos_id, sp.unk_id()} <= control
+  for text in HOSTILE:
+    ids = tok.encode(text)
+    assert not set(ids) & control, (text, [sp.id_to_piece(i) for i in ids])
+    assert tok.decode(ids) == text
+  for text, doc in zip(HOSTILE, tok.encode_docs(HOSTILE)):
+    inner = doc[1:-1].tolist()  # one document each: BOS first, EOS last, and neither inside
+    assert (doc[0], doc[-1]) == (tok.bos_id, tok.eos_id)
+    assert tok.bos_id not in inner and tok.eos_id not in inner, text
+    assert tok.decode(doc) == text
+  # A user-defined symbol (bpe-special) is matched in text, which is what --special_tokens is
+  # for: as a piece that is not a control id and decodes back to its spelling.
+  if sp.piece_to_id('<tool>') != sp.unk_id():
+    ids = tok.encode('a <tool>x</tool>')
+    assert sp.piece_to_id('<tool>') in ids and not set(ids) & control
+    assert tok.decode(ids) == 'a <tool>x</tool>'
+
+
 def test_training_writes_whole_files_and_removes_stale_temps(corpus, tmp_path):
   """A training killed mid-write leaves `tokenizer.model.tmpPID`: the next write of that file
   removes it; another file's temp is not touched."""
