@@ -80,11 +80,11 @@ def get_config():
 '''
 
 
-_NO_TOKENIZER = f'''  # The HF folder has no sentencepiece tokenizer.model (the only kind jaxllm reads yet),
-  # and an empty data.tokenizer would train an unrelated one: training stops until this is set
-  # here or with --config.data.tokenizer=PATH to the tokenizer this model was trained with.
-  c.data.tokenizer = {UNSET_TOKENIZER!r}
-'''
+_NO_TOKENIZER = (
+    '  # No sentencepiece tokenizer.model in the HF folder (the only kind jaxllm reads yet), and\n'
+    '  # an empty data.tokenizer would train an unrelated one: training stops until this is set\n'
+    '  # here, or by --config.data.tokenizer=PATH, to the tokenizer the model was trained with.\n'
+    f'  c.data.tokenizer = {UNSET_TOKENIZER!r}\n')
 
 
 def write_config_py(run: rundir.RunDir, model: dict[str, Any], *, source: str, checkpoints: str,
