@@ -347,6 +347,29 @@ def test_a_folder_without_the_transformers_files_is_refused_by_name(tmp_path):
     import_.load_hf(str(folder))
 
 
+def test_import_takes_a_sentencepiece_tokenizer_model_only(tmp_path):
+  """A sentencepiece tokenizer.model is copied into the run and configured; one of another
+  format (tiktoken's base64 lines, as Llama 3's original/ folder has) is not: data.tokenizer is
+  then the placeholder that stops training, as for a folder without one."""
+  import base64
+  from jaxllm import rundir, tokenizer as tokenizer_lib
+  folder = tmp_path / 'hf'
+  write_folder(folder)
+  tiktoken = b''.join(base64.b64encode(bytes([i])) + b' %d\n' % i for i in range(256))
+  (folder / 'tokenizer.model').write_bytes(tiktoken)
+  import_.convert(str(folder), str(tmp_path / 'a'))
+  config_py = (tmp_path / 'a' / 'config.py').read_text()
+  assert f'c.data.tokenizer = {import_.UNSET_TOKENIZER!r}' in config_py
+  assert not os.path.exists(rundir.RunDir(str(tmp_path / 'a')).tokenizer_path())
+  tokenizer_lib.train_sentencepiece(str(folder / 'tokenizer.model'),
+                                    ['Text to learn pieces from.'] * 20, 300)
+  import_.convert(str(folder), str(tmp_path / 'b'))
+  copy = rundir.RunDir(str(tmp_path / 'b')).tokenizer_path()
+  config_py = (tmp_path / 'b' / 'config.py').read_text()
+  assert f'c.data.tokenizer = {os.path.abspath(copy)!r}' in config_py
+  assert open(copy, 'rb').read() == (folder / 'tokenizer.model').read_bytes()
+
+
 def test_writers_replace_whole_files_and_remove_stale_temps(tmp_path):
   """Every file a converter writes is written under a temp name and renamed: an interrupted
   write leaves the old file, and its temp file (from a killed process) goes on the next write."""

@@ -32,6 +32,18 @@ def files(model_proto: bytes, *, model_max_length: int) -> dict[str, bytes | dic
       TOKENIZER_MODEL: model_proto}
 
 
+def is_sentencepiece(data: bytes) -> bool:
+  """Whether `data` is a serialized sentencepiece model. A tokenizer.model can be another format:
+  Llama 3's (in its `original/` folder) is tiktoken's base64 text."""
+  from google.protobuf.message import DecodeError
+  from sentencepiece import sentencepiece_model_pb2
+
+  try:
+    return len(sentencepiece_model_pb2.ModelProto.FromString(data).pieces) > 0
+  except DecodeError:
+    return False
+
+
 def tokenizer_config(*, bos: str | None = '<s>', eos: str | None = '</s>',
                      unk: str | None = '<unk>', model_max_length: int = 4096) -> dict:
   """tokenizer_config.json for the `tokenizer_json` beside it.

@@ -19,6 +19,8 @@ import pprint
 import shutil
 from typing import Any
 
+from absl import logging
+
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import model as model_lib
 from jaxllm import rundir
@@ -131,6 +133,12 @@ def convert(hf_dir: str, out: str, *, dtype: str = 'float32',
   check_out(out, source=hf_dir, overwrite=overwrite)  # before the (long) read
   params, model = load_hf(hf_dir, dtype=dtype)
   tokenizer = os.path.join(hf_dir, hf_tokenizer.TOKENIZER_MODEL)
-  write_run(params, model, out, source=hf_dir,
-            tokenizer_model=tokenizer if os.path.exists(tokenizer) else None, overwrite=overwrite)
+  if os.path.exists(tokenizer):
+    with open(tokenizer, 'rb') as f:
+      if not hf_tokenizer.is_sentencepiece(f.read()):
+        logging.warning('%s is not a sentencepiece model: data.tokenizer is left to set', tokenizer)
+        tokenizer = None
+  else:
+    tokenizer = None
+  write_run(params, model, out, source=hf_dir, tokenizer_model=tokenizer, overwrite=overwrite)
   return model
