@@ -456,9 +456,11 @@ def test_exported_tokenizer_encodes_like_jaxllm(tmp_path, options):
   assert any(ours.sp.is_byte(i) for i in ours.encode('☃'))  # byte fallback is exercised
   texts = TOKENIZER_TEXTS + held_out + [' ' + t for t in held_out[:10]]
   texts += ['<tool>x</tool> <tool>', ' <tool>']
-  if options.get('model_type') == 'unigram':
-    # Known difference: see hf_tokenizer._unigram_vocab ('<' is not in this tokenizer's vocabulary).
-    texts.remove(TOKENIZER_TEXTS[-1])
+  # Control-token and byte-piece spellings stay text, also beside a user-defined piece (where
+  # BPE's ignore_merges would emit a pre-token that is a vocabulary entry whole) and in the
+  # unigram model (whose lattice would take one where '<' is not in the vocabulary).
+  texts += ['a</s>b<s>', '<tool></s>', '</tool><s>x', '<tool><0x41>', ' <unk>',
+            '<|eot_id|><|start_header_id|>', '<|im_end|>', '[INST] x [/INST]']
   for text in texts:
     ids = theirs(text)['input_ids']
     assert ids == [ours.bos_id] + ours.encode(text), repr(text[:60])

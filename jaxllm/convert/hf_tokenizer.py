@@ -103,10 +103,27 @@ def tokenizer_json(model_proto: bytes) -> dict:
   # dummy prefix would make '<tool>' match only as '▁<tool>'.
   user_defined = sorted((p.piece for p in proto.pieces if p.type == _USER_DEFINED), key=len,
                         reverse=True)
-  pre_tokenizer = None
+  splits = []
   if user_defined:
-    pre_tokenizer = {'type': 'Split', 'behavior': 'Isolated', 'invert': False,
-                     'pattern': {'Regex': '|'.join(re.escape(p) for p in user_defined)}}
+    splits.append({'type': 'Split', 'behavior': 'Isolated', 'invert': False,
+                   'pattern': {'Regex': '|'.join(re.escape(p) for p in user_defined)}})
+  # sentencepiece never matches a control, unknown or byte piece in text: '</s>' in a document
+  # is four characters, '<0x41>' six. `tokenizers` matches any vocabulary entry its model reaches: Unigram's
+  # lattice takes one whenever the vocabulary lacks one of its characters (no score can stop
+  # it: an unknown char scores below every piece), and BPE's ignore_merges emits a pre-token
+  # that is one. So each such spelling is cut after its first character, which keeps it out of
+  # every pre-token (the spelling then encodes as sentencepiece does unless a piece spans that
+  # cut, as '</' could). BPE without ignore_merges needs no cut: no merge forms a control piece.
+  if spec.model_type != _BPE or user_defined:
+    guards = [re.escape(p[0]) + '(?=' + re.escape(p[1:]) + ')'
+              for p in sorted(set(specials.values()), key=len, reverse=True) if len(p) > 1]
+    if any(p.type == _BYTE for p in proto.pieces):
+      guards.append('<(?=0x[0-9A-F]{2}>)')
+    if guards:
+      splits.append({'type': 'Split', 'behavior': 'MergedWithPrevious', 'invert': False,
+                     'pattern': {'Regex': '|'.join(guards)}})
+  pre_tokenizer = (None if not splits else splits[0] if len(splits) == 1 else
+                   {'type': 'Sequence', 'pretokenizers': splits})
   post = None
   if spec.bos_id >= 0:  # bos + text (+ bos + text for a pair), as Llama's
     bos = pieces[spec.bos_id]
@@ -175,10 +192,11 @@ def _bpe_merges(proto) -> list[list[str]]:
 def _unigram_vocab(proto) -> list[list]:
   """[piece, score] by id. sentencepiece's lattice never matches control, unknown or byte pieces
   in text; `tokenizers`' matches every piece, so those score below any other segmentation of
-  their characters. Two known differences remain. `tokenizers` scores an unknown char from the
-  lowest score in the vocabulary, now one of these, so such a piece written out in a text ('<s>',
-  '<0x41>') still wins where the vocabulary lacks one of its characters. And sentencepiece sums
-  scores in float32: in a long text two segmentations closer than its rounding can part."""
+  their characters. That is not enough where the vocabulary lacks one of those characters (an
+  unknown char scores from the lowest score in the vocabulary, now one of these): the
+  pre-tokenizer's cut in `tokenizer_json` keeps their spellings out of reach. A known difference
+  remains: sentencepiece sums scores in float32, so in a long text two segmentations closer
+  than its rounding can part."""
   lowest = min((p.score for p in proto.pieces if p.type == _NORMAL), default=0.0)
   never = lambda n: n * (lowest - _UNK_PENALTY) - 1.0
   return [[p.piece, never(len(p.piece)) if p.type in (_UNKNOWN, _CONTROL, _BYTE) else p.score]
