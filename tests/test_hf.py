@@ -313,8 +313,8 @@ def test_stray_weight_files_beside_the_model_are_skipped(tmp_path, shards, caplo
 
 
 def test_index_names_the_files_read(tmp_path):
-  """Only the index's files are read, every one of them must be there, and a tensor in two of
-  them is refused naming both (never the last one read winning)."""
+  """Only the index's files are read, every one of them must be there, a tensor in two of them
+  is refused naming both (never the last one read winning), and a cut index is named."""
   from safetensors.numpy import load_file, save_file
   folder = tmp_path / 'hf'
   write_folder(folder, shards=2)
@@ -334,6 +334,9 @@ def test_index_names_the_files_read(tmp_path):
   save_file(twice, str(folder / second))  # the index still places model.norm.weight there
   with pytest.raises(hf.UnsupportedError, match=f"'model.norm.weight' in {second}, which lacks it"):
     import_.load_hf(str(folder))
+  (folder / safetensors_io.INDEX_FILE).write_text('{"weight_map": ')  # a cut download
+  with pytest.raises(hf.UnsupportedError, match='index.json is not a safetensors index'):
+    import_.load_hf(str(folder))
 
 
 def test_a_folder_without_the_transformers_files_is_refused_by_name(tmp_path):
@@ -345,6 +348,9 @@ def test_a_folder_without_the_transformers_files_is_refused_by_name(tmp_path):
   with pytest.raises(hf.UnsupportedError, match='has adapter_model.safetensors, consolidated'
                      '.safetensors but neither model.safetensors nor model.safetensors.index.json'):
     import_.load_hf(str(folder))
+  (folder / 'empty').mkdir()
+  with pytest.raises(hf.UnsupportedError, match='empty has no \\*.safetensors weights'):
+    safetensors_io.weight_files(str(folder / 'empty'))
 
 
 def test_import_takes_a_sentencepiece_tokenizer_model_only(tmp_path):

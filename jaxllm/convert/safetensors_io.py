@@ -26,7 +26,7 @@ INDEX_FILE = 'model.safetensors.index.json'
 _CODES = {np.dtype(np.float32): 'F32', np.dtype(ml_dtypes.bfloat16): 'BF16'}
 
 
-def check_weight_files(names: Iterable[str]) -> list[str]:
+def check_weight_files(names: Iterable[str], where: str = 'the folder') -> list[str]:
   """The safetensors files among a model folder's file names. Pickled weights (`.bin`, `.pt`,
   `.pth`) are never read: unpickling runs arbitrary code."""
   names = sorted(names)
@@ -39,7 +39,7 @@ def check_weight_files(names: Iterable[str]) -> list[str]:
         f'{pickles[0]} is a pickled PyTorch checkpoint: refused, since unpickling runs arbitrary '
         'code. Convert it to safetensors first from a trusted environment (transformers: '
         'model.save_pretrained(dir, safe_serialization=True)).')
-  raise UnsupportedError('no *.safetensors weights found')
+  raise UnsupportedError(f'{where} has no *.safetensors weights: pass the HF model folder')
 
 
 def read_index(path: str) -> dict[str, str]:
@@ -63,7 +63,7 @@ def weight_files(folder: str) -> tuple[list[str], dict[str, str]]:
   adapter_model.safetensors) hold another layout of the weights or no model at all: skipped,
   with a log line."""
   listing = os.listdir(folder)
-  found = check_weight_files(listing) if INDEX_FILE not in listing else []
+  found = check_weight_files(listing, folder) if INDEX_FILE not in listing else []
   weight_map: dict[str, str] = {}
   if SINGLE_FILE in listing:
     chosen, by = [SINGLE_FILE], SINGLE_FILE
