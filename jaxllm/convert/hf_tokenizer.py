@@ -108,12 +108,12 @@ def tokenizer_json(model_proto: bytes) -> dict:
     splits.append({'type': 'Split', 'behavior': 'Isolated', 'invert': False,
                    'pattern': {'Regex': '|'.join(re.escape(p) for p in user_defined)}})
   # sentencepiece never matches a control, unknown or byte piece in text: '</s>' in a document
-  # is four characters, '<0x41>' six. `tokenizers` matches any vocabulary entry its model reaches: Unigram's
-  # lattice takes one whenever the vocabulary lacks one of its characters (no score can stop
-  # it: an unknown char scores below every piece), and BPE's ignore_merges emits a pre-token
-  # that is one. So each such spelling is cut after its first character, which keeps it out of
-  # every pre-token (the spelling then encodes as sentencepiece does unless a piece spans that
-  # cut, as '</' could). BPE without ignore_merges needs no cut: no merge forms a control piece.
+  # is four characters, '<0x41>' six. `tokenizers` matches any vocabulary entry its model
+  # reaches: Unigram's lattice takes one whenever the vocabulary lacks one of its characters
+  # (no score can stop it: an unknown char scores below every piece), and BPE's ignore_merges
+  # emits a pre-token that is one. So each such spelling is cut after its first character,
+  # which keeps it out of every pre-token (it then encodes as sentencepiece does unless a piece
+  # spans that cut, as '</' could). BPE without ignore_merges needs no cut: no merge forms one.
   if spec.model_type != _BPE or user_defined:
     guards = [re.escape(p[0]) + '(?=' + re.escape(p[1:]) + ')'
               for p in sorted(set(specials.values()), key=len, reverse=True) if len(p) > 1]
