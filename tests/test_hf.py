@@ -451,6 +451,10 @@ def test_exported_tokenizer_encodes_like_jaxllm(tmp_path, options):
   files = sources.list_text_files(sources.default_source_dir())
   train = sources.split_documents(sources.read_text(files[0]))[:200]
   held_out = sources.split_documents(sources.read_text(files[1]))[:40]
+  # Markup for the BPE tokenizers, so that pieces such as '</' span control-token spellings;
+  # the unigram one is left without '<' (where tokenizers' lattice reached control pieces).
+  if options.get('model_type') != 'unigram':
+    train += [f'<p>A <b>bold</b> and <s>struck</s> line {i}.</p>' for i in range(100)]
   data.train_tokenizer(str(tmp_path / 'tokenizer.model'), train, 512, **options)
   out = tmp_path / 'out'
   out.mkdir()
@@ -465,8 +469,8 @@ def test_exported_tokenizer_encodes_like_jaxllm(tmp_path, options):
   # Control-token and byte-piece spellings stay text, also beside a user-defined piece (where
   # BPE's ignore_merges would emit a pre-token that is a vocabulary entry whole) and in the
   # unigram model (whose lattice would take one where '<' is not in the vocabulary).
-  texts += ['a</s>b<s>', '<tool></s>', '</tool><s>x', '<tool><0x41>', ' <unk>',
-            '<|eot_id|><|start_header_id|>', '<|im_end|>', '[INST] x [/INST]']
+  texts += ['a</s>b<s>', '<tool></s>', '</tool><s>x', '<tool><0x41>', ' <unk>', '<s>struck</s>',
+            '<p><s>x</s></p>', '<|eot_id|><|start_header_id|>', '<|im_end|>', '[INST] x [/INST]']
   for text in texts:
     ids = theirs(text)['input_ids']
     assert ids == [ours.bos_id] + ours.encode(text), repr(text[:60])

@@ -103,25 +103,32 @@ def tokenizer_json(model_proto: bytes) -> dict:
   # dummy prefix would make '<tool>' match only as '▁<tool>'.
   user_defined = sorted((p.piece for p in proto.pieces if p.type == _USER_DEFINED), key=len,
                         reverse=True)
-  splits = []
-  if user_defined:
-    splits.append({'type': 'Split', 'behavior': 'Isolated', 'invert': False,
-                   'pattern': {'Regex': '|'.join(re.escape(p) for p in user_defined)}})
   # sentencepiece never matches a control, unknown or byte piece in text: '</s>' in a document
   # is four characters, '<0x41>' six. `tokenizers` matches any vocabulary entry its model
-  # reaches: Unigram's lattice takes one whenever the vocabulary lacks one of its characters
-  # (no score can stop it: an unknown char scores below every piece), and BPE's ignore_merges
-  # emits a pre-token that is one. So each such spelling is cut after its first character,
-  # which keeps it out of every pre-token (it then encodes as sentencepiece does unless a piece
-  # spans that cut, as '</' could). BPE without ignore_merges needs no cut: no merge forms one.
-  if spec.model_type != _BPE or user_defined:
-    guards = [re.escape(p[0]) + '(?=' + re.escape(p[1:]) + ')'
-              for p in sorted(set(specials.values()), key=len, reverse=True) if len(p) > 1]
-    if any(p.type == _BYTE for p in proto.pieces):
-      guards.append('<(?=0x[0-9A-F]{2}>)')
-    if guards:
+  # reaches, so the pre-tokenizer keeps those spellings out of reach, without changing any
+  # segmentation sentencepiece makes.
+  isolate = [re.escape(p) for p in user_defined]
+  if spec.model_type != _BPE:
+    # Unigram: those pieces score below every segmentation of known characters
+    # (`_unigram_vocab`); one with a character the vocabulary lacks would still win (an unknown
+    # char scores below every piece), so each unknown character is a pre-token of its own. That
+    # is exact: no piece contains an unknown character, so sentencepiece's segmentation has a
+    # boundary on both sides of it too.
+    known = sorted({p.piece for p in proto.pieces
+                    if len(p.piece) == 1 and p.type in (_NORMAL, _USER_DEFINED)})
+    isolate.append('[^' + ''.join(f'\\x{{{ord(c):X}}}' for c in known) + ']')
+  splits = []
+  if isolate:
+    splits.append({'type': 'Split', 'behavior': 'Isolated', 'invert': False,
+                   'pattern': {'Regex': '|'.join(isolate)}})
+  if spec.model_type == _BPE and user_defined:
+    # BPE: no merge forms one of those pieces, but ignore_merges emits a pre-token that is a
+    # vocabulary entry whole ('</s>' right after a user-defined piece): such a pre-token is cut
+    # where sentencepiece cuts that text.
+    unreachable = [p.piece for p in proto.pieces if p.type in (_UNKNOWN, _CONTROL, _BYTE)]
+    if cuts := _cuts(model_proto, user_defined[0], unreachable):
       splits.append({'type': 'Split', 'behavior': 'MergedWithPrevious', 'invert': False,
-                     'pattern': {'Regex': '|'.join(guards)}})
+                     'pattern': {'Regex': cuts}})
   pre_tokenizer = (None if not splits else splits[0] if len(splits) == 1 else
                    {'type': 'Sequence', 'pretokenizers': splits})
   post = None
@@ -170,6 +177,30 @@ def _spm_decoder(norm) -> dict:
   if norm.add_dummy_prefix:  # after Fuse, so that only the text's first space goes
     steps.append({'type': 'Strip', 'content': ' ', 'start': 1, 'stop': 0})
   return {'type': 'Sequence', 'decoders': steps}
+
+
+def _cuts(model_proto: bytes, anchor: str, spellings: list[str]) -> str:
+  """A regex that matches, in a pre-token that is exactly one of `spellings`, the first piece
+  that sentencepiece makes of that text after the user-defined piece `anchor` (where such a
+  pre-token comes from). Split MergedWithPrevious, the pre-token falls apart there, and BPE
+  makes of the rest what sentencepiece makes: no merge crossed that cut. Anchored at \\A as a
+  whole, so that the regex is tried at the start of a pre-token only."""
+  import sentencepiece as spm
+
+  sp = spm.SentencePieceProcessor(model_proto=model_proto)
+  nbytes = lambda piece: 1 if sp.is_byte(sp.piece_to_id(piece)) else len(
+      piece.replace('\u2581', ' ').encode())
+  alternatives = []
+  for text in spellings:
+    pieces = sp.encode_as_pieces(anchor + text)
+    pieces = pieces[pieces.index(anchor) + 1:]
+    assert sum(map(nbytes, pieces)) == len(text.encode()), (text, pieces)
+    # The first cut in characters (byte pieces of one character come out together).
+    cut = next(k for k in range(1, len(text) + 1)
+               if len(text[:k].encode()) >= nbytes(pieces[0]))
+    if cut < len(text):
+      alternatives.append(f'{re.escape(text[:cut])}(?={re.escape(text[cut:])}\\z)')
+  return '\\A(?:' + '|'.join(alternatives) + ')' if alternatives else ''
 
 
 def _bpe_merges(proto) -> list[list[str]]:
