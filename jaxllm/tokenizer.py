@@ -13,6 +13,7 @@ import abc
 import hashlib
 import io
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -21,7 +22,15 @@ import sentencepiece as spm
 
 
 class Tokenizer(abc.ABC):
-  """Texts <-> ids. `encode` adds no BOS/EOS; `encode_docs` frames each text as a document."""
+  """Texts <-> ids. `encode` adds no BOS/EOS; `encode_docs` frames each text as a document.
+
+  Text is only ever text: the spelling of a control token inside a document ('</s>', '<s>',
+  '<unk>', '<|eot_id|>') encodes as its characters, never as the control id, so data cannot end
+  a document or fake a turn (sentencepiece never matches control pieces in input; an
+  implementation over HF tokenizer.json must not match its special tokens either).
+  User-defined symbols (tools/train_tokenizer.py --special_tokens) are matched in text: that is
+  what they are for, and they decode back to their spelling.
+  """
 
   path: str
   vocab_size: int
@@ -140,7 +149,22 @@ def train_sentencepiece(path: str, texts: Sequence[str], vocab_size: int, *,
         max_sentence_length=max_chars, num_threads=os.cpu_count() or 1, minloglevel=2)
   except RuntimeError as e:
     raise ValueError(f'vocab_size={vocab_size} does not suit this corpus: {str(e).strip()}') from None
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  Path(tmp).write_bytes(model.getvalue())
-  os.replace(tmp, path)
+  write_replacing(path, model.getvalue())
+
+
+def write_replacing(path: str, contents: bytes) -> None:
+  """`contents` as the file `path`, whole or not at all: written as `path.tmpPID` and renamed
+  over `path`. First removes the `path.tmp*` files that writers of `path` killed mid-write left
+  behind (each crash would leave another); jaxllm.convert.replacing follows the same rule."""
+  target = Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  own = re.compile(re.escape(target.name) + r'\.tmp\d*')
+  for stale in target.parent.iterdir():
+    if own.fullmatch(stale.name):
+      stale.unlink()
+  tmp = target.with_name(f'{target.name}.tmp{os.getpid()}')
+  try:
+    tmp.write_bytes(contents)
+    os.replace(tmp, target)
+  finally:
+    tmp.unlink(missing_ok=True)

@@ -172,6 +172,19 @@ def test_import_writes_a_checkpoint_that_init_from_reads(tmp_path):
   config = module.get_config()
   assert config.model.qk_norm and config.model.head_dim == 32
   assert config.checkpoint.init_from == str(tmp_path / 'out' / 'checkpoints')
+  # This HF folder has no sentencepiece tokenizer.model (as Llama 3 and Qwen ship): training the
+  # generated config stops at the data pipeline, where it would have trained an unrelated one.
+  from jaxllm import train
+  assert config.data.tokenizer == import_.UNSET_TOKENIZER
+  texts = tmp_path / 'texts'  # two small files: the embedded corpus would take seconds to open
+  texts.mkdir()
+  for name in ('a.txt', 'b.txt'):
+    (texts / name).write_text('Some text for the tokenizer to learn from.\n' * 50)
+  config.data.source_dir, config.data.eval_files = str(texts), 1
+  config.model.vocab_size = 320  # one these texts can train (256 byte pieces and their chars)
+  with pytest.raises(FileNotFoundError, match=r'data.tokenizer=UNSET \(set data.tokenizer to'):
+    train.make_pipeline(config, str(tmp_path / 'ft'), 8)
+  assert not list((tmp_path / 'ft').rglob('*.model'))
   # The import's output reopens as a run: exporting a step it lacks names the flag, not a key.
   with pytest.raises(checkpoint_lib.CheckpointError, match=r'--step=7 is not a checkpoint of '
                      r'--workdir=.*steps \[0\]'):
@@ -251,6 +264,151 @@ def test_qwen_sliding_window_is_refused():
     hf.model_config_from_hf(config)
 
 
+# A model folder written with the safetensors package alone (no torch): the tensors of a tiny
+# Llama by their HF names, in one file or two shards with their index.
+FOLDER_MODEL = dict(vocab_size=32, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=4,
+                    mlp_dim=16)
+
+
+def write_folder(path, *, shards=1):
+  from safetensors.numpy import save_file
+  cfg = model_lib.ModelConfig.from_section(FOLDER_MODEL)
+  rng = np.random.default_rng(0)
+  tensors = {name: rng.standard_normal(shape).astype(np.float32)
+             for name, shape in hf.hf_tensor_shapes(cfg).items()}
+  path.mkdir()
+  (path / 'config.json').write_text(json.dumps(hf.model_config_to_hf(FOLDER_MODEL)))
+  names = list(tensors)
+  groups = [names] if shards == 1 else [names[:len(names) // 2], names[len(names) // 2:]]
+  for file, group in zip(safetensors_io.shard_file_names(len(groups)), groups):
+    save_file({n: tensors[n] for n in group}, str(path / file))
+  if shards > 1:
+    index = safetensors_io.shard_index(groups, 0)
+    (path / safetensors_io.INDEX_FILE).write_text(json.dumps(index))
+  return tensors
+
+
+def assert_params_are(params, tensors):
+  cfg = model_lib.ModelConfig.from_section(FOLDER_MODEL)
+  jax.tree.map(np.testing.assert_array_equal, params, hf.from_hf(tensors, tensors.get, cfg))
+
+
+@pytest.mark.parametrize('shards', [1, 2])
+def test_stray_weight_files_beside_the_model_are_skipped(tmp_path, shards, caplog):
+  """Mistral's repos ship consolidated.safetensors (other names, the same weights) beside the
+  transformers files, and a PEFT adapter may sit in the folder: the import reads what
+  transformers reads (model.safetensors, else the files the index names) and says what it
+  skipped."""
+  from safetensors.numpy import save_file
+  folder = tmp_path / 'hf'
+  tensors = write_folder(folder, shards=shards)
+  save_file({'layers.0.attention.wq.weight': np.ones((8, 8), np.float32)},
+            str(folder / 'consolidated.safetensors'))
+  save_file({'model.norm.weight': np.zeros(8, np.float32)},  # a name the model has, other values
+            str(folder / 'adapter_model.safetensors'))
+  with caplog.at_level('WARNING'):
+    params, _ = import_.load_hf(str(folder))
+  assert_params_are(params, tensors)
+  assert 'skipping adapter_model.safetensors, consolidated.safetensors' in caplog.text
+
+
+def test_index_names_the_files_read(tmp_path):
+  """Only the index's files are read, every one of them must be there, a tensor in two of them
+  is refused naming both (never the last one read winning), and a cut index is named."""
+  from safetensors.numpy import load_file, save_file
+  folder = tmp_path / 'hf'
+  write_folder(folder, shards=2)
+  first, second = safetensors_io.shard_file_names(2)
+  os.rename(folder / second, tmp_path / second)
+  with pytest.raises(FileNotFoundError, match=f'{second} .*named by {safetensors_io.INDEX_FILE}, '
+                     'is missing'):
+    import_.load_hf(str(folder))
+  os.rename(tmp_path / second, folder / second)
+  twice = load_file(str(folder / second)) | {'model.embed_tokens.weight': np.zeros((32, 8),
+                                                                                  np.float32)}
+  save_file(twice, str(folder / second))  # also still in the first shard
+  with pytest.raises(hf.UnsupportedError, match=f"'model.embed_tokens.weight' is in both {first} "
+                     f'and {second}'):
+    import_.load_hf(str(folder))
+  del twice['model.embed_tokens.weight'], twice['model.norm.weight']
+  save_file(twice, str(folder / second))  # the index still places model.norm.weight there
+  with pytest.raises(hf.UnsupportedError, match=f"'model.norm.weight' in {second}, which lacks it"):
+    import_.load_hf(str(folder))
+  (folder / safetensors_io.INDEX_FILE).write_text('{"weight_map": ')  # a cut download
+  with pytest.raises(hf.UnsupportedError, match='index.json is not a safetensors index'):
+    import_.load_hf(str(folder))
+
+
+def test_a_folder_without_the_transformers_files_is_refused_by_name(tmp_path):
+  from safetensors.numpy import save_file
+  folder = tmp_path / 'hf'
+  write_folder(folder)
+  os.rename(folder / safetensors_io.SINGLE_FILE, folder / 'consolidated.safetensors')
+  save_file({'x': np.zeros(2, np.float32)}, str(folder / 'adapter_model.safetensors'))
+  with pytest.raises(hf.UnsupportedError, match='has adapter_model.safetensors, consolidated'
+                     '.safetensors but neither model.safetensors nor model.safetensors.index.json'):
+    import_.load_hf(str(folder))
+  (folder / 'empty').mkdir()
+  with pytest.raises(hf.UnsupportedError, match='empty has no \\*.safetensors weights'):
+    safetensors_io.weight_files(str(folder / 'empty'))
+
+
+def test_import_takes_a_sentencepiece_tokenizer_model_only(tmp_path):
+  """A sentencepiece tokenizer.model is copied into the run and configured; one of another
+  format (tiktoken's base64 lines, as Llama 3's original/ folder has) is not: data.tokenizer is
+  then the placeholder that stops training, as for a folder without one."""
+  import base64
+  from jaxllm import rundir, tokenizer as tokenizer_lib
+  folder = tmp_path / 'hf'
+  write_folder(folder)
+  tiktoken = b''.join(base64.b64encode(bytes([i])) + b' %d\n' % i for i in range(256))
+  (folder / 'tokenizer.model').write_bytes(tiktoken)
+  import_.convert(str(folder), str(tmp_path / 'a'))
+  config_py = (tmp_path / 'a' / 'config.py').read_text()
+  assert f'c.data.tokenizer = {import_.UNSET_TOKENIZER!r}' in config_py
+  assert not os.path.exists(rundir.RunDir(str(tmp_path / 'a')).tokenizer_path())
+  tokenizer_lib.train_sentencepiece(str(folder / 'tokenizer.model'),
+                                    ['Text to learn pieces from.'] * 20, 300)
+  import_.convert(str(folder), str(tmp_path / 'b'))
+  copy = rundir.RunDir(str(tmp_path / 'b')).tokenizer_path()
+  config_py = (tmp_path / 'b' / 'config.py').read_text()
+  assert f'c.data.tokenizer = {os.path.abspath(copy)!r}' in config_py
+  assert open(copy, 'rb').read() == (folder / 'tokenizer.model').read_bytes()
+
+
+def test_writers_replace_whole_files_and_remove_stale_temps(tmp_path):
+  """Every file a converter writes is written under a temp name and renamed: an interrupted
+  write leaves the old file, and its temp file (from a killed process) goes on the next write."""
+  folder = tmp_path / 'hf'
+  write_folder(folder)
+  params, section = import_.load_hf(str(folder))
+  out = tmp_path / 'out'
+  out.mkdir()
+  stale = ['model.safetensors.tmp4242', 'model-00001-of-00003.safetensors.tmp7',
+           'model.safetensors.index.json.tmp', 'config.json.tmp12',
+           'generation_config.json.tmp3']
+  for name in stale:
+    (out / name).write_bytes(b'half a file')
+  (out / 'notes.txt.tmp1').write_text('not a converter file')
+  export.export(params, section, str(out))
+  assert sorted(os.listdir(out)) == ['config.json', 'generation_config.json', 'model.safetensors',
+                                     'notes.txt.tmp1']
+  # A write that fails midway (a tensor of the wrong shape) keeps the file it was replacing.
+  before = (out / 'model.safetensors').read_bytes()
+  layout = [('a', (2,)), ('b', (3,))]
+  tensors = iter([('a', np.zeros(2, np.float32)), ('b', np.zeros(4, np.float32))])
+  with pytest.raises(AssertionError):
+    safetensors_io.write_file(str(out / 'model.safetensors'), tensors, layout, np.float32)
+  assert (out / 'model.safetensors').read_bytes() == before
+  assert not [n for n in os.listdir(out) if n.startswith('model.safetensors.tmp')]
+  # The import's own files: config.py (and config.json, through rundir).
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / 'config.py.tmp99').write_text('half a config')
+  import_.convert(str(folder), str(run), overwrite=True)
+  assert not [n for n in os.listdir(run) if '.tmp' in n]
+
+
 def test_unknown_tensor_is_refused():
   section = hf.model_config_from_hf(transformers.LlamaConfig(**TINY).to_dict())
   cfg = model_lib.ModelConfig.from_section(section)
@@ -293,6 +451,10 @@ def test_exported_tokenizer_encodes_like_jaxllm(tmp_path, options):
   files = sources.list_text_files(sources.default_source_dir())
   train = sources.split_documents(sources.read_text(files[0]))[:200]
   held_out = sources.split_documents(sources.read_text(files[1]))[:40]
+  # Markup for the BPE tokenizers, so that pieces such as '</' span control-token spellings;
+  # the unigram one is left without '<' (where tokenizers' lattice reached control pieces).
+  if options.get('model_type') != 'unigram':
+    train += [f'<p>A <b>bold</b> and <s>struck</s> line {i}.</p>' for i in range(100)]
   data.train_tokenizer(str(tmp_path / 'tokenizer.model'), train, 512, **options)
   out = tmp_path / 'out'
   out.mkdir()
@@ -304,9 +466,11 @@ def test_exported_tokenizer_encodes_like_jaxllm(tmp_path, options):
   assert any(ours.sp.is_byte(i) for i in ours.encode('☃'))  # byte fallback is exercised
   texts = TOKENIZER_TEXTS + held_out + [' ' + t for t in held_out[:10]]
   texts += ['<tool>x</tool> <tool>', ' <tool>']
-  if options.get('model_type') == 'unigram':
-    # Known difference: see hf_tokenizer._unigram_vocab ('<' is not in this tokenizer's vocabulary).
-    texts.remove(TOKENIZER_TEXTS[-1])
+  # Control-token and byte-piece spellings stay text, also beside a user-defined piece (where
+  # BPE's ignore_merges would emit a pre-token that is a vocabulary entry whole) and in the
+  # unigram model (whose lattice would take one where '<' is not in the vocabulary).
+  texts += ['a</s>b<s>', '<tool></s>', '</tool><s>x', '<tool><0x41>', ' <unk>', '<s>struck</s>',
+            '<p><s>x</s></p>', '<|eot_id|><|start_header_id|>', '<|im_end|>', '[INST] x [/INST]']
   for text in texts:
     ids = theirs(text)['input_ids']
     assert ids == [ours.bos_id] + ours.encode(text), repr(text[:60])

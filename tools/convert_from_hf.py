@@ -5,10 +5,13 @@
 
 Writes OUT/checkpoints/0/ (the parameters, in the layout `checkpoint.init_from` reads),
 OUT/config.json (the jaxllm `model` section) and OUT/config.py (base config + that model section
-+ checkpoint.init_from, and data.tokenizer when the HF directory has a sentencepiece
-tokenizer.model). Pickled `.bin` weights are refused: unpickling runs code. The work is
++ checkpoint.init_from, and data.tokenizer: the HF directory's sentencepiece tokenizer.model,
+copied, or a placeholder that stops training until --config.data.tokenizer names the one the
+model was trained with). Pickled `.bin` weights are refused: unpickling runs code. The work is
 jaxllm/convert/import_.py's `convert`.
 """
+
+import os
 
 from absl import app, flags
 
@@ -27,8 +30,13 @@ def main(argv) -> None:
   del argv
   model = import_.convert(_HF.value, _OUT.value, dtype=_DTYPE.value,
                          overwrite=_OVERWRITE.value)
+  run = rundir.RunDir(_OUT.value)
+  command = f'python -m jaxllm.main --config={run.config_py} --workdir=DIR'
+  if not os.path.exists(run.tokenizer_path()):
+    command += (' --config.data.tokenizer=PATH.model (the HF folder has no sentencepiece '
+                'tokenizer.model: PATH.model is the one this model was trained with)')
   print(f'wrote {_OUT.value}: {model["n_layers"]} layers, width {model["d_model"]}; fine-tune '
-        f'with python -m jaxllm.main --config={rundir.RunDir(_OUT.value).config_py} --workdir=DIR')
+        f'with {command}')
 
 
 if __name__ == '__main__':

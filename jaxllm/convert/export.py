@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import model as model_lib
 from jaxllm import rundir
-from jaxllm.convert import UnsupportedError, check_out, hf, hf_tokenizer, safetensors_io
+from jaxllm.convert import UnsupportedError, check_out, hf, hf_tokenizer, replacing, safetensors_io
+
+# An earlier export's weight files, and the temp files of one interrupted (of any shard count).
+_EARLIER_WEIGHTS = re.compile(r'model.*\.safetensors(\.index\.json)?(\.tmp\d*)?')
+
 
 def write_weights(params: Mapping | Callable, cfg: model_lib.ModelConfig, out: str, *,
                   dtype: str, max_shard_bytes: int = safetensors_io.MAX_SHARD_BYTES) -> list[str]:
@@ -44,7 +49,7 @@ def write_tokenizer(model_proto: bytes, out: str, *, model_max_length: int) -> N
   sentencepiece model itself into the folder `out`."""
   for name, contents in hf_tokenizer.files(model_proto, model_max_length=model_max_length).items():
     if isinstance(contents, bytes):
-      with open(os.path.join(out, name), 'wb') as f:
+      with replacing(os.path.join(out, name), 'wb') as f:
         f.write(contents)
     else:
       _write_json(os.path.join(out, name), contents)
@@ -67,7 +72,7 @@ def export(params: Mapping | Callable, model: Mapping[str, Any], out: str, *,
   proto = tokenizer_proto(tokenizer) if tokenizer is not None else None
   os.makedirs(out, exist_ok=True)
   for name in os.listdir(out):  # an earlier export's weights would shadow or mix with these
-    if name.startswith('model') and name.endswith(('.safetensors', '.safetensors.index.json')):
+    if _EARLIER_WEIGHTS.fullmatch(name):
       os.remove(os.path.join(out, name))
   if proto is not None:  # first: a tokenizer that cannot convert fails before the weights
     write_tokenizer(proto, out, model_max_length=config['max_position_embeddings'])
@@ -107,6 +112,6 @@ def export_run(workdir: str, out: str, *, step: int = -1, dtype: str = 'float32'
 
 
 def _write_json(path: str, obj) -> None:
-  with open(path, 'w', encoding='utf-8') as f:
+  with replacing(path) as f:
     json.dump(obj, f, indent=2, ensure_ascii=False)
     f.write('\n')

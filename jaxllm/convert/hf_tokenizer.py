@@ -32,6 +32,18 @@ def files(model_proto: bytes, *, model_max_length: int) -> dict[str, bytes | dic
       TOKENIZER_MODEL: model_proto}
 
 
+def is_sentencepiece(data: bytes) -> bool:
+  """Whether `data` is a serialized sentencepiece model. A tokenizer.model can be another format:
+  Llama 3's (in its `original/` folder) is tiktoken's base64 text."""
+  from google.protobuf.message import DecodeError
+  from sentencepiece import sentencepiece_model_pb2
+
+  try:
+    return len(sentencepiece_model_pb2.ModelProto.FromString(data).pieces) > 0
+  except DecodeError:
+    return False
+
+
 def tokenizer_config(*, bos: str | None = '<s>', eos: str | None = '</s>',
                      unk: str | None = '<unk>', model_max_length: int = 4096) -> dict:
   """tokenizer_config.json for the `tokenizer_json` beside it.
@@ -91,10 +103,34 @@ def tokenizer_json(model_proto: bytes) -> dict:
   # dummy prefix would make '<tool>' match only as '▁<tool>'.
   user_defined = sorted((p.piece for p in proto.pieces if p.type == _USER_DEFINED), key=len,
                         reverse=True)
-  pre_tokenizer = None
-  if user_defined:
-    pre_tokenizer = {'type': 'Split', 'behavior': 'Isolated', 'invert': False,
-                     'pattern': {'Regex': '|'.join(re.escape(p) for p in user_defined)}}
+  # sentencepiece never matches a control, unknown or byte piece in text: '</s>' in a document
+  # is four characters, '<0x41>' six. `tokenizers` matches any vocabulary entry its model
+  # reaches, so the pre-tokenizer keeps those spellings out of reach, without changing any
+  # segmentation sentencepiece makes.
+  isolate = [re.escape(p) for p in user_defined]
+  if spec.model_type != _BPE:
+    # Unigram: those pieces score below every segmentation of known characters
+    # (`_unigram_vocab`); one with a character the vocabulary lacks would still win (an unknown
+    # char scores below every piece), so each unknown character is a pre-token of its own. That
+    # is exact: no piece contains an unknown character, so sentencepiece's segmentation has a
+    # boundary on both sides of it too.
+    known = sorted({p.piece for p in proto.pieces
+                    if len(p.piece) == 1 and p.type in (_NORMAL, _USER_DEFINED)})
+    isolate.append('[^' + ''.join(f'\\x{{{ord(c):X}}}' for c in known) + ']')
+  splits = []
+  if isolate:
+    splits.append({'type': 'Split', 'behavior': 'Isolated', 'invert': False,
+                   'pattern': {'Regex': '|'.join(isolate)}})
+  if spec.model_type == _BPE and user_defined:
+    # BPE: no merge forms one of those pieces, but ignore_merges emits a pre-token that is a
+    # vocabulary entry whole ('</s>' right after a user-defined piece): such a pre-token is cut
+    # where sentencepiece cuts that text.
+    unreachable = [p.piece for p in proto.pieces if p.type in (_UNKNOWN, _CONTROL, _BYTE)]
+    if cuts := _cuts(model_proto, user_defined[0], unreachable):
+      splits.append({'type': 'Split', 'behavior': 'MergedWithPrevious', 'invert': False,
+                     'pattern': {'Regex': cuts}})
+  pre_tokenizer = (None if not splits else splits[0] if len(splits) == 1 else
+                   {'type': 'Sequence', 'pretokenizers': splits})
   post = None
   if spec.bos_id >= 0:  # bos + text (+ bos + text for a pair), as Llama's
     bos = pieces[spec.bos_id]
@@ -143,6 +179,30 @@ def _spm_decoder(norm) -> dict:
   return {'type': 'Sequence', 'decoders': steps}
 
 
+def _cuts(model_proto: bytes, anchor: str, spellings: list[str]) -> str:
+  """A regex that matches, in a pre-token that is exactly one of `spellings`, the first piece
+  that sentencepiece makes of that text after the user-defined piece `anchor` (where such a
+  pre-token comes from). Split MergedWithPrevious, the pre-token falls apart there, and BPE
+  makes of the rest what sentencepiece makes: no merge crossed that cut. Anchored at \\A as a
+  whole, so that the regex is tried at the start of a pre-token only."""
+  import sentencepiece as spm
+
+  sp = spm.SentencePieceProcessor(model_proto=model_proto)
+  nbytes = lambda piece: 1 if sp.is_byte(sp.piece_to_id(piece)) else len(
+      piece.replace('\u2581', ' ').encode())
+  alternatives = []
+  for text in spellings:
+    pieces = sp.encode_as_pieces(anchor + text)
+    pieces = pieces[pieces.index(anchor) + 1:]
+    assert sum(map(nbytes, pieces)) == len(text.encode()), (text, pieces)
+    # The first cut in characters (byte pieces of one character come out together).
+    cut = next(k for k in range(1, len(text) + 1)
+               if len(text[:k].encode()) >= nbytes(pieces[0]))
+    if cut < len(text):
+      alternatives.append(f'{re.escape(text[:cut])}(?={re.escape(text[cut:])}\\z)')
+  return '\\A(?:' + '|'.join(alternatives) + ')' if alternatives else ''
+
+
 def _bpe_merges(proto) -> list[list[str]]:
   """sentencepiece BPE merges the adjacent pair whose concatenation is the highest-scoring piece
   (leftmost on a tie): every (left, right) split of each piece into two pieces, best merged
@@ -163,10 +223,11 @@ def _bpe_merges(proto) -> list[list[str]]:
 def _unigram_vocab(proto) -> list[list]:
   """[piece, score] by id. sentencepiece's lattice never matches control, unknown or byte pieces
   in text; `tokenizers`' matches every piece, so those score below any other segmentation of
-  their characters. Two known differences remain. `tokenizers` scores an unknown char from the
-  lowest score in the vocabulary, now one of these, so such a piece written out in a text ('<s>',
-  '<0x41>') still wins where the vocabulary lacks one of its characters. And sentencepiece sums
-  scores in float32: in a long text two segmentations closer than its rounding can part."""
+  their characters. That is not enough where the vocabulary lacks one of those characters (an
+  unknown char scores from the lowest score in the vocabulary, now one of these): the
+  pre-tokenizer's cut in `tokenizer_json` keeps their spellings out of reach. A known difference
+  remains: sentencepiece sums scores in float32, so in a long text two segmentations closer
+  than its rounding can part."""
   lowest = min((p.score for p in proto.pieces if p.type == _NORMAL), default=0.0)
   never = lambda n: n * (lowest - _UNK_PENALTY) - 1.0
   return [[p.piece, never(len(p.piece)) if p.type in (_UNKNOWN, _CONTROL, _BYTE) else p.score]

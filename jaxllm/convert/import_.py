@@ -3,8 +3,9 @@
 Writes, through `rundir.RunDir(out)`: the checkpoint at step 0 (parameters and config, the layout
 `checkpoint.init_from` reads), config.json (the jaxllm `model` section, so the export and the
 evaluation CLIs reopen it as a run) and config.py (base config + that model section +
-checkpoint.init_from, and data.tokenizer when the HF folder has a sentencepiece tokenizer.model,
-copied into the run). Pickled `.bin` weights are refused: unpickling runs code.
+checkpoint.init_from, and data.tokenizer: the HF folder's sentencepiece tokenizer.model copied
+into the run, or UNSET_TOKENIZER, which stops training until the user names the model's
+tokenizer). Pickled `.bin` weights are refused: unpickling runs code.
 
 Imports six jaxllm modules: it is the conversion's wiring (the key table and the safetensors
 reader on one side; the checkpointer and the run directory on the other).
@@ -18,10 +19,18 @@ import pprint
 import shutil
 from typing import Any
 
+from absl import logging
+
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import model as model_lib
 from jaxllm import rundir
-from jaxllm.convert import check_out, hf, hf_tokenizer, safetensors_io
+from jaxllm.convert import check_out, hf, hf_tokenizer, replacing, safetensors_io
+
+# data.tokenizer in the config.py of a model imported without a sentencepiece tokenizer.model
+# (Llama 3 and Qwen ship tokenizer.json). Empty, it would train a new tokenizer whose ids mean
+# nothing to the weights; a configured path that does not exist stops training instead (in the
+# data pipeline), and this one reads as the fix in that error.
+UNSET_TOKENIZER = "UNSET (set data.tokenizer to the model's sentencepiece .model)"
 
 
 def load_hf(hf_dir: str, *, dtype: str = 'float32') -> tuple[dict, dict[str, Any]]:
@@ -56,7 +65,7 @@ def write_checkpoint(params: dict, model: dict[str, Any], directory: str) -> str
 
 _CONFIG_PY = '''"""Fine-tune {source} (imported by tools/convert_from_hf.py).
 
-    python -m jaxllm.main --config={path} --workdir=DIR
+    python -m jaxllm.main --config={path} --workdir=DIR{set_tokenizer}
 """
 
 from jaxllm import config as config_lib
@@ -73,6 +82,13 @@ def get_config():
 '''
 
 
+_NO_TOKENIZER = (
+    '  # No sentencepiece tokenizer.model in the HF folder (the only kind jaxllm reads yet), and\n'
+    '  # an empty data.tokenizer would train an unrelated one: training stops until this is set\n'
+    '  # here, or by --config.data.tokenizer=PATH, to the tokenizer the model was trained with.\n'
+    f'  c.data.tokenizer = {UNSET_TOKENIZER!r}\n')
+
+
 def write_config_py(run: rundir.RunDir, model: dict[str, Any], *, source: str, checkpoints: str,
                     tokenizer: str | None) -> None:
   """config.py: the config to fine-tune with (`jaxllm.main --config=`)."""
@@ -83,9 +99,9 @@ def write_config_py(run: rundir.RunDir, model: dict[str, Any], *, source: str, c
       source=escape(source), path=escape(run.config_py),
       model=pprint.pformat(model, indent=4, sort_dicts=False),
       name=os.path.basename(run.workdir.rstrip('/')), init_from=checkpoints,
-      tokenizer=(f'  c.data.tokenizer = {tokenizer!r}\n' if tokenizer else
-                 '  # This model has no sentencepiece tokenizer.model: set data.tokenizer.\n'))
-  with open(run.config_py, 'w') as f:
+      set_tokenizer='' if tokenizer else ' --config.data.tokenizer=PATH.model',
+      tokenizer=(f'  c.data.tokenizer = {tokenizer!r}\n' if tokenizer else _NO_TOKENIZER))
+  with replacing(run.config_py) as f:
     f.write(body)
 
 
@@ -104,7 +120,8 @@ def write_run(params: dict, model: dict[str, Any], out: str, *, source: str,
   tokenizer = None
   if tokenizer_model:
     tokenizer = os.path.abspath(run.tokenizer_path())
-    shutil.copyfile(tokenizer_model, tokenizer)
+    with open(tokenizer_model, 'rb') as src, replacing(tokenizer, 'wb') as dst:
+      shutil.copyfileobj(src, dst)
   run.write_config({'model': model})
   write_config_py(run, model, source=source, checkpoints=checkpoints, tokenizer=tokenizer)
   return run
@@ -116,6 +133,12 @@ def convert(hf_dir: str, out: str, *, dtype: str = 'float32',
   check_out(out, source=hf_dir, overwrite=overwrite)  # before the (long) read
   params, model = load_hf(hf_dir, dtype=dtype)
   tokenizer = os.path.join(hf_dir, hf_tokenizer.TOKENIZER_MODEL)
-  write_run(params, model, out, source=hf_dir,
-            tokenizer_model=tokenizer if os.path.exists(tokenizer) else None, overwrite=overwrite)
+  if os.path.exists(tokenizer):
+    with open(tokenizer, 'rb') as f:
+      if not hf_tokenizer.is_sentencepiece(f.read()):
+        logging.warning('%s is not a sentencepiece model: data.tokenizer is left to set', tokenizer)
+        tokenizer = None
+  else:
+    tokenizer = None
+  write_run(params, model, out, source=hf_dir, tokenizer_model=tokenizer, overwrite=overwrite)
   return model

@@ -15,8 +15,9 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from absl import logging
 
-from jaxllm.convert import UnsupportedError
+from jaxllm.convert import UnsupportedError, replacing
 
 MAX_SHARD_BYTES = 5 * 10**9  # shard above this, as transformers does ('5GB')
 SINGLE_FILE = 'model.safetensors'
@@ -25,9 +26,9 @@ INDEX_FILE = 'model.safetensors.index.json'
 _CODES = {np.dtype(np.float32): 'F32', np.dtype(ml_dtypes.bfloat16): 'BF16'}
 
 
-def check_weight_files(names: Iterable[str]) -> list[str]:
-  """The safetensors files to read among a model folder's file names. Pickled weights (`.bin`,
-  `.pt`, `.pth`) are never read: unpickling runs arbitrary code."""
+def check_weight_files(names: Iterable[str], where: str = 'the folder') -> list[str]:
+  """The safetensors files among a model folder's file names. Pickled weights (`.bin`, `.pt`,
+  `.pth`) are never read: unpickling runs arbitrary code."""
   names = sorted(names)
   found = [n for n in names if n.endswith('.safetensors')]
   if found:
@@ -38,17 +39,74 @@ def check_weight_files(names: Iterable[str]) -> list[str]:
         f'{pickles[0]} is a pickled PyTorch checkpoint: refused, since unpickling runs arbitrary '
         'code. Convert it to safetensors first from a trusted environment (transformers: '
         'model.save_pretrained(dir, safe_serialization=True)).')
-  raise UnsupportedError('no *.safetensors weights found')
+  raise UnsupportedError(f'{where} has no *.safetensors weights: pass the HF model folder')
+
+
+def read_index(path: str) -> dict[str, str]:
+  """The weight_map (tensor name -> file name) of a model.safetensors.index.json."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      weight_map = json.load(f)['weight_map']
+  except (ValueError, KeyError, TypeError) as e:
+    raise UnsupportedError(f'{path} is not a safetensors index ({type(e).__name__}: {e}): '
+                           'download it again') from None
+  if not (isinstance(weight_map, dict)
+          and all(isinstance(v, str) for v in weight_map.values())):
+    raise UnsupportedError(f'{path}: weight_map is not a map of tensor names to file names')
+  return weight_map
+
+
+def weight_files(folder: str) -> tuple[list[str], dict[str, str]]:
+  """(the safetensors files of a model folder to read, the index's weight_map or {}), chosen as
+  transformers chooses: model.safetensors, else the files model.safetensors.index.json names.
+  Other safetensors files beside them (Mistral's consolidated.safetensors, a PEFT
+  adapter_model.safetensors) hold another layout of the weights or no model at all: skipped,
+  with a log line."""
+  listing = os.listdir(folder)
+  found = check_weight_files(listing, folder) if INDEX_FILE not in listing else []
+  weight_map: dict[str, str] = {}
+  if SINGLE_FILE in listing:
+    chosen, by = [SINGLE_FILE], SINGLE_FILE
+  elif INDEX_FILE in listing:
+    weight_map = read_index(os.path.join(folder, INDEX_FILE))
+    chosen, by = sorted(set(weight_map.values())), INDEX_FILE
+    missing = [f for f in chosen if f not in listing]
+    if missing:
+      raise FileNotFoundError(
+          f'{os.path.join(folder, missing[0])} (and {len(missing) - 1} more), named by '
+          f'{INDEX_FILE}, is missing: download the model again')
+  else:
+    raise UnsupportedError(
+        f'{folder} has {", ".join(found)} but neither {SINGLE_FILE} nor {INDEX_FILE}: jaxllm '
+        'reads the transformers layout (what save_pretrained writes)')
+  skipped = sorted(n for n in listing if n.endswith(('.safetensors', '.safetensors.index.json'))
+                   and n not in chosen + [by])
+  if skipped:
+    logging.warning('%s: skipping %s (the weights are those of %s)', folder, ', '.join(skipped), by)
+  return chosen, weight_map
 
 
 def open_weights(folder: str) -> tuple[list[str], Callable[[str], np.ndarray]]:
-  """(every tensor name in the folder's safetensors files, a reader of one tensor by name).
-  The files are memory-mapped: a tensor is read when asked for."""
+  """(every tensor name in the folder's weight files, a reader of one tensor by name). The
+  files are memory-mapped: a tensor is read when asked for. A tensor in two files is refused
+  (which copy is the model's cannot be told), as is one the index names that no file holds."""
   from safetensors import safe_open  # the `hf` extra
-  files = check_weight_files(os.listdir(folder))
-  handles = [safe_open(os.path.join(folder, f), framework='numpy') for f in files]
-  where = {name: h for h in handles for name in h.keys()}
-  return list(where), lambda name: where[name].get_tensor(name)
+  files, weight_map = weight_files(folder)
+  where: dict[str, str] = {}
+  handles = {}
+  for file in files:
+    handles[file] = safe_open(os.path.join(folder, file), framework='numpy')
+    for name in handles[file].keys():
+      if name in where:
+        raise UnsupportedError(f'tensor {name!r} is in both {where[name]} and {file} of '
+                               f'{folder}: remove the file that is not part of the model')
+      where[name] = file
+  lost = [(name, file) for name, file in weight_map.items() if name not in where]
+  if lost:
+    raise UnsupportedError(f'{INDEX_FILE} of {folder} places tensor {lost[0][0]!r} in '
+                           f'{lost[0][1]}, which lacks it (and {len(lost) - 1} more): download '
+                           'the model again')
+  return list(where), lambda name: handles[where[name]].get_tensor(name)
 
 
 def shard_plan(sizes: Iterable[tuple[str, int]], max_shard_bytes: int = MAX_SHARD_BYTES
@@ -93,14 +151,12 @@ def write_file(path: str, tensors: Iterator[tuple[str, np.ndarray]],
     offset += nbytes
   blob = json.dumps(header, separators=(',', ':')).encode()
   blob += b' ' * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
+  with replacing(path, 'wb') as f:
     f.write(struct.pack('<Q', len(blob)) + blob)
     for name, shape in layout:
       got_name, x = next(tensors)
       assert got_name == name and x.shape == tuple(shape), (got_name, name, x.shape, shape)
       f.write(np.ascontiguousarray(x, dtype).reshape(-1).view(np.uint8).data)  # no copy
-  os.replace(tmp, path)
 
 
 def write_folder(folder: str, tensors: Iterator[tuple[str, np.ndarray]],
@@ -116,6 +172,6 @@ def write_folder(folder: str, tensors: Iterator[tuple[str, np.ndarray]],
   for file, names in zip(files, shards):
     write_file(os.path.join(folder, file), tensors, [(n, shapes[n]) for n in names], dtype)
   if len(shards) > 1:
-    with open(os.path.join(folder, INDEX_FILE), 'w') as f:
+    with replacing(os.path.join(folder, INDEX_FILE)) as f:
       json.dump(shard_index(shards, sum(b for _, b in sizes)), f, indent=2)
   return files
