@@ -50,7 +50,7 @@ def test_plan_command_line_ranks_and_prints_the_overrides():
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
-  assert lines[0] == 'tiny: 2 devices, budget 1 GiB per device'
+  assert lines[0] == 'tiny: 2 devices, budget 1 GiB per device (cpu)'
   assert lines[1] == aot.HEADER
   rows = [line.split() for line in lines[2:-1]]
   # Batch 2 fits 1 GiB with either policy, so batch 1 is never compiled; equal tokens per step

@@ -37,8 +37,8 @@ def main(argv):
   from jaxllm import aot, collectives
   config, budget = _CONFIG.value, _HBM_GIB.value
   devices = aot.topology_devices(_TOPOLOGY.value) if _TOPOLOGY.value else jax.devices()
-  print(f'{config.name}: {len(devices)} {devices[0].device_kind} devices, budget {budget:g} GiB '
-        'per device')
+  print(f'{config.name}: {len(devices)} devices, budget {budget:g} GiB per device '
+        f'({devices[0].device_kind})')
   print(aot.HEADER)
   if not _PLAN.value:
     est = aot.estimate(config, config.train.global_batch_size // len(devices),
