@@ -233,12 +233,14 @@ class JaxllmTextDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
 @dataclasses.dataclass
 class Documents:
-  """Random-access documents of one source; `key` changes whenever their content may have."""
+  """Random-access documents of one source; `key` changes whenever their content may have, and so
+  does `fingerprint` (which, unlike `key`, does not move with the cache directory)."""
 
   name: str
   key: str
   data: Any  # a tfds data source: data[i][field] is the UTF-8 text
   field: str = 'text'
+  fingerprint: str = ''
 
   def __len__(self) -> int:
     return len(self.data)
@@ -259,19 +261,27 @@ class Sources:
   data_dir: str  # the first source's dataset directory
   skipped: dict[str, int]
 
+  def fingerprint(self) -> dict[str, dict[str, str]]:
+    """{'train': {source: fingerprint}, 'eval': {...}}: what a checkpoint's data position assumes
+    (compared at resume: jaxllm.checkpoint)."""
+    return {'train': {d.name: f'{d.fingerprint} {len(d)}' for d in self.train},
+            'eval': {self.eval.name: f'{self.eval.fingerprint} {len(self.eval)}'}}
+
 
 def _open_files(spec: str, *, cache_dir: str, eval_files: int, text_field: str,
-                skip_bad_records: bool) -> tuple[Any, list[str], dict[str, int]]:
-  """Builds (or reuses) the array_record dataset of a file source; returns (builder, eval paths, skipped)."""
+                skip_bad_records: bool) -> tuple[Any, list[str], dict[str, int], str]:
+  """Builds (or reuses) the array_record dataset of a file source; returns (builder, eval paths,
+  skipped, fingerprint: the hash of the files, their sizes and mtimes and the document rules)."""
   files = list_source_files(spec)
   eval_paths = pick_eval_files([str(f) for f in files], eval_files) if eval_files else []
   key = hashlib.sha256(f'{_FORMAT} {DOC_CHARS} {text_field} {skip_bad_records} {eval_paths}'.encode())
   for f in files:
     st = f.stat()
     key.update(f'{f} {st.st_size} {st.st_mtime_ns}\n'.encode())
+  fingerprint = key.hexdigest()[:16]
   builder = JaxllmTextDocuments(files=files, eval_names=eval_paths, text_field=text_field,
                                 skip_bad_records=skip_bad_records, file_format='array_record',
-                                data_dir=str(Path(cache_dir) / key.hexdigest()[:16]))
+                                data_dir=str(Path(cache_dir) / fingerprint))
   skipped_file = Path(builder.data_dir) / 'skipped.json'
   if not builder.is_prepared():
     tfds.display_progress_bar(False)  # a one-second build need not flood the training log
@@ -281,7 +291,7 @@ def _open_files(spec: str, *, cache_dir: str, eval_files: int, text_field: str,
   if skipped:
     logging.warning('%s: skipped %d bad files or records (skip_bad_records=True): %s', spec,
                     sum(skipped.values()), skipped)
-  return builder, eval_paths, skipped
+  return builder, eval_paths, skipped, fingerprint
 
 
 def _open_tfds(spec: str, *, tfds_data_dir: str | None, text_field: str) -> Documents:
@@ -308,7 +318,8 @@ def _open_tfds(spec: str, *, tfds_data_dir: str | None, text_field: str) -> Docu
   except Exception as e:
     raise ValueError(f'{spec}: cannot be read without TensorFlow ({str(e).splitlines()[0]}); rebuild '
                      'it with --file_format=array_record') from None
-  return Documents(spec, f'tfds {builder.data_dir} {split} {text_field}', data, text_field)
+  return Documents(spec, f'tfds {builder.data_dir} {split} {text_field}', data, text_field,
+                   f'tfds {name} {builder.version} {split} {text_field}')
 
 
 def _open_one(spec: str, *, hold_out: int, cache_dir: str, text_field: str, tfds_data_dir: str | None,
@@ -316,14 +327,16 @@ def _open_one(spec: str, *, hold_out: int, cache_dir: str, text_field: str, tfds
   """(train documents, held-out eval documents or None, eval file names, skipped) of one SPEC."""
   if spec.startswith('tfds:'):
     return _open_tfds(spec, tfds_data_dir=tfds_data_dir, text_field=text_field), None, [], {}
-  builder, eval_paths, skipped = _open_files(spec, cache_dir=cache_dir, eval_files=hold_out,
+  builder, eval_paths, skipped, fingerprint = _open_files(spec, cache_dir=cache_dir, eval_files=hold_out,
                                              text_field=text_field, skip_bad_records=skip_bad_records)
   # A read-only builder: its data sources pickle into grain's worker processes (ours need our args).
   builder = tfds.builder_from_directory(builder.data_dir)
-  train = Documents(spec, str(builder.data_dir), builder.as_data_source('train'))
+  train = Documents(spec, str(builder.data_dir), builder.as_data_source('train'),
+                    fingerprint=fingerprint)
   if not eval_paths:
     return train, None, [], skipped
-  held_out = Documents(f'{spec} (held out)', f'{builder.data_dir} eval', builder.as_data_source('eval'))
+  held_out = Documents(f'{spec} (held out)', f'{builder.data_dir} eval', builder.as_data_source('eval'),
+                       fingerprint=f'{fingerprint} eval')
   return train, held_out, [Path(p).name for p in eval_paths], skipped
 
 

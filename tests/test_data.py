@@ -111,6 +111,17 @@ def test_resume_from_saved_state_is_exact(pipe):
   assert _same(expected, uninterrupted)
 
 
+def test_restarted_order_is_deterministic_and_fresh(pipe):
+  """A resume without the data position (checkpoint.restore_data=False) at step 40: the same
+  batches on every such restart, not those of a fresh run, and the documents still cover an epoch."""
+  restarted = _take(pipe.train_iter(restart_step=40), 2)
+  assert _same(restarted, _take(pipe.train_iter(restart_step=40), 2))
+  assert not _same(restarted, _take(pipe.train_iter(), 2))
+  assert not _same(restarted, _take(pipe.train_iter(restart_step=41), 2))
+  order, n = pipe.train_doc_order(pipe.restart_seed(40)), len(pipe.train_source)
+  assert sorted(order[i][1] for i in range(n)) == list(range(n))
+
+
 def test_epochs_reshuffle_and_cover_every_document(pipe):
   order = pipe.train_doc_order()
   n = len(pipe.train_source)
