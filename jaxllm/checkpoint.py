@@ -251,7 +251,7 @@ class Checkpointer:
 def fingerprint_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
   """'' if two data fingerprints ({role: {source: fingerprint}}) agree, else which source differs
   and how ('train source data/a changed')."""
-  for role in sorted(set(before) | set(now)):
+  for role in sorted(set(before) | set(now), reverse=True):  # 'train' first
     a, b = before.get(role) or {}, now.get(role) or {}
     for name in sorted(set(a) | set(b)):
       if a.get(name) != b.get(name):
