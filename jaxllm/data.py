@@ -248,6 +248,9 @@ class Pipeline:
 
   def eval_batches(self, max_batches: int | None = None) -> Iterator[Batch]:
     """The eval split once, in order, the same on every call; every process yields as many batches."""
+    if not len(self.sources.eval):  # a loss over no tokens would read 0, a perplexity 1
+      raise ValueError(f'the eval split ({self.sources.eval.name}) holds no documents; raise '
+                       'data.eval_files or set data.eval_source to held-out text')
     order = grain.MapDataset.range(len(self.sources.eval)).map(functools.partial(_tag, 0))
     global_rows = self.batch_size * self.process_count
     for step, rows in enumerate(self._rows(order, 'eval', shuffle=False).batch(global_rows)):

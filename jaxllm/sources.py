@@ -50,6 +50,7 @@ import tensorflow_datasets as tfds
 
 DOC_CHARS = 2048
 MAX_DOC_CHARS = 8 * DOC_CHARS
+OVERLAP_MIN_CHARS = 100  # shorter documents ('[Exit.]' ends 3 plays) repeat in unrelated texts
 _FORMAT = 3  # bump when the document rules change, so caches rebuild (3: document hashes)
 SUFFIXES = ('.txt', '.jsonl', '.parquet')
 # Compressed text is read as it streams, like Levanter's and HF datasets' readers do.
@@ -126,8 +127,7 @@ def list_source_files(spec: str, bad: BadRecords | None = None) -> list[Path]:
   for path in found:
     files += _walk(path, {path.resolve()}, hidden) if path.is_dir() else [path]
   if hidden:
-    logging.info('%s: left out %d hidden files or directories (%s)', spec, len(hidden),
-                 ', '.join(p.name for p in hidden[:5]))
+    logging.info('%s: left out %d hidden entries (%s)', spec, len(hidden), ', '.join(p.name for p in hidden[:5]))
   readable = []
   for f in sorted(set(files)):  # set: a recursive glob matches a file and the directories above it
     if not f.is_file():
@@ -277,7 +277,8 @@ class JaxllmTextDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
                skip_bad_records: bool = False, **kwargs: Any):
     self._files, self._eval_names, self._field = files, eval_names, text_field
     self.bad = BadRecords(skip_bad_records)
-    self.hashes: dict[str, list[int]] = {}  # split -> doc_hash of each document, filled as built
+    self.hashes: dict[str, list[int]] = {}  # split -> doc_hash of its long documents, as built
+    self.docs: dict[str, int] = {}  # split -> documents
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -295,10 +296,12 @@ class JaxllmTextDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     return splits
 
   def _generate_examples(self, files: list[Path], split: str) -> Iterator[tuple[str, dict[str, str]]]:
-    hashes = self.hashes.setdefault(split, [])
+    hashes, self.docs[split] = self.hashes.setdefault(split, []), 0
     for f in files:
       for i, doc in enumerate(file_documents(f, text_field=self._field, bad=self.bad)):
-        hashes.append(doc_hash(doc))
+        self.docs[split] += 1
+        if len(doc) >= OVERLAP_MIN_CHARS:
+          hashes.append(doc_hash(doc))
         yield f'{f}:{i:09d}', {'text': doc, 'file': f.name}
 
 
@@ -321,8 +324,7 @@ class Documents:
   hashes_path: str = ''  # sorted unique doc_hash of every document ('': not known, TFDS)
 
   def hashes(self) -> np.ndarray:
-    known = self.hashes_path and Path(self.hashes_path).exists()
-    return np.load(self.hashes_path) if known else np.zeros(0, np.uint64)
+    return np.load(self.hashes_path) if self.hashes_path else np.zeros(0, np.uint64)
 
   def __len__(self) -> int:
     return len(self.data)
@@ -344,8 +346,7 @@ class Sources:
   skipped: dict[str, int]
 
   def fingerprint(self) -> dict[str, dict[str, str]]:
-    """{'train': {source: fingerprint}, 'eval': {...}}: what a checkpoint's data position assumes
-    (compared at resume: jaxllm.checkpoint)."""
+    """{'train': {source: fingerprint}, 'eval': {...}}: what a saved data position assumes."""
     return {'train': {d.name: f'{d.fingerprint} {len(d)}' for d in self.train},
             'eval': {self.eval.name: f'{self.eval.fingerprint} {len(self.eval)}'}}
 
@@ -371,16 +372,16 @@ def _open_files(spec: str, *, cache_dir: str, eval_files: int, text_field: str,
     try:
       builder.download_and_prepare()
     except AssertionError:  # TFDS's way to say that a split yielded no examples
-      if builder.hashes.get('eval') == []:
+      if builder.docs.get('eval') == 0:
         names = ', '.join(Path(p).name for p in eval_paths)
         raise EmptySource(f'the data.eval_files={eval_files} files held out of {spec} ({names}) '
                           f'{_NO_DOCS}, so eval would report loss 0; raise data.eval_files or set '
                           'data.eval_source') from None
-      if builder.hashes.get('train') == []:
+      if builder.docs.get('train') == 0:
         raise EmptySource(f'{spec}: {_NO_DOCS}; point it at text') from None
       raise
     for split, hashes in builder.hashes.items():
-      np.save(_hashes_path(builder.data_dir, split), np.unique(np.array(hashes, np.uint64)))
+      np.save(Path(builder.data_dir) / f'doc_hashes.{split}.npy', np.unique(np.array(hashes, np.uint64)))
     skipped_file.write_text(json.dumps(builder.bad.counts))
   built = json.loads(skipped_file.read_text()) if skipped_file.exists() else {}
   skipped = {**listing.counts, **built}
@@ -395,10 +396,6 @@ class EmptySource(ValueError):
 
 
 _NO_DOCS = 'hold no documents (empty, whitespace only or skipped as bad)'
-
-
-def _hashes_path(data_dir: str, split: str) -> str:
-  return str(Path(data_dir) / f'doc_hashes.{split}.npy')  # sorted unique doc_hash values
 
 
 def _open_tfds(spec: str, *, tfds_data_dir: str | None, text_field: str) -> Documents:
@@ -441,12 +438,12 @@ def _open_one(spec: str, *, hold_out: int, cache_dir: str, text_field: str, tfds
   builder = tfds.builder_from_directory(builder.data_dir)
   train = Documents(spec, str(builder.data_dir), builder.as_data_source('train'),
                     fingerprint=fingerprint, files=tuple(f for f in files if str(f) not in eval_paths),
-                    hashes_path=_hashes_path(builder.data_dir, 'train'))
+                    hashes_path=str(Path(builder.data_dir) / 'doc_hashes.train.npy'))
   if not eval_paths:
     return train, None, [], skipped
   held_out = Documents(f'{spec} (held out)', f'{builder.data_dir} eval', builder.as_data_source('eval'),
                        fingerprint=f'{fingerprint} eval', files=tuple(Path(p) for p in eval_paths),
-                       hashes_path=_hashes_path(builder.data_dir, 'eval'))
+                       hashes_path=str(Path(builder.data_dir) / 'doc_hashes.eval.npy'))
   return train, held_out, [Path(p).name for p in eval_paths], skipped
 
 
@@ -467,7 +464,8 @@ def check_no_overlap(eval_docs: Documents, train: Sequence[Documents]) -> None:
     same = int(np.isin(eval_hashes, docs.hashes()).sum()) if len(eval_hashes) else 0
     if same:
       raise ValueError(f'data.eval_source={eval_docs.name}: {same} of its {len(eval_hashes)} distinct '
-                       f'documents are also in the train source {docs.name}; {fix}')
+                       f'documents (of {OVERLAP_MIN_CHARS}+ characters) are also in the train source '
+                       f'{docs.name}; {fix}')
 
 
 def open_sources(sources: Sequence[tuple[str, float]], *, cache_dir: str, eval_files: int,

@@ -172,7 +172,8 @@ def test_an_eval_source_overlapping_the_train_files_is_an_error(tmp_path):
   (tmp_path / 'dup.jsonl').write_text(json.dumps({'text': _doc(2)}) + '\n' +
                                       json.dumps({'text': _doc(7)}) + '\n', 'utf-8')
   with pytest.raises(ValueError, match=re.escape(f'data.eval_source={tmp_path / "dup.jsonl"}: 1 of its 2 '
-                                                 f'distinct documents are also in the train source {src}')):
+                                                 'distinct documents (of 100+ characters) are also in the '
+                                                 f'train source {src}')):
     _open(src, cache, eval_files=0, eval_source=str(tmp_path / 'dup.jsonl'))
 
 
