@@ -107,10 +107,10 @@ def parse_sources(text: str) -> list[tuple[str, float]]:
   return out
 
 
-def list_source_files(spec: str, bad: BadRecords | None = None) -> list[Path]:
+def list_source_files(spec: str, bad: BadRecords | None = None, exclude: Sequence[str] = ()) -> list[Path]:
   """The source files of a directory (read recursively), a file or a glob, sorted. Every file it
   names must be of a kind jaxllm reads (source_kind): another kind is an error naming it, or, with a
-  skipping `bad`, counted and logged; hidden files and directories are left out (and logged)."""
+  skipping `bad`, counted and logged; hidden entries and `exclude` (a cache dir) are left out."""
   fix = f'point the source at UTF-8 {KINDS} files'
   bad = bad or BadRecords(skip=False)
   hidden: list[Path] = []
@@ -123,9 +123,10 @@ def list_source_files(spec: str, bad: BadRecords | None = None) -> list[Path]:
     if not found[0].exists():
       raise FileNotFoundError(f'{spec}: no such file or directory; {fix}, or leave the source empty '
                               'for the embedded corpus')
-  files = []
+  files, skip = [], {Path(p).resolve() for p in exclude}  # jaxllm's cache may sit in the source
   for path in found:
-    files += _walk(path, {path.resolve()}, hidden) if path.is_dir() else [path]
+    if skip.isdisjoint([path.resolve(), *path.resolve().parents]):  # a glob lists files inside too
+      files += _walk(path, {path.resolve(), *skip}, hidden) if path.is_dir() else [path]
   if hidden:
     logging.info('%s: left out %d hidden entries (%s)', spec, len(hidden), ', '.join(p.name for p in hidden[:5]))
   readable = []
@@ -134,7 +135,7 @@ def list_source_files(spec: str, bad: BadRecords | None = None) -> list[Path]:
       bad(str(f), 'not a regular file (a broken link, a pipe or a device)', 'remove it from the source')
     elif source_kind(f) is None:
       bad(str(f), f'not a kind of file jaxllm reads ({_KINDS_IN_FULL})',
-          f'convert or remove it, or pick the files with a glob such as {spec.rstrip("/")}/**/*.txt')
+          'convert or remove it, or name only readable files with a glob (DIR/**/*.txt)')
     else:
       readable.append(f)
   if not readable:
@@ -356,7 +357,7 @@ def _open_files(spec: str, *, cache_dir: str, eval_files: int, text_field: str,
   """Builds (or reuses) the array_record dataset of a file source; returns (builder, files, eval
   paths, skipped, fingerprint: the hash of the files, their sizes and mtimes and the rules)."""
   listing = BadRecords(skip_bad_records)
-  files = list_source_files(spec, listing)
+  files = list_source_files(spec, listing, exclude=[cache_dir])
   eval_paths = pick_eval_files([str(f) for f in files], eval_files) if eval_files else []
   key = hashlib.sha256(f'{_FORMAT} {DOC_CHARS} {text_field} {skip_bad_records} {eval_paths}'.encode())
   for f in files:

@@ -117,9 +117,12 @@ def test_nested_dirs_any_case_and_compressed_files_are_read(tmp_path):
   found = _open(src, tmp_path / 'c', eval_files=0, eval_source=sources.default_source_dir())
   docs = found.train[0]
   assert {docs.text(i) for i in range(len(docs))} == want
-  # The same files through a recursive glob.
-  found = _open(f'{src}/**/*', tmp_path / 'c', eval_files=0, eval_source=sources.default_source_dir())
-  assert len(found.train[0]) == 5
+  # The same files through a recursive glob, with the dataset cache inside the source (twice: the
+  # second time the cache exists and must not be read as a source).
+  (tmp_path / 'ev.txt').write_text(_doc(8), 'utf-8')
+  for _ in range(2):
+    found = _open(f'{src}/**/*', src / 'cache', eval_files=0, eval_source=str(tmp_path / 'ev.txt'))
+  assert len(found.train[0]) == 5 and len(found.eval) == 1
 
 
 def test_unreadable_kinds_and_damaged_files_are_named_or_counted(tmp_path):
