@@ -103,7 +103,7 @@ def test_a_multi_host_run_is_evaluated_on_this_host_with_mesh(tiny, tmp_path):
   config = small_config()
   with config.unlocked():
     config.model.vocab_size = VOCAB
-    config.data.update(source_dir=str(root), cache_dir=str(root / 'cache'), eval_files=1,
+    config.data.update(source_dir=f'{root}/*.txt', cache_dir=str(root / 'cache'), eval_files=1,
                        tokenizer=str(root / 'spm.model'), seq_len=SEQ)
     config.mesh.update(data=1, fsdp=2, tensor=1, dcn_fsdp=4)
   run = rundir.RunDir(str(tmp_path / 'run'))
