@@ -87,13 +87,14 @@ def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
 class Checkpointer:
   """Async saves into `directory`; keeps the latest `keep_latest` and every `keep_every`-th step.
   `data_fingerprint` (JSON-able, e.g. Sources.fingerprint()) is saved with each step and compared
-  when a step's data position is restored."""
+  when a step's data position is restored; `data_restart_step` (the step whose resume restarted the
+  data order, 0: none) is saved too, since the saved position is a position in that order."""
 
   def __init__(self, directory: str, *, keep_latest: int = 3, keep_every: int = 0,
                async_save: bool = True, read_only: bool = False,
                data_fingerprint: Mapping[str, Any] | None = None):
     self.directory = os.path.abspath(directory)
-    self.data_fingerprint = data_fingerprint
+    self.data_fingerprint, self.data_restart_step = data_fingerprint, 0
     keep = [_policies.LatestN(keep_latest)]
     if keep_every:
       keep.append(_policies.EveryNSteps(keep_every))
@@ -119,7 +120,8 @@ class Checkpointer:
         params=ocp.args.StandardSave(state['params']),
         opt_state=ocp.args.StandardSave(state['opt_state']),
         meta=ocp.args.JsonSave({'step': step, 'config': dict(config),
-                                'data_fingerprint': self.data_fingerprint}),
+                                'data_fingerprint': self.data_fingerprint,
+                                'data_restart_step': self.data_restart_step}),
         data=grain.checkpoint.CheckpointSave(data_iter))
     started = self._manager.save(step, args=args)
     if started:

@@ -308,7 +308,10 @@ def initial_state(trainer: Trainer, ckpt: checkpoint_lib.Checkpointer,
     return state, pipeline.train_iter()
   logging.info('resuming from %s', ckpt.step_dir(latest))
   restore_data = config.checkpoint.restore_data
-  train_iter = pipeline.train_iter() if restore_data else pipeline.train_iter(restart_step=latest)
+  # The saved position is one in the order of the last restart (if any): rebuild that order.
+  restart = ckpt.saved_meta(latest).get('data_restart_step', 0) if restore_data else latest
+  ckpt.data_restart_step = restart  # later saves are positions in this order too
+  train_iter = pipeline.train_iter(restart_step=restart)
   try:
     # Abstract targets carry this run's shardings: Orbax reshards onto whatever mesh we have now.
     state = ckpt.restore(latest, trainer.abstract_state, train_iter if restore_data else None)

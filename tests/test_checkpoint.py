@@ -344,6 +344,13 @@ def test_another_process_count_is_an_error_or_restarts_the_data_order(saved, tmp
                   strict=True):
     np.testing.assert_array_equal(a, b)
   assert ckpt.data_fingerprint == pipeline.saved_fingerprint  # later saves record the sources
+  # A save after the restart records it: an exact resume from there rebuilds the restarted order.
+  ckpt.save(3, state, it, {})
+  ckpt.wait()
+  with config.unlocked():
+    config.checkpoint.restore_data = True
+  state, it = train.initial_state(trainer, ckpt, config, pipeline)
+  assert int(state['step']) == 3 and pipeline.restarts[-1] == 2 and next(it) == 1
   ckpt.close()
 
 
