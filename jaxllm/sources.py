@@ -376,10 +376,10 @@ def _open_files(spec: str, *, cache_dir: str, eval_files: int, text_field: str,
       if builder.docs.get('eval') == 0:
         names = ', '.join(Path(p).name for p in eval_paths)
         raise EmptySource(f'the data.eval_files={eval_files} files held out of {spec} ({names}) '
-                          f'{_NO_DOCS}, so eval would report loss 0; raise data.eval_files or set '
+                          f'hold {_NO_DOCS}, so eval would report loss 0; raise data.eval_files or set '
                           'data.eval_source') from None
       if builder.docs.get('train') == 0:
-        raise EmptySource(f'{spec}: {_NO_DOCS}; point it at text') from None
+        raise EmptySource(f'{spec}: {_NO_DOCS} in it; point it at text') from None
       raise
     for split, hashes in builder.hashes.items():
       np.save(Path(builder.data_dir) / f'doc_hashes.{split}.npy', np.unique(np.array(hashes, np.uint64)))
@@ -396,7 +396,7 @@ class EmptySource(ValueError):
   """A file source, or the files it holds out for eval, without a document."""
 
 
-_NO_DOCS = 'hold no documents (empty, whitespace only or skipped as bad)'
+_NO_DOCS = 'no documents (empty, whitespace only or skipped as bad)'
 
 
 def _open_tfds(spec: str, *, tfds_data_dir: str | None, text_field: str) -> Documents:
@@ -485,7 +485,7 @@ def open_sources(sources: Sequence[tuple[str, float]], *, cache_dir: str, eval_f
       if not len(eval_docs):  # a TFDS split (an empty file source is caught as it is built)
         raise EmptySource(eval_source)
     except EmptySource:
-      raise ValueError(f'data.eval_source={eval_source} {_NO_DOCS}, so eval would report loss 0; '
+      raise ValueError(f'data.eval_source={eval_source} holds {_NO_DOCS}, so eval would report loss 0; '
                        'point it at held-out text') from None
     skipped.update(bad)
     check_no_overlap(eval_docs, [o[0] for o in opened])

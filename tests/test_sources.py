@@ -153,9 +153,12 @@ def test_an_empty_eval_split_is_an_error_naming_the_key(tmp_path):
                                        r'no documents .*loss 0'):
     _open(src, tmp_path / 'c', eval_files=1)
   (tmp_path / 'empty.jsonl').write_text('\n', 'utf-8')
-  with pytest.raises(ValueError, match=re.escape(f'data.eval_source={tmp_path / "empty.jsonl"} hold no '
+  with pytest.raises(ValueError, match=re.escape(f'data.eval_source={tmp_path / "empty.jsonl"} holds no '
                                                  'documents') + '.*loss 0'):
     _open(src / 'a.txt', tmp_path / 'c', eval_files=0, eval_source=str(tmp_path / 'empty.jsonl'))
+  with pytest.raises(ValueError, match=re.escape(f'{src / "b.txt"}: no documents (empty, whitespace '
+                                                 'only or skipped as bad) in it')):
+    _open(src / 'b.txt', tmp_path / 'c', eval_files=0, eval_source=str(src / 'a.txt'))
 
 
 def test_an_eval_source_overlapping_the_train_files_is_an_error(tmp_path):
