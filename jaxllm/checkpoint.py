@@ -1,7 +1,11 @@
 """Orbax checkpoints of the train state, the data iterator and the config; restore onto any mesh.
 
 A checkpoint is `<directory>/<step>/` with four items: `params` and `opt_state` (sharded arrays,
-OCDBT), `meta` (JSON: step and resolved config) and `data` (one grain iterator state per process).
+OCDBT), `meta` (JSON: step, resolved config, the data sources' fingerprint) and `data` (one grain
+iterator state per process, `process_<i>-of-<n>.json`). Parameters and optimizer state restore onto
+any mesh and process count; the data position only onto as many processes as wrote it, and only
+while the sources are unchanged (else the saved position would replay another order): either
+mismatch is an error that names it, unless the caller restores without the data position.
 Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed mid-save leaves the previous step as the latest; leftover temporary directories are never
 listed as steps. This module never decides when to save: the train loop does.
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import logging as py_logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -80,11 +85,16 @@ def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
 
 
 class Checkpointer:
-  """Async saves into `directory`; keeps the latest `keep_latest` and every `keep_every`-th step."""
+  """Async saves into `directory`; keeps the latest `keep_latest` and every `keep_every`-th step.
+  `data_fingerprint` (JSON-able, e.g. Sources.fingerprint()) is saved with each step and compared
+  when a step's data position is restored; `data_restart_step` (the step whose resume restarted the
+  data order, 0: none) is saved too, since the saved position is a position in that order."""
 
   def __init__(self, directory: str, *, keep_latest: int = 3, keep_every: int = 0,
-               async_save: bool = True, read_only: bool = False):
+               async_save: bool = True, read_only: bool = False,
+               data_fingerprint: Mapping[str, Any] | None = None):
     self.directory = os.path.abspath(directory)
+    self.data_fingerprint, self.data_restart_step = data_fingerprint, 0
     keep = [_policies.LatestN(keep_latest)]
     if keep_every:
       keep.append(_policies.EveryNSteps(keep_every))
@@ -109,7 +119,9 @@ class Checkpointer:
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state['params']),
         opt_state=ocp.args.StandardSave(state['opt_state']),
-        meta=ocp.args.JsonSave({'step': step, 'config': dict(config)}),
+        meta=ocp.args.JsonSave({'step': step, 'config': dict(config),
+                                'data_fingerprint': self.data_fingerprint,
+                                'data_restart_step': self.data_restart_step}),
         data=grain.checkpoint.CheckpointSave(data_iter))
     started = self._manager.save(step, args=args)
     if started:
@@ -136,12 +148,13 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Mapping[str, Any],
               data_iter: grain.DatasetIterator | None) -> dict:
     """The full state at `step` on the shardings of `abstract_state` (any mesh); `data_iter` is
-    moved to the position saved with it."""
+    moved to the position saved with it (None: the data position is not read)."""
     check_shapes(self.params_metadata(step), abstract_state['params'], where=self.step_dir(step))
     items = dict(params=ocp.args.StandardRestore(abstract_state['params']),
                  opt_state=ocp.args.StandardRestore(abstract_state['opt_state']),
                  meta=ocp.args.JsonRestore())
     if data_iter is not None:
+      self.check_data_position(step)
       items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
       out = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -182,9 +195,45 @@ class Checkpointer:
                             'written by a different model config')
     return out
 
+  def saved_meta(self, step: int) -> dict:
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:
+      raise self._unreadable(step, e) from e
+
   def saved_config(self, step: int) -> dict:
-    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-        'meta']['config']
+    return self.saved_meta(step)['config']
+
+  def saved_process_count(self, step: int) -> int | None:
+    """How many processes wrote the data position of `step` (from grain's file names), or None."""
+    data_dir = os.path.join(self.step_dir(step), 'data')
+    names = os.listdir(data_dir) if os.path.isdir(data_dir) else []
+    counts = {int(m.group(1)) for m in map(re.compile(r'process_\d+-of-(\d+)\.json$').match, names) if m}
+    return counts.pop() if len(counts) == 1 else None
+
+  def data_position_mismatch(self, step: int) -> str:
+    """Why the data position of `step` cannot be restored here ('' if it can): another process
+    count, or sources that changed (by data_fingerprint) since it was saved."""
+    fix = ('set checkpoint.restore_data=False to resume the parameters and optimizer state with the '
+           f'data order restarted from step {step}')
+    saved = self.saved_process_count(step)
+    if saved is not None and saved != jax.process_count():
+      return (f'checkpoint {self.step_dir(step)} holds the data position of {saved} processes but '
+              f'this run has {jax.process_count()}; resume on {saved} processes, or {fix}')
+    before, now = self.saved_meta(step).get('data_fingerprint'), self.data_fingerprint
+    if before is None or now is None:  # written before fingerprints, or not asked to compare
+      return ''
+    changed = fingerprint_changes(before, now)
+    if changed:
+      return (f'{changed} since checkpoint {self.step_dir(step)} was saved (its files, their '
+              'sizes or modification times differ), so the saved data position would replay another '
+              f'order; restore the sources as they were, or {fix}')
+    return ''
+
+  def check_data_position(self, step: int) -> None:
+    problem = self.data_position_mismatch(step)
+    if problem:
+      raise CheckpointError(problem)
 
   def _unreadable(self, step: int, e: Exception) -> CheckpointError:
     older = [s for s in self.all_steps() if s < step]
@@ -199,6 +248,18 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def fingerprint_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+  """'' if two data fingerprints ({role: {source: fingerprint}}) agree, else which source differs
+  and how ('train source data/a changed')."""
+  for role in sorted(set(before) | set(now), reverse=True):  # 'train' first
+    a, b = before.get(role) or {}, now.get(role) or {}
+    for name in sorted(set(a) | set(b)):
+      if a.get(name) != b.get(name):
+        how = 'was added' if name not in a else 'was removed' if name not in b else 'changed'
+        return f'{role} source {name} {how}'
+  return ''
 
 
 def open_read_only(path: str, step: int = -1, *, what: str, step_flag: str,

@@ -134,6 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
   k.async_save = True  # write in a background thread; the loop waits only for the host copy
   k.init_from = ''  # another run's checkpoint dir: take only its parameters (new optimizer, step 0)
   k.init_from_step = -1  # the step of checkpoint.init_from to read; -1 = its latest
+  k.restore_data = True  # resume the data position too; False: state only, data order restarted at the step
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # pure data parallelism (replicated parameters)

@@ -21,6 +21,9 @@ Choices:
   has segment_id 0. Train: documents sharded by process, reshuffled each epoch, infinite.
   Eval: every process packs the whole eval split identically and takes its rows of each global
   batch, so all processes see the same number of batches; the last one is padded, nothing dropped.
+- Restart: `train_iter(restart_step=N)` (a resume without the saved data position, e.g. on another
+  number of processes) reads a fresh order seeded by (seed, N): deterministic for a given step, and
+  not a replay of the documents the first steps already read.
 - Workers: `worker_count > 0` runs the pipeline in that many grain worker processes
   (`mp_prefetch`); its iterator state covers the workers, so resume stays exact, but the batch
   order differs from `worker_count=0` (each worker packs its own slice of the documents).
@@ -208,25 +211,34 @@ class Pipeline:
     docs = self.sources.train if split == 'train' else [self.sources.eval]
     return self.tokenizer.encode_docs([docs[s].text(i) for s, i in pairs])
 
-  def _rows(self, order: grain.MapDataset, split: str, *, shuffle: bool) -> grain.IterDataset:
+  def _rows(self, order: grain.MapDataset, split: str, *, shuffle: bool,
+            seed: int | None = None) -> grain.IterDataset:
     docs = order.batch(_ENCODE_BATCH, batch_fn=list).map(functools.partial(self._ids, split))
     return _pack(docs.to_iter_dataset(_READ), seq_len=self.seq_len, batch_size=self.batch_size,
-                 seed=self.seed, shuffle=shuffle)
+                 seed=self.seed if seed is None else seed, shuffle=shuffle)
 
-  def train_doc_order(self) -> grain.MapDataset:
+  def restart_seed(self, step: int) -> int:
+    """The data seed of an order restarted at `step` (0: the run's own data.seed)."""
+    if not step:
+      return self.seed
+    return int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0] >> 1)
+
+  def train_doc_order(self, seed: int | None = None) -> grain.MapDataset:
     """(source, document) pairs this process reads, in order: each source's shard reshuffled every
     epoch (by seed + source + epoch), the sources interleaved by weight."""
-    orders = []
+    seed, orders = self.seed if seed is None else seed, []
     for s, docs in enumerate(self.sources.train):
       shard = grain.MapDataset.range(len(docs))[self.process_index::self.process_count]
       if not len(shard):
         raise ValueError(f'{docs.name}: {len(docs)} train documents cannot feed {self.process_count} processes')
-      orders.append(shard.shuffle(seed=self.seed + s).repeat().map(functools.partial(_tag, s)))
+      orders.append(shard.shuffle(seed=seed + s).repeat().map(functools.partial(_tag, s)))
     return orders[0] if len(orders) == 1 else grain.MapDataset.mix(orders, self.sources.weights)
 
-  def train_iter(self) -> grain.DatasetIterator:
-    """Infinite, checkpointable (get_state()/set_state()) iterator of this process's train batches."""
-    rows = self._rows(self.train_doc_order(), 'train', shuffle=True)
+  def train_iter(self, restart_step: int = 0) -> grain.DatasetIterator:
+    """Infinite, checkpointable (get_state()/set_state()) iterator of this process's train batches;
+    `restart_step` > 0: a fresh order for a resume without the saved position (module doc)."""
+    seed = self.restart_seed(restart_step)
+    rows = self._rows(self.train_doc_order(seed), 'train', shuffle=True, seed=seed)
     batches = rows.batch(self.batch_size, drop_remainder=True).map(_finish)
     if self.worker_count:
       if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app use defaults
@@ -236,6 +248,9 @@ class Pipeline:
 
   def eval_batches(self, max_batches: int | None = None) -> Iterator[Batch]:
     """The eval split once, in order, the same on every call; every process yields as many batches."""
+    if not len(self.sources.eval):  # a loss over no tokens would read 0, a perplexity 1
+      raise ValueError(f'the eval split ({self.sources.eval.name}) holds no documents; raise '
+                       'data.eval_files or set data.eval_source to held-out text')
     order = grain.MapDataset.range(len(self.sources.eval)).map(functools.partial(_tag, 0))
     global_rows = self.batch_size * self.process_count
     for step, rows in enumerate(self._rows(order, 'eval', shuffle=False).batch(global_rows)):

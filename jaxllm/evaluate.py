@@ -1,9 +1,10 @@
 """Held-out loss, perplexity and bits per byte of a run's checkpoint, as one JSON line.
 
-    python -m jaxllm.evaluate --workdir=runs/tiny [--step=N] [--eval_batches=N]
+    python -m jaxllm.evaluate --workdir=runs/tiny [--step=N] [--eval_batches=N] [--mesh=1,-1,1]
 
 Reads the run's config, checkpoint, tokenizer and the eval split it used (`evaluate_run`); bits
 per byte is total nats / ln 2 / UTF-8 bytes of the eval text, comparable across tokenizers.
+`--mesh` replaces the saved mesh (a run trained on several hosts, evaluated on one).
 """
 
 import json
@@ -16,13 +17,19 @@ from jaxllm import sharding
 from jaxllm import train
 
 
-def evaluate_run(workdir: str, *, step: int = -1, max_batches: int | None = None) -> dict:
+def evaluate_run(workdir: str, *, step: int = -1, max_batches: int | None = None,
+                 mesh: str = '') -> dict:
   """Held-out loss, perplexity and bits per byte of a run's checkpoint (`step` -1: the latest)
-  on its eval split (`max_batches` None: all of it)."""
+  on its eval split (`max_batches` None: all of it); `mesh` as rundir.parse_mesh ('': saved)."""
   run = rundir.RunDir(workdir)
-  config = run.load_config()
+  config = run.load_config(mesh)
   run.tokenizer(config)  # a missing tokenizer is an error here: the pipeline would train one
-  trainer = train.setup(config)
+  try:
+    trainer = train.setup(config)
+  except ValueError as e:
+    if 'mesh' not in str(e):  # ours name mesh.* keys; jax's hybrid mesh says dcn_mesh_shape
+      raise
+    raise run.mesh_error(config, mesh, e) from None
   params, step = run.restore_params(config, trainer.abstract_state['params'], step)
   pipeline = train.make_pipeline(config, workdir, sharding.process_batch_size(
       trainer.batch_sharding, config.train.global_batch_size, config.data.seq_len))
@@ -34,7 +41,7 @@ def evaluate_run(workdir: str, *, step: int = -1, max_batches: int | None = None
 def main(argv):
   del argv
   f = flags.FLAGS
-  out = evaluate_run(f.workdir, step=f.step, max_batches=f.eval_batches or None)
+  out = evaluate_run(f.workdir, step=f.step, max_batches=f.eval_batches or None, mesh=f.mesh)
   print(json.dumps(out))
 
 
@@ -42,4 +49,5 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'the --workdir of a jaxllm.main run', required=True)
   flags.DEFINE_integer('step', -1, 'checkpoint step to evaluate; -1 = the latest')
   flags.DEFINE_integer('eval_batches', 0, 'eval batches to read; 0 = the whole split')
+  flags.DEFINE_string('mesh', '', rundir.MESH_FLAG_HELP)
   app.run(main)

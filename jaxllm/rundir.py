@@ -33,6 +33,24 @@ DATA = 'data'
 TENSORBOARD = 'tensorboard'
 
 
+MESH_FLAG_HELP = ('mesh for this command: DATA,FSDP,TENSOR (one may be -1: the remaining '
+                  'devices), optionally ,DCN_DATA,DCN_FSDP (default 1,1); empty = the saved mesh')
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'DATA,FSDP,TENSOR[,DCN_DATA,DCN_FSDP]' -> mesh.* values. The DCN factors reset to 1 unless
+  given: they name the hosts of the run that wrote the checkpoint, not of the one reading it."""
+  names = ('data', 'fsdp', 'tensor', 'dcn_data', 'dcn_fsdp')
+  try:
+    sizes = [int(v) for v in text.split(',')]
+  except ValueError:
+    sizes = []
+  if len(sizes) not in (3, 5):
+    raise ValueError(f'--mesh={text}: write DATA,FSDP,TENSOR or DATA,FSDP,TENSOR,DCN_DATA,'
+                     'DCN_FSDP as integers, for example --mesh=1,-1,1 (every device in fsdp)')
+  return dict(zip(names, sizes + [1, 1][:5 - len(sizes)]))
+
+
 @dataclasses.dataclass(frozen=True)
 class RunDir:
   """Paths of one workdir; the config's `checkpoint.dir`, `data.tokenizer` and `data.cache_dir`
@@ -73,16 +91,26 @@ class RunDir:
       f.write(text)
     os.replace(tmp, self.config_json)
 
-  def load_config(self) -> ml_collections.ConfigDict:
+  def load_config(self, mesh: str = '') -> ml_collections.ConfigDict:
     """The resolved config the run wrote, over today's defaults (keys added since then take their
-    default values)."""
+    default values); `mesh` ('DATA,FSDP,TENSOR[,DCN_DATA,DCN_FSDP]', see parse_mesh) replaces the
+    saved mesh, so a run trained on several hosts can be reopened on one."""
     if not os.path.exists(self.config_json):
       raise FileNotFoundError(f'--workdir={self.workdir} has no {CONFIG_JSON}: pass the --workdir '
                               'of a jaxllm.main run (or the --out of tools/convert_from_hf.py)')
     config = config_lib.base_config()
     with open(self.config_json) as f:
       config.update(json.load(f))
+    if mesh:
+      config.mesh.update(parse_mesh(mesh))
     return config
+
+  def mesh_error(self, config: ml_collections.ConfigDict, mesh: str, e: ValueError) -> ValueError:
+    """A mesh that does not fit the devices here, said in terms of the flag the user can pass."""
+    saved = ','.join(str(config.mesh[k]) for k in ('data', 'fsdp', 'tensor', 'dcn_data', 'dcn_fsdp'))
+    where = f'--mesh={mesh}' if mesh else f'the mesh of --workdir={self.workdir} ({saved})'
+    return ValueError(f'{where} does not fit the devices here ({e}); pass --mesh=DATA,FSDP,TENSOR '
+                      'for them, for example --mesh=1,-1,1')
 
   def tokenizer(self, config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
     """The run's tokenizer; never trains one (only the data pipeline of a new run does)."""

@@ -295,23 +295,40 @@ def make_checkpointer(config: ml_collections.ConfigDict,
 
 
 def initial_state(trainer: Trainer, ckpt: checkpoint_lib.Checkpointer,
-                  config: ml_collections.ConfigDict, train_iter) -> dict:
-  """The latest checkpoint of this run (data position included), else `checkpoint.init_from`'s
-  parameters with a fresh optimizer, else a random init."""
+                  config: ml_collections.ConfigDict, pipeline) -> tuple[dict, Iterator]:
+  """(state, train iterator): the latest checkpoint of this run with its data position (or, with
+  checkpoint.restore_data=False, a data order restarted from its step), else
+  `checkpoint.init_from`'s parameters with a fresh optimizer, else a random init."""
+  ckpt.data_fingerprint = pipeline.sources.fingerprint()  # saved with each step, compared here
   latest = ckpt.latest_step()
-  if latest is not None:
-    logging.info('resuming from %s', ckpt.step_dir(latest))
+  if latest is None:
+    state = trainer.init_state()
+    if config.checkpoint.init_from:
+      source, step = checkpoint_lib.open_for_init(config.checkpoint.init_from,
+                                                  config.checkpoint.init_from_step)
+      state['params'] = source.restore_params(step, trainer.abstract_state['params'])
+      source.close()
+    return state, pipeline.train_iter()
+  logging.info('resuming from %s', ckpt.step_dir(latest))
+  restore_data = config.checkpoint.restore_data
+  # The saved position is one in the order of the last restart (if any): rebuild that order.
+  restart = ckpt.saved_meta(latest).get('data_restart_step', 0) if restore_data else latest
+  ckpt.data_restart_step = restart  # later saves are positions in this order too
+  train_iter = pipeline.train_iter(restart_step=restart)
+  try:
     # Abstract targets carry this run's shardings: Orbax reshards onto whatever mesh we have now.
-    state = ckpt.restore(latest, trainer.abstract_state, train_iter)
-    _log_config_changes(ckpt.saved_config(latest), config)
-    return state
-  state = trainer.init_state()
-  if config.checkpoint.init_from:
-    source, step = checkpoint_lib.open_for_init(config.checkpoint.init_from,
-                                                config.checkpoint.init_from_step)
-    state['params'] = source.restore_params(step, trainer.abstract_state['params'])
-    source.close()
-  return state
+    state = ckpt.restore(latest, trainer.abstract_state, train_iter if restore_data else None)
+  except BaseException:
+    if hasattr(train_iter, 'close'):
+      train_iter.close()  # stops grain's worker processes, if any
+    raise
+  if not restore_data:
+    logging.warning('checkpoint.restore_data=False: the data position of step %d is not restored; '
+                    'the data order restarts there with a fresh shuffle (seed %d, from data.seed and '
+                    'the step), so batches differ from an uninterrupted run', latest,
+                    pipeline.restart_seed(latest))
+  _log_config_changes(ckpt.saved_config(latest), config)
+  return state, train_iter
 
 
 def _log_config_changes(saved: Mapping, config: ml_collections.ConfigDict) -> None:
@@ -376,10 +393,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pipeline = make_pipeline(config, workdir, sharding.process_batch_size(
       trainer.batch_sharding, t.global_batch_size, config.data.seq_len))
   ckpt = make_checkpointer(config, workdir)
-  train_iter = pipeline.train_iter()
+  train_iter = None
   try:
     # Before anything is written: a checkpoint that does not fit must leave the workdir as it was.
-    state = initial_state(trainer, ckpt, config, train_iter)
+    state, train_iter = initial_state(trainer, ckpt, config, pipeline)
     writer = _start_logging(config, workdir, trainer)
     logging.info('parameters:\n%s', metrics_lib.parameter_table(state['params']))
     last = _train_loop(config, trainer, state, train_iter, pipeline, ckpt, writer)

@@ -283,10 +283,91 @@ def test_init_from_takes_only_the_parameters(saved, tmp_path):
     config.checkpoint.init_from = str(directory)
   trainer = make_trainer((2, 2, 2), config)
   own = checkpoint_lib.Checkpointer(str(tmp_path / 'own'))  # empty: nothing to resume
-  state = train.initial_state(trainer, own, config, data_iter())
+  state, _ = train.initial_state(trainer, own, config, FakePipeline({}))
   assert int(state['step']) == 0
   for a, b in zip(jax.tree.leaves(jax.device_get(state['params'])), jax.tree.leaves(params),
                   strict=True):
     np.testing.assert_array_equal(a, b)
   assert all(not np.any(x) for x in jax.tree.leaves(jax.device_get(state['opt_state'])))
   own.close()
+
+
+def _as_if_two_processes_wrote(directory, step):
+  """The data item as two JAX processes leave it: one grain iterator file each."""
+  data = directory / str(step) / 'data'
+  (only,) = data.glob('process_0-of-1.json')
+  text = only.read_text()
+  only.unlink()
+  for i in range(2):
+    (data / f'process_{i}-of-2.json').write_text(text)
+
+
+class FakePipeline:
+  """What initial_state asks of a data pipeline: its sources' fingerprint and train iterators."""
+
+  def __init__(self, fingerprint):
+    self.saved_fingerprint, self.restarts = fingerprint, []
+    self.sources = self
+
+  def fingerprint(self):
+    return self.saved_fingerprint
+
+  def train_iter(self, restart_step=0):
+    self.restarts.append(restart_step)
+    return data_iter()
+
+  def restart_seed(self, step):
+    return step
+
+
+def test_another_process_count_is_an_error_or_restarts_the_data_order(saved, tmp_path):
+  directory, params, _ = saved
+  copy = tmp_path / 'ckpt'
+  shutil.copytree(directory, copy)
+  _as_if_two_processes_wrote(copy, 2)
+  trainer = make_trainer((2, 2, 2))
+  ckpt = checkpoint_lib.Checkpointer(str(copy))
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match=r'holds the data position of 2 processes but this run has 1; resume on 2 '
+                           r'processes, or set checkpoint.restore_data=False .* from step 2') as e:
+    ckpt.restore(2, trainer.abstract_state, data_iter())
+  assert 'corrupt' not in str(e.value) and '\n' not in str(e.value)
+  config = small_config()
+  pipeline = FakePipeline({'train': {'a': '1'}, 'eval': {'b': '2'}})
+  with pytest.raises(checkpoint_lib.CheckpointError, match='2 processes'):
+    train.initial_state(trainer, ckpt, config, pipeline)
+  with config.unlocked():
+    config.checkpoint.restore_data = False
+  state, it = train.initial_state(trainer, ckpt, config, pipeline)
+  assert int(state['step']) == 2 and pipeline.restarts[-1] == 2 and next(it) == 0
+  for a, b in zip(jax.tree.leaves(jax.device_get(state['params'])), jax.tree.leaves(params),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert ckpt.data_fingerprint == pipeline.saved_fingerprint  # later saves record the sources
+  # A save after the restart records it: an exact resume from there rebuilds the restarted order.
+  ckpt.save(3, state, it, {})
+  ckpt.wait()
+  with config.unlocked():
+    config.checkpoint.restore_data = True
+  state, it = train.initial_state(trainer, ckpt, config, pipeline)
+  assert int(state['step']) == 3 and pipeline.restarts[-1] == 2 and next(it) == 1
+  ckpt.close()
+
+
+def test_changed_sources_are_an_error_naming_the_source(tmp_path):
+  before = {'train': {'data/a': 'f00 10', 'data/b': 'f01 5'}, 'eval': {'data/ev': 'f02 3'}}
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), data_fingerprint=before)
+  state = {'params': {'w': np.zeros(3, np.float32)}, 'opt_state': {'m': np.zeros(3, np.float32)}}
+  ckpt.save(4, state, data_iter(), {})
+  ckpt.wait()
+  ckpt.check_data_position(4)  # unchanged: fine
+  changed = {**before, 'train': {**before['train'], 'data/b': 'e99 6'}}
+  for now, what in ((changed, 'train source data/b changed'),
+                    ({**before, 'eval': {'data/ev2': 'f03 3'}}, 'eval source data/ev was removed'),
+                    ({**before, 'train': {**before['train'], 'c': '1'}}, 'train source c was added')):
+    ckpt.data_fingerprint = now
+    with pytest.raises(checkpoint_lib.CheckpointError,
+                       match=re.escape(what) + r' since checkpoint \S+4 was saved .*restore the '
+                             r'sources as they were, or set checkpoint.restore_data=False'):
+      ckpt.check_data_position(4)
+  ckpt.close()

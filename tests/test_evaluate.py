@@ -1,6 +1,8 @@
 """Held-out evaluation: bits per byte by hand on a tiny corpus, byte counting, the CLI surface."""
 
+import json
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import data as data_lib
 from jaxllm import evaluate
+from jaxllm import rundir
 from jaxllm import sharding
 from jaxllm import train
 from test_data import eval_stats
@@ -89,3 +93,32 @@ def test_text_bytes_counter_counts_utf8_of_the_text(tiny):
 def test_missing_run_names_the_workdir(tmp_path):
   with pytest.raises(FileNotFoundError, match=f'--workdir={tmp_path} has no config.json'):
     evaluate.evaluate_run(str(tmp_path))
+
+
+def test_a_multi_host_run_is_evaluated_on_this_host_with_mesh(tiny, tmp_path):
+  """config.json of a run trained on 4 hosts (mesh.dcn_fsdp=4): its saved mesh cannot be built
+  in this one process; --mesh=1,-1,1 replaces it (DCN factors back to 1) and gives the same loss."""
+  pipeline, trainer, params = tiny
+  root = pathlib.Path(pipeline.tokenizer.path).parent  # the corpus of the tiny fixture
+  config = small_config()
+  with config.unlocked():
+    config.model.vocab_size = VOCAB
+    config.data.update(source_dir=f'{root}/*.txt', cache_dir=str(root / 'cache'), eval_files=1,
+                       tokenizer=str(root / 'spm.model'), seq_len=SEQ)
+    config.mesh.update(data=1, fsdp=2, tensor=1, dcn_fsdp=4)
+  run = rundir.RunDir(str(tmp_path / 'run'))
+  run.write_config(config)
+  ckpt = checkpoint_lib.Checkpointer(run.checkpoints())
+  ckpt.save_params(7, params, json.loads(config.to_json_best_effort()))
+  ckpt.close()
+  with pytest.raises(ValueError, match=r'the mesh of --workdir=\S+ \(1,2,1,1,4\) does not fit the '
+                                       r'devices here .*pass --mesh=DATA,FSDP,TENSOR'):
+    evaluate.evaluate_run(run.workdir)
+  out = evaluate.evaluate_run(run.workdir, mesh='1,-1,1')
+  want = train.evaluate(trainer, params, pipeline.eval_batches())
+  assert out['step'] == 7 and out['eval_tokens'] == want['eval_tokens']
+  np.testing.assert_allclose(out['eval_loss'], want['eval_loss'], rtol=1e-5)
+  assert rundir.parse_mesh('2,-1,1') == dict(data=2, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1)
+  for bad in ('1,2', '1,x,1', ''):
+    with pytest.raises(ValueError, match='--mesh=.*write DATA,FSDP,TENSOR'):
+      rundir.parse_mesh(bad)

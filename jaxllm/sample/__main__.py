@@ -2,6 +2,7 @@
 
     python -m jaxllm.sample --workdir=runs/tiny --prompt="ROMEO:" [--prompt="..."]
         [--max_new_tokens=100 --temperature=0.8 --top_k=0 --top_p=0.95 --seed=0 --step=-1]
+        [--mesh=1,-1,1]
 
 Several --prompt flags are decoded together as one batch.
 """
@@ -21,14 +22,20 @@ _TOP_K = flags.DEFINE_integer('top_k', 0, 'sample from the k most likely tokens 
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'sample from the smallest set holding this probability')
 _SEED = flags.DEFINE_integer('seed', 0, 'sampling seed')
 _STEP = flags.DEFINE_integer('step', -1, 'checkpoint step; -1 = the latest')
+_MESH = flags.DEFINE_string('mesh', '', rundir.MESH_FLAG_HELP)
 
 
 def main(argv):
   del argv
   run = rundir.RunDir(_WORKDIR.value)
-  config = run.load_config()
+  config = run.load_config(_MESH.value)
   tokenizer = run.tokenizer(config)
-  trainer = train.setup(config)
+  try:
+    trainer = train.setup(config)
+  except ValueError as e:
+    if 'mesh' not in str(e):  # ours name mesh.* keys; jax's hybrid mesh says dcn_mesh_shape
+      raise
+    raise run.mesh_error(config, _MESH.value, e) from None
   params, _ = run.restore_params(config, trainer.abstract_state['params'], _STEP.value)
   texts = sample_lib.sample_texts(
       trainer.graphdef, params, tokenizer, _PROMPT.value, mesh=trainer.mesh, rules=trainer.rules,
