@@ -114,3 +114,17 @@ def test_no_eval_split_is_named():
     config_lib.validate(config, {'data': 1, 'fsdp': 1, 'tensor': 1})
   config.data.eval_source = '/data/held_out.txt'
   config_lib.validate(config, {'data': 1, 'fsdp': 1, 'tensor': 1})
+
+
+def test_model_defaults_are_declared_once():
+  """base_config().model and ModelConfig's field defaults must agree (config.py cannot import
+  the model, so both exist): every field with a default has the same value in the config."""
+  import dataclasses
+  section = config_lib.base_config().model
+  fields = dataclasses.fields(model_lib.ModelConfig)
+  assert {f.name for f in fields} == set(section)
+  for f in fields:
+    if f.default is not dataclasses.MISSING:
+      assert section[f.name] == f.default, f'model.{f.name}: {section[f.name]!r} != {f.default!r}'
+  with pytest.raises(ValueError, match='model.nope is not a model setting'):
+    model_lib.ModelConfig.from_section({**section, 'nope': 1})
