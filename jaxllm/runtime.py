@@ -1,6 +1,7 @@
-"""Process set-up that only takes effect before JAX starts its backends (XLA flags for GPU, host
-memory reuse for the CPU backend), and the compile options jaxllm's jitted steps pass to XLA:CPU.
-A leaf: imports jax (and absl logging) only.
+"""The process around the steps: set-up that only takes effect before JAX starts its backends (XLA
+flags for GPU, host memory reuse for the CPU backend), the compile options jaxllm's jitted steps
+pass to XLA:CPU, and the signals and preemption notices that stop a run at a step boundary
+(`PreemptionWatch`). A leaf: imports jax (and absl logging) only.
 """
 
 import ctypes
@@ -8,11 +9,14 @@ import functools
 import importlib.metadata
 import importlib.util
 import os
+import signal
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
 from absl import logging
+from jax.experimental import multihost_utils
 
 # Overlap of compute with communication on GPU: the latency-hiding scheduler orders collectives
 # early, and FSDP's per-layer all-gathers / reduce-scatters inside the layer scan are pipelined
@@ -129,3 +133,40 @@ def prepare(*, xla_gpu_flags: bool, cpu_reuse_memory: bool) -> bool:
   """Call first, before anything starts JAX's backends. Returns whether host memory is reused."""
   set_xla_flags(xla_gpu_flags)
   return reuse_host_memory(cpu_reuse_memory)
+
+
+class PreemptionWatch:
+  """Asks, at each step boundary, whether to save and stop.
+
+  One process: SIGTERM or SIGINT sets a flag (a second signal acts as usual). Several processes:
+  JAX's preemption sync point, which picks the same step on all of them (JAX's own notifier owns
+  SIGTERM there, so no Python handler is installed).
+  """
+
+  def __init__(self):
+    self.signal = None
+    self._multi = jax.process_count() > 1
+    self._previous = {}
+
+  def __enter__(self):
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signal = signal.Signals(signum).name
+    signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+    logging.warning('%s received: saving a checkpoint at the next step boundary', self.signal)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def should_stop(self, step: int) -> bool:
+    if self._multi:
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # jax_enable_preemption_service is off: no preemption notices
+        return False
+    return self.signal is not None

@@ -13,8 +13,6 @@ import functools
 import json
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 
@@ -341,43 +339,6 @@ def _log_config_changes(saved: Mapping, config: ml_collections.ConfigDict) -> No
     logging.warning('config differs from the checkpoint in: %s', '; '.join(changed))
 
 
-class PreemptionWatch:
-  """Asks, at each step boundary, whether to save and stop.
-
-  One process: SIGTERM or SIGINT sets a flag (a second signal acts as usual). Several processes:
-  JAX's preemption sync point, which picks the same step on all of them (JAX's own notifier owns
-  SIGTERM there, so no Python handler is installed).
-  """
-
-  def __init__(self):
-    self.signal = None
-    self._multi = jax.process_count() > 1
-    self._previous = {}
-
-  def __enter__(self):
-    if not self._multi and threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.signal = signal.Signals(signum).name
-    signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-    logging.warning('%s received: saving a checkpoint at the next step boundary', self.signal)
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-  def should_stop(self, step: int) -> bool:
-    if self._multi:
-      try:
-        return multihost_utils.reached_preemption_sync_point(step)
-      except RuntimeError:  # jax_enable_preemption_service is off: no preemption notices
-        return False
-    return self.signal is not None
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last train
   and eval metrics, the final state, and `preempted_at` (a step) if a signal stopped it."""
@@ -433,7 +394,7 @@ def _train_loop(config, trainer: Trainer, state, train_iter, pipeline, ckpt, wri
       writer=writer)
   guard = NonFiniteGuard(config.optim.skip_nonfinite)
   last, pending, step = {}, None, int(state['step'])
-  with PreemptionWatch() as watch, sharding.activate(trainer.mesh, trainer.rules):
+  with runtime.PreemptionWatch() as watch, sharding.activate(trainer.mesh, trainer.rules):
     for step in range(step + 1, t.num_steps + 1):
       batch = sharding.global_batch(next(train_iter), trainer.batch_sharding)
       state, step_metrics = trainer.train_step(state, batch)
