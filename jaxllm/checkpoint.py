@@ -23,6 +23,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from absl import logging
 
 _policies = ocp.checkpoint_managers
@@ -225,13 +226,20 @@ class Checkpointer:
       return ''
     changed = fingerprint_changes(before, now)
     if changed:
-      return (f'{changed} since checkpoint {self.step_dir(step)} was saved (its files, their '
-              'sizes or modification times differ), so the saved data position would replay another '
-              f'order; restore the sources as they were, or {fix}')
+      return (f'{changed} since checkpoint {self.step_dir(step)} was saved (its documents differ), '
+              'so the saved data position would replay another order; restore the sources as they '
+              f'were, or {fix}')
     return ''
 
   def check_data_position(self, step: int) -> None:
+    """Raises on every process if the data position of `step` cannot be restored on any of them
+    (one refusing alone would leave the others waiting in the collective restore)."""
     problem = self.data_position_mismatch(step)
+    if jax.process_count() > 1:
+      refused = np.asarray(multihost_utils.process_allgather(np.int32(bool(problem)))).reshape(-1)
+      if refused.any() and not problem:
+        problem = (f'processes {np.flatnonzero(refused).tolist()} cannot restore the data position '
+                   f'of {self.step_dir(step)} (their logs say why)')
     if problem:
       raise CheckpointError(problem)
 

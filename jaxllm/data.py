@@ -48,8 +48,8 @@ import grain
 import numpy as np
 
 from jaxllm import tokenizer as tokenizer_lib
-from jaxllm.sources import (MAX_DOC_CHARS, Documents, Sources, default_source_dir, open_sources,
-                            parse_sources)
+from jaxllm.documents import Documents, Sources, open_sources
+from jaxllm.sources import MAX_DOC_CHARS, default_source_dir, parse_sources
 
 _TOKENIZER_DOCS = 5000  # about 10 MB of text: keeps tokenizer training to seconds
 _ENCODE_BATCH = 32  # documents per sp.encode call: amortises the call, keeps memory small

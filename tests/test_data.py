@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxllm import data, sources
+from jaxllm import data, documents, sources
 from jaxllm import tokenizer as tokenizer_lib
 
 VOCAB, SEQ, BATCH = 512, 64, 8
@@ -211,7 +211,7 @@ def test_eval_files_held_out_and_eval_is_deterministic(pipe, corpus):
 
 
 def test_an_empty_eval_split_is_an_error_not_loss_0(pipe):
-  empty = sources.Documents('tfds:x:test', 'k', [])  # e.g. an empty prepared split
+  empty = documents.Documents('tfds:x:test', 'k', [])  # e.g. an empty prepared split
   found = dataclasses.replace(pipe.sources, eval=empty)
   p = data.Pipeline(sources=found, tokenizer=pipe.tokenizer, seq_len=SEQ, batch_size=BATCH, seed=0,
                     process_index=0, process_count=1)

@@ -20,7 +20,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxllm import data, rundir, sources
+from jaxllm import data, documents, rundir, sources
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file of the run.',
                                           lock_config=True)
@@ -46,7 +46,7 @@ def main(argv):
   # As data.make_pipeline resolves them: sources, else source_dir, else the embedded corpus.
   specs = (sources.parse_sources(d.sources) if d.sources
            else [(d.source_dir or sources.default_source_dir(), 1.0)])
-  found = sources.open_sources(specs, cache_dir=run.data_cache(config), eval_files=d.eval_files,
+  found = documents.open_sources(specs, cache_dir=run.data_cache(config), eval_files=d.eval_files,
                                eval_source=d.eval_source, text_field=d.text_field,
                                tfds_data_dir=d.tfds_data_dir or None,
                                skip_bad_records=d.skip_bad_records)
