@@ -1,7 +1,7 @@
 """Ahead-of-time compile of a config's train step for N devices: per-device memory, and a planner.
 
 Lowers and compiles from abstract shapes (no weights allocated) on the devices present, which
-for planning are N fake CPU devices (`tools/aot_compile.py --devices=N`). Two kinds of figure,
+for planning are N fake CPU devices (`tools/aot_compile.py --devices=N`). Three kinds of figure,
 kept apart by name:
 
 - measured by XLA (`compiled.memory_analysis()`, this backend's buffer assignment): argument,

@@ -42,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 from jaxllm import sharding
 
 IMPLEMENTATIONS = ('xla', 'cudnn', 'pallas', 'auto')  # values of model.attention
-KERNELS = ('xla', 'cudnn', 'cudnn_packed', 'pallas')  # what runs (benchmark lines report it)
+KERNELS = ('xla', 'cudnn', 'cudnn_packed', 'pallas')  # what `kernel` resolves to
 _logged: set[str] = set()
 
 
@@ -130,6 +130,12 @@ def _packed_gqa_offsets_ok() -> bool:
     return False
 
 
+def _pallas_tiles(head_dim: int, seq_len: int) -> bool:
+  """Whether the Pallas (Triton) kernel can tile this shape: its blocks span head_dim whole (a
+  power of two up to 256) and the sequence in blocks of at least 16."""
+  return head_dim & (head_dim - 1) == 0 and head_dim <= 256 and _pallas_block(seq_len) >= 16
+
+
 def _pallas_block(seq_len: int) -> int:
   """Tile length of the Pallas kernel: the largest power of two <= 128 dividing seq_len."""
   return math.gcd(seq_len, 128)
@@ -153,8 +159,9 @@ def kernel(implementation: str, *, dtype: str, head_dim: int, seq_len: int, pack
     if backend == 'tpu':
       reasons.append('backend is tpu (the Pallas kernel here is the GPU one; TPU splash '
                      'attention is not wired yet)')
-    if _pallas_block(seq_len) < 16:
-      reasons.append(f'data.seq_len={seq_len} is not a multiple of 16 (the kernel tiles)')
+    if not _pallas_tiles(head_dim, seq_len):
+      reasons.append(f'model.head_dim={head_dim} / data.seq_len={seq_len}: the kernel tiles a '
+                     'power-of-two head_dim (<= 256) and a multiple of 16 positions')
     if not reasons:
       if backend != 'gpu':
         _log_once(logging.WARNING, f'attention: Pallas flash attention in interpret mode on '
@@ -235,7 +242,8 @@ def _cudnn_packed(q, k, v, segment_ids_BL, sliding_window: int, max_segments_per
   # B x L x H x L float32 statistics. A batch with a row over M takes a kernel with no bound:
   # Pallas (small residuals), or with a window the dense-mask cuDNN. Rare, slower, never wrong.
   def unbounded(q, k, v):
-    if not sliding_window and _pallas_block(L) >= 16:
+    # Both branches of the cond compile: Pallas only where it can tile the shape.
+    if not sliding_window and _pallas_tiles(Dh, L):
       return _pallas(q, k, v, segment_ids_BL)
     return _dense(q, k, v, segment_ids_BL, sliding_window, 'cudnn')
 

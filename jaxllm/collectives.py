@@ -16,7 +16,8 @@ The wire traffic of a ring implementation is (group size - 1) / group size of th
 are the tensor sizes one reads off a profile, and they compare options (dtypes, gather once or per
 micro-batch) exactly. Each collective is attributed to the mesh axes along which its replica
 groups vary: device id i is mesh coordinate `np.unravel_index(i, mesh_shape)` (logical ids follow
-the mesh's device order). Async pairs count once (at `-start`). Conditionals count every branch
+the mesh's device order). Async pairs count once (at `-start`; an all-gather or permute start
+gives (operands, results, context), an all-reduce start its results, combined ones as tuples). Conditionals count every branch
 (an upper bound); a while loop without a known trip count counts once and is listed in `unknown`.
 """
 
@@ -42,6 +43,23 @@ def _bytes(shape_text: str) -> int:
   """Bytes of an HLO result type: an array `f32[4,8]{1,0}` or a tuple of them."""
   return sum(_DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(',') if d)
              for dtype, dims in _ARRAY.findall(shape_text))
+
+
+def _tuple_elements(type_text: str) -> list[str]:
+  """The top-level elements of an HLO tuple type, or [the type] for an array."""
+  t = type_text.strip()
+  if not t.startswith('('):
+    return [t]
+  parts, depth, start = [], 0, 1
+  for i, ch in enumerate(t[1:-1], 1):
+    if ch in '([{':
+      depth += 1
+    elif ch in ')]}':
+      depth -= 1
+    elif ch == ',' and not depth:
+      parts.append(t[start:i])
+      start = i + 1
+  return [p.strip() for p in parts + [t[start:-1]]]
 
 
 def replica_groups(line: str) -> list[list[int]] | None:
@@ -135,9 +153,10 @@ def count(hlo_text: str, mesh_shape: Mapping[str, int]) -> dict:
       kind = opcode[:-len('-start')] if opcode.endswith('-start') else opcode
       if kind in KINDS and not opcode.endswith('-done'):
         size = _bytes(result)
-        if opcode.endswith('-start'):  # an async start gives (operand, result, context...)
-          arrays = re.findall(r'[a-z0-9]+\[[\d,]*\]', result)
-          size = _bytes(arrays[1] if len(arrays) > 1 else arrays[0])
+        if opcode.endswith('-start') and kind in ('all-gather', 'collective-permute'):
+          # ((operands...), (results...), context...) or (operand, result, context...).
+          parts = _tuple_elements(result)
+          size = _bytes(parts[1] if len(parts) > 1 else parts[0])
         groups = replica_groups(line)
         if kind == 'reduce-scatter':
           size *= len(groups[0]) if groups else math.prod(mesh_shape.values())

@@ -8,7 +8,7 @@ Choices:
   then interleaved in proportion to the weights by `grain.MapDataset.mix` (a fixed pattern, not a
   random draw), so the order is a pure function of the seed and resume stays exact.
 - Tokenizer: sentencepiece BPE trained on whole train documents (newlines are learned as pieces),
-  at most `_TOKENIZER_DOCS` documents taken at a stride, split between sources by weight. A
+  at most `TOKENIZER_DOCS` documents taken at a stride, split between sources by weight. A
   vocab_size the corpus cannot fill is an error (hard limit), so the model's vocab equals the
   tokenizer's.
 - Tokenizing: documents are encoded `_ENCODE_BATCH` at a time (`sp.encode(list)`, in grain's read
@@ -39,7 +39,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from absl import flags, logging
@@ -51,7 +51,7 @@ from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.documents import Documents, Sources, open_sources
 from jaxllm.sources import MAX_DOC_CHARS, default_source_dir, parse_sources
 
-_TOKENIZER_DOCS = 5000  # about 10 MB of text: keeps tokenizer training to seconds
+TOKENIZER_DOCS = 5000  # about 10 MB of text: keeps tokenizer training to seconds
 _ENCODE_BATCH = 32  # documents per sp.encode call: amortises the call, keeps memory small
 _READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)  # 8 x 32 documents ahead
 
@@ -72,11 +72,12 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def train_tokenizer(path: str, texts: list[str], vocab_size: int, **options) -> None:
   """tokenizer.train_sentencepiece with this pipeline's sample and document limits."""
-  tokenizer_lib.train_sentencepiece(path, texts, vocab_size, max_sentences=_TOKENIZER_DOCS,
+  # sentencepiece samples at most max_sentences of them: every text given is used.
+  tokenizer_lib.train_sentencepiece(path, texts, vocab_size, max_sentences=max(len(texts), 1),
                                     max_chars=4 * MAX_DOC_CHARS, **options)
 
 
-def tokenizer_sample(sources: Sources, n: int = _TOKENIZER_DOCS) -> list[str]:
+def tokenizer_sample(sources: Sources, n: int = TOKENIZER_DOCS) -> list[str]:
   """About n train documents at a stride through each source, split by weight."""
   texts, total = [], sum(sources.weights)
   for docs, w in zip(sources.train, sources.weights):
@@ -89,19 +90,6 @@ def bytes_per_token(tokenizer: tokenizer_lib.Tokenizer, texts: list[str]) -> flo
   """UTF-8 bytes per token (no bos/eos) over `texts`: the tokenizer's compression."""
   tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts))
   return sum(len(t.encode('utf-8')) for t in texts) / max(tokens, 1)
-
-
-def _entropy(counts: np.ndarray) -> float:
-  p = counts[counts > 0] / counts.sum()
-  return float(-(p * np.log(p)).sum())
-
-
-def unigram_entropy(tokenizer: tokenizer_lib.Tokenizer, texts: Iterable[str]) -> float:
-  """Nats per target token (ids + eos) of a unigram model fit to `texts`: a loss to beat."""
-  counts = np.zeros(tokenizer.vocab_size, np.int64)
-  for text in texts:
-    counts += np.bincount(tokenizer.encode(text) + [tokenizer.eos_id], minlength=tokenizer.vocab_size)
-  return _entropy(counts)
 
 
 class TokenCache:

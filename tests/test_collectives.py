@@ -117,3 +117,19 @@ def test_tpu_style_loops_and_named_replica_groups():
   counted = collectives.count(TPU_STYLE_HLO, MESH)
   assert counted == {'bytes': {'all-gather': {'fsdp+tensor': 5 * 256}}, 'ops': {'all-gather': 5},
                      'unknown': []}
+
+
+def test_combined_async_collectives_count_every_tensor():
+  """GPU HLO combines collectives (runtime.GPU_XLA_FLAGS set 128 MiB thresholds): a combined
+  all-gather-start gives ((operands), (results), ...), an all-reduce-start its results."""
+  hlo = '\n'.join([
+      'ENTRY %main (a: f32[4]) -> f32[4] {',
+      '  %ag = ((bf16[2,64]{1,0}, bf16[4,64]{1,0}), (bf16[8,64]{1,0}, bf16[16,64]{1,0})) '
+      'all-gather-start(%x, %y), replica_groups={{0,2},{1,3},{4,6},{5,7}}, dimensions={0}',
+      '  %agd = (bf16[8,64]{1,0}, bf16[16,64]{1,0}) all-gather-done(%ag)',
+      '  %ar = (f32[1024]{0}, f32[2048]{0}) all-reduce-start(%p, %q), replica_groups={{0,4},{1,5}}',
+      '  %ard = (f32[1024]{0}, f32[2048]{0}) all-reduce-done(%ar)',
+      '}'])
+  counted = collectives.count(hlo, MESH)
+  assert counted['bytes'] == {'all-gather': {'fsdp': (8 + 16) * 64 * 2},
+                              'all-reduce': {'data': (1024 + 2048) * 4}}

@@ -30,7 +30,7 @@ _BYTE_FALLBACK = flags.DEFINE_bool('byte_fallback', True, 'Unknown characters as
 _SPECIAL_TOKENS = flags.DEFINE_list('special_tokens', [], 'Pieces kept whole, e.g. <tool>,</tool>.')
 _NORMALIZATION = flags.DEFINE_string('normalization', 'identity',
                                      "sentencepiece rule, e.g. 'nmt_nfkc' (lossy).")
-_MAX_DOCS = flags.DEFINE_integer('max_docs', data._TOKENIZER_DOCS, 'Train documents sampled.')
+_MAX_DOCS = flags.DEFINE_integer('max_docs', data.TOKENIZER_DOCS, 'Train documents sampled.')
 _EVAL_DOCS = flags.DEFINE_integer('eval_docs', 2000, 'Held-out documents for bytes per token.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
