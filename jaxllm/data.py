@@ -49,7 +49,7 @@ import numpy as np
 
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.documents import Documents, Sources, open_sources
-from jaxllm.sources import MAX_DOC_CHARS, default_source_dir, parse_sources
+from jaxllm.sources import MAX_DOC_CHARS, resolve_specs
 
 TOKENIZER_DOCS = 5000  # about 10 MB of text: keeps tokenizer training to seconds
 _ENCODE_BATCH = 32  # documents per sp.encode call: amortises the call, keeps memory small
@@ -261,10 +261,7 @@ def make_pipeline(*, source_dir: str | None = None, cache_dir: str, tokenizer_pa
     raise ValueError(f'process_index={process_index} must be in [0, process_count={process_count})')
   if seq_len < 2 or batch_size < 1 or worker_count < 0:
     raise ValueError(f'seq_len={seq_len} must be >= 2, batch_size={batch_size} >= 1, worker_count >= 0')
-  if source_dir and sources:
-    raise ValueError('set source_dir or sources, not both')
-  specs = parse_sources(sources) if isinstance(sources, str) and sources else list(sources)
-  specs = specs or [(source_dir or default_source_dir(), 1.0)]
+  specs = resolve_specs(sources, source_dir)
   with _file_lock(Path(cache_dir) / '.lock'):
     found = open_sources(specs, cache_dir=cache_dir, eval_files=eval_files, eval_source=eval_source,
                          text_field=text_field, tfds_data_dir=tfds_data_dir, skip_bad_records=skip_bad_records)

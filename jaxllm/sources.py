@@ -74,6 +74,16 @@ def _walk(directory: Path, seen: set[Path], hidden: list[Path]) -> Iterator[Path
       yield entry
 
 
+def resolve_specs(sources: str | Sequence[tuple[str, float]] = '', source_dir: str | None = None,
+                  ) -> list[tuple[str, float]]:
+  """The (SPEC, weight) list a run reads: `sources` ('SPEC[@WEIGHT],...' or pairs), else
+  `source_dir`, else the embedded corpus; both set is an error."""
+  if source_dir and sources:
+    raise ValueError('set data.source_dir or data.sources, not both')
+  specs = parse_sources(sources) if isinstance(sources, str) and sources else list(sources)
+  return specs or [(source_dir or default_source_dir(), 1.0)]
+
+
 def parse_sources(text: str) -> list[tuple[str, float]]:
   """'SPEC[@WEIGHT], ...' -> [(spec, weight)]; weights default to 1 and need not sum to 1."""
   out = []
@@ -125,10 +135,6 @@ def list_source_files(spec: str, bad: BadRecords | None = None, exclude: Sequenc
   if not readable:
     raise ValueError(f'{spec}: no {KINDS} files in it; {fix}')
   return readable
-
-
-def list_text_files(source_dir: str) -> list[Path]:
-  return list_source_files(source_dir)
 
 
 def read_text(path: Path) -> str:

@@ -35,7 +35,7 @@ def pipe(work):
 
 @pytest.fixture(scope='session')
 def corpus():
-  return {f.name: f.read_text('utf-8') for f in sources.list_text_files(sources.default_source_dir())}
+  return {f.name: f.read_text('utf-8') for f in sources.list_source_files(sources.default_source_dir())}
 
 
 def _entropy(counts: np.ndarray) -> float:

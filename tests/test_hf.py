@@ -448,7 +448,7 @@ def test_exported_tokenizer_encodes_like_jaxllm(tmp_path, options):
   """AutoTokenizer, offline, on the exported files: bos + the ids of jaxllm's tokenizer, and the
   text back from decode, on held-out Shakespeare (as is, and after a space) and edge cases."""
   from jaxllm import data, sources, tokenizer as tokenizer_lib
-  files = sources.list_text_files(sources.default_source_dir())
+  files = sources.list_source_files(sources.default_source_dir())
   train = sources.split_documents(sources.read_text(files[0]))[:200]
   held_out = sources.split_documents(sources.read_text(files[1]))[:40]
   # Markup for the BPE tokenizers, so that pieces such as '</' span control-token spellings;

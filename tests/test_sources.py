@@ -17,7 +17,7 @@ def _open(spec, cache_dir, **overrides):
 
 
 def test_corpus_is_found_in_the_package():
-  files = sources.list_text_files(sources.default_source_dir())
+  files = sources.list_source_files(sources.default_source_dir())
   corpus_dir = Path(sources.default_source_dir()).parent
   assert len(files) == 42 and (corpus_dir / 'README.md').exists()
   # The directory itself holds a README: a file of another kind is named, never skipped silently.

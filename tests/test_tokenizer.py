@@ -27,7 +27,7 @@ OPTIONS = {
 
 @pytest.fixture(scope='module')
 def corpus() -> list[str]:
-  files = sources.list_text_files(sources.default_source_dir())
+  files = sources.list_source_files(sources.default_source_dir())
   docs = sources.split_documents(sources.read_text(files[0]))[:200]
   # Frequent enough that training learns pieces of them ('▁<', '<|', '|>'): the spellings are
   # then as close to a control piece as a corpus can bring them.

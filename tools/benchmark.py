@@ -61,7 +61,7 @@ def synthetic_batches(trainer, n: int, batch: int, seq: int, vocab: int) -> list
 def corpus_document_tokens(bytes_per_token: float) -> np.ndarray:
   """Tokens (ids, without bos/eos) of each document of the embedded corpus, at a fixed rate."""
   lengths = [len(doc.encode('utf-8'))
-             for path in sources.list_text_files(sources.default_source_dir())
+             for path in sources.list_source_files(sources.default_source_dir())
              for doc in sources.split_documents(sources.read_text(path))]
   return np.maximum(1, np.round(np.array(lengths) / bytes_per_token)).astype(np.int64)
 

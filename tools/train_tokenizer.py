@@ -44,8 +44,7 @@ def main(argv):
     # The run's checkpoints and token caches belong to the tokenizer already there.
     raise app.UsageError(f'{out} exists: delete it, or set --config.data.tokenizer to a new path')
   # As data.make_pipeline resolves them: sources, else source_dir, else the embedded corpus.
-  specs = (sources.parse_sources(d.sources) if d.sources
-           else [(d.source_dir or sources.default_source_dir(), 1.0)])
+  specs = sources.resolve_specs(d.sources, d.source_dir or None)
   found = documents.open_sources(specs, cache_dir=run.data_cache(config), eval_files=d.eval_files,
                                eval_source=d.eval_source, text_field=d.text_field,
                                tfds_data_dir=d.tfds_data_dir or None,
