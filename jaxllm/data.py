@@ -72,8 +72,8 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def train_tokenizer(path: str, texts: list[str], vocab_size: int, **options) -> None:
   """tokenizer.train_sentencepiece with this pipeline's sample and document limits."""
-  # sentencepiece samples at most max_sentences of them: every text given is used.
-  tokenizer_lib.train_sentencepiece(path, texts, vocab_size, max_sentences=max(len(texts), 1),
+  # max_sentences=0: sentencepiece loads every text given (the caller chose how many).
+  tokenizer_lib.train_sentencepiece(path, texts, vocab_size, max_sentences=0,
                                     max_chars=4 * MAX_DOC_CHARS, **options)
 
 
