@@ -1,0 +1,228 @@
+"""Monitoring: goodput accounting (jaxllm/goodput.py), the Prometheus endpoint (jaxllm/monitor.py)
+scraped over HTTP from a real tiny run, the Grafana dashboard and alert rules against that scrape,
+goodput across a kill -9 and resume, and tools/plot_runs.py."""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from jaxllm import config as config_lib
+from jaxllm import data as data_lib
+from jaxllm import goodput as goodput_lib
+from jaxllm import monitor as monitor_lib
+from jaxllm import rundir
+from jaxllm import train
+
+REPO = pathlib.Path(__file__).parent.parent
+
+
+class FakeClock:
+  def __init__(self):
+    self.now = 100.0
+
+  def __call__(self):
+    return self.now
+
+
+# --- Goodput on a fake clock ---------------------------------------------------------------------
+
+def test_goodput_books_every_second_to_one_cause_and_data_waits_only_when_not_hidden():
+  clock = FakeClock()
+  g = goodput_lib.Goodput(None, clock=clock)
+  clock.now += 5  # start-up
+  with g.data_wait():  # the first batch: nothing in flight
+    clock.now += 1
+  g.dispatched()  # compiled and queued: start-up ends
+  clock.now += 2
+  with g.data_wait():  # step 1 runs meanwhile ...
+    clock.now += 0.5
+  clock.now += 1.5
+  g.fetched(1, blocked_s=1.5)  # ... and was still running: the wait was hidden
+  with g.data_wait():
+    clock.now += 3
+  g.fetched(2, blocked_s=0.0)  # step 2 had finished long before: the device waited
+  with g.timed('checkpoint'):
+    clock.now += 4
+  with g.timed('eval'):
+    clock.now += 6
+  clock.now += 1
+  t = g.totals()
+  assert t == pytest.approx({'startup': 5, 'data': 1 + 3, 'train': 2 + 0.5 + 1.5 + 1,
+                             'checkpoint': 4, 'eval': 6, 'lost': 0, 'wall': 24,
+                             'goodput': 5 / 24})
+  with pytest.raises(ValueError, match='compile'):
+    with g.timed('compile'):
+      pass
+
+
+def test_goodput_restart_books_steps_after_the_last_checkpoint_as_lost(tmp_path):
+  path = str(tmp_path / 'goodput.json')
+  clock = FakeClock()
+  g = goodput_lib.Goodput(path, clock=clock, flush_every_s=0)
+  g.begin(0)
+  g.dispatched()
+  for step in range(1, 8):  # 1 s a step; checkpoints at 3 and 6
+    clock.now += 1
+    g.fetched(step, blocked_s=1)
+    if step % 3 == 0:
+      g.saved(step)
+  # Killed (-9) here: the file has step 7; the commit of 6 never happened, so it resumes from 3.
+  again = goodput_lib.Goodput(path, clock=clock, flush_every_s=0)
+  again.begin(3)
+  assert again.lost_steps == 4 and again.sessions == 2
+  t = again.totals()
+  assert t['lost'] == pytest.approx(4) and t['train'] == pytest.approx(3)
+  assert t['wall'] == pytest.approx(7)
+  # A checkpoint that did commit loses nothing: resume from 7 after a clean stop at 7.
+  clean = goodput_lib.Goodput(path, clock=clock)
+  clean.begin(7)
+  assert clean.lost_steps == 0 and clean.totals()['lost'] == 0
+
+
+# --- A real tiny run, scraped over HTTP ----------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def shared_data(tmp_path_factory):
+  shared = tmp_path_factory.mktemp('shared')
+  data_lib.make_pipeline(cache_dir=str(shared / 'data'), tokenizer_path=str(shared / 'tok.model'),
+                         vocab_size=512, seq_len=32, batch_size=8, eval_files=2, seed=0)
+  return shared
+
+
+TINY = ['--config.model.vocab_size=512', '--config.model.d_model=64', '--config.model.n_layers=2',
+        '--config.model.head_dim=16', '--config.model.mlp_dim=128', '--config.data.seq_len=32',
+        '--config.train.global_batch_size=8', '--config.train.log_every=1',
+        '--config.train.eval_batches=1', '--config.train.sample_tokens=0',
+        '--config.optim.warmup_steps=2', '--config.optim.decay_steps=50']
+
+
+def tiny_config(shared, **sections):
+  """The CLI flags above as a config (in process), plus `sections`: {'train': {...}, ...}."""
+  c = config_lib.apply_size(config_lib.base_config(), 'tiny')
+  for flag in TINY:
+    key, value = flag.removeprefix('--config.').split('=')
+    section, name = key.split('.')
+    c[section][name] = type(c[section][name])(value)
+  c.data.cache_dir, c.data.tokenizer = str(shared / 'data'), str(shared / 'tok.model')
+  for section, values in sections.items():
+    c[section].update(values)
+  return c
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[str, list]:
+  """Family name -> its samples, as a Prometheus server would parse them."""
+  with urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=10) as r:
+    text = r.read().decode()
+  return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def value(families, name, **labels):
+  """The one sample of `name` (a family or a sample name) whose labels include `labels`."""
+  family = name.removesuffix('_total')
+  found = [s.value for s in families[family] if s.name == name
+           and labels.items() <= s.labels.items()]
+  assert len(found) == 1, (name, labels, families.get(family))
+  return found[0]
+
+
+@pytest.fixture(scope='module')
+def live_run(tmp_path_factory, shared_data):
+  """8 steps in process with the endpoint on, eval at 4 and 8, checkpoints at 3, 6 and 8; scraped
+  after step 3's results are read (mid-run) and once more just before the endpoint closes."""
+  workdir = tmp_path_factory.mktemp('live') / 'run'
+  port = free_port()
+  config = tiny_config(shared_data, train={'num_steps': 8, 'eval_every': 4},
+                       checkpoint={'every': 3}, monitor={'prometheus_port': port})
+  scrapes = {}
+  fetch, close = monitor_lib.Monitor.fetch, monitor_lib.Monitor.close
+
+  def fetch_then_scrape(self, step, device_metrics):
+    host = fetch(self, step, device_metrics)
+    if step == 3:
+      scrapes['mid'] = scrape(self.port)
+    return host
+
+  def scrape_then_close(self):
+    scrapes['end'] = scrape(self.port)
+    close(self)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(monitor_lib.Monitor, 'fetch', fetch_then_scrape)
+    mp.setattr(monitor_lib.Monitor, 'close', scrape_then_close)
+    start = time.monotonic()
+    last = train.train_and_evaluate(config, str(workdir))
+    wall = time.monotonic() - start
+  return dict(workdir=workdir, port=port, scrapes=scrapes, wall=wall, last=last)
+
+
+def test_endpoint_serves_every_series_with_sane_values(live_run):
+  mid, end, last = live_run['scrapes']['mid'], live_run['scrapes']['end'], live_run['last']
+  for name in monitor_lib.SERIES:  # every family is declared, with a value or not
+    assert monitor_lib.PREFIX + name in end, name
+  p = {'process': '0'}
+  assert value(mid, 'jaxllm_step', **p) == 3 and value(end, 'jaxllm_step', **p) == 8
+  assert 4.0 < value(end, 'jaxllm_loss', **p) < value(mid, 'jaxllm_loss', **p) < 7.0
+  assert value(end, 'jaxllm_loss') == pytest.approx(last['loss'])
+  assert value(end, 'jaxllm_learning_rate') == pytest.approx(last['lr'])
+  assert value(end, 'jaxllm_grad_norm') == pytest.approx(last['grad_norm'])
+  assert value(end, 'jaxllm_tokens_per_second') > 0
+  assert value(end, 'jaxllm_tokens_trained') == 8 * 8 * 32
+  assert 0 < value(end, 'jaxllm_step_seconds') < 60
+  assert value(end, 'jaxllm_data_wait_seconds_total') > 0
+  assert value(end, 'jaxllm_host_rss_bytes') > 100e6
+  assert value(end, 'jaxllm_host_rss_peak_bytes') >= value(end, 'jaxllm_host_rss_bytes')
+  assert value(end, 'jaxllm_eval_loss') == pytest.approx(last['eval_loss'])
+  assert value(end, 'jaxllm_eval_bits_per_byte') == pytest.approx(last['eval_bits_per_byte'])
+  assert 'jaxllm_eval_loss' in mid and not mid['jaxllm_eval_loss']  # no eval before step 4
+  assert value(end, 'jaxllm_checkpoint_last_step') == 8
+  assert time.time() - 600 < value(end, 'jaxllm_checkpoint_last_timestamp_seconds') < time.time()
+  assert 0 < value(end, 'jaxllm_checkpoint_blocked_seconds') <= value(
+      end, 'jaxllm_checkpoint_wait_seconds_total')
+  assert value(end, 'jaxllm_checkpoint_save_seconds') > 0
+  assert value(end, 'jaxllm_skipped_steps_total') == 0
+  assert value(end, 'jaxllm_restarts_total') == 0 and value(end, 'jaxllm_lost_steps_total') == 0
+  causes = {s.labels['cause']: s.value for s in end['jaxllm_goodput_seconds']}
+  assert set(causes) == set(goodput_lib.CAUSES) and causes['train'] > 0
+  assert causes['startup'] > causes['data']  # start-up compiles the step
+  assert value(end, 'jaxllm_goodput_ratio') == pytest.approx(
+      causes['train'] / sum(causes.values()), rel=1e-3)
+  # CPU devices keep no memory statistics: the families are declared without samples.
+  assert end['jaxllm_device_memory_bytes'] == []
+
+
+def test_goodput_adds_up_to_the_wall_time_and_reaches_tensorboard(live_run):
+  with open(rundir.RunDir(str(live_run['workdir'])).goodput) as f:
+    record = json.load(f)
+  assert sum(record['seconds'].values()) == pytest.approx(record['wall'])
+  assert record['wall'] == pytest.approx(live_run['wall'], rel=0.01)
+  assert record['step'] == 8 and record['sessions'] == 1
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(live_run['workdir'] / 'tensorboard'))
+  acc.Reload()
+  assert [e.step for e in acc.Scalars('goodput/ratio')] == [8]
+  assert acc.Scalars('goodput/train_seconds')[0].value > 0
+
+
+def test_endpoint_is_off_by_default_and_port_is_freed(live_run):
+  assert config_lib.base_config().monitor.prometheus_port == 0
+  # Closed with the run (on errors too: Monitor.close is in a finally), so a rerun can serve it.
+  rerun = monitor_lib.Monitor(goodput_path=None, tokens_per_step=1,
+                              prometheus_port=live_run['port'])
+  assert value(scrape(rerun.port), 'jaxllm_goodput_ratio') >= 0
+  rerun.close()
