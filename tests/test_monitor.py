@@ -226,3 +226,55 @@ def test_endpoint_is_off_by_default_and_port_is_freed(live_run):
                               prometheus_port=live_run['port'])
   assert value(scrape(rerun.port), 'jaxllm_goodput_ratio') >= 0
   rerun.close()
+
+
+# --- Across a kill -9 and a resume, through the CLI ----------------------------------------------
+
+def cli(workdir, shared, num_steps, *extra):
+  return [sys.executable, '-m', 'jaxllm.main', '--config=configs/tiny.py', f'--workdir={workdir}',
+          f'--config.data.cache_dir={shared}/data', f'--config.data.tokenizer={shared}/tok.model',
+          *TINY, f'--config.train.num_steps={num_steps}', '--config.train.eval_every=0',
+          '--config.checkpoint.every=4', '--config.checkpoint.async_save=False',
+          '--config.monitor.goodput_flush_seconds=0', *extra]
+
+
+@pytest.fixture(scope='module')
+def killed_run(tmp_path_factory, shared_data):
+  """Killed with SIGKILL once step 5 is logged (checkpoint 4 committed: saves are synchronous
+  here; 8 not reached), then resumed to 2 steps past where it died."""
+  workdir = tmp_path_factory.mktemp('killed') / 'run'
+  proc = subprocess.Popen(cli(workdir, shared_data, 1000), cwd=REPO, env=os.environ,
+                          stderr=subprocess.PIPE, text=True)
+  lines = []
+  for line in proc.stderr:
+    lines.append(line)
+    if 'step 5/1000' in line:
+      proc.send_signal(signal.SIGKILL)
+      break
+  proc.wait(timeout=300)
+  assert proc.returncode == -signal.SIGKILL, ''.join(lines[-40:])
+  goodput_path = rundir.RunDir(str(workdir)).goodput
+  with open(goodput_path) as f:
+    before = json.load(f)
+  committed = max(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
+  proc = subprocess.run(cli(workdir, shared_data, before['step'] + 2), cwd=REPO, env=os.environ,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(goodput_path) as f:
+    after = json.load(f)
+  return dict(workdir=workdir, before=before, after=after, committed=committed, log=proc.stderr)
+
+
+def test_goodput_counts_the_steps_a_kill_9_lost(killed_run):
+  before, after, committed = killed_run['before'], killed_run['after'], killed_run['committed']
+  assert before['step'] >= 5 and committed == 4, (before['step'], committed)
+  assert f'resuming from {killed_run["workdir"] / "checkpoints" / "4"}' in killed_run['log']
+  assert after['sessions'] == 2 and after['lost_steps'] == before['step'] - committed
+  assert after['step'] == before['step'] + 2
+  # The dead session's train time after its save of step 4 moved from train to lost.
+  lost = before['seconds']['train'] - before['saved_train_s']['4']
+  assert after['seconds']['lost'] == pytest.approx(lost) and lost > 0
+  for cause in ('startup', 'data', 'checkpoint', 'eval'):  # carried over and added to
+    assert after['seconds'][cause] >= before['seconds'][cause]
+  assert after['wall'] > before['wall']
+  assert 'steps lost to restarts' in killed_run['log']
