@@ -112,6 +112,24 @@ class SummaryWriter:
     self.close()
 
 
+def read_scalars(logdir: str) -> dict[str, tuple[list[int], list[float]]]:
+  """Every scalar series of the TensorBoard events under `logdir`: tag -> (steps, values), in
+  step order. A step written twice (a run resumed before its last logged step) keeps the value
+  written last, as TensorBoard shows it."""
+  from tensorboard.backend.event_processing import event_accumulator  # readers only need it
+
+  acc = event_accumulator.EventAccumulator(logdir, size_guidance={event_accumulator.SCALARS: 0})
+  acc.Reload()
+  out = {}
+  for tag in acc.Tags()['scalars']:
+    by_step = {}
+    for event in sorted(acc.Scalars(tag), key=lambda e: e.wall_time):
+      by_step[event.step] = event.value
+    steps = sorted(by_step)
+    out[tag] = (steps, [by_step[s] for s in steps])
+  return out
+
+
 # Dense (no structured sparsity) bf16 peak FLOP/s per device, keyed by a lowercase substring of
 # `jax.devices()[0].device_kind`; longer keys are tried first, so 'h100 pcie' wins over 'h100'.
 # NVIDIA datasheets print sparse figures ("with sparsity"), twice the dense ones used here.

@@ -278,3 +278,25 @@ def test_goodput_counts_the_steps_a_kill_9_lost(killed_run):
     assert after['seconds'][cause] >= before['seconds'][cause]
   assert after['wall'] > before['wall']
   assert 'steps lost to restarts' in killed_run['log']
+
+
+# --- tools/plot_runs.py --------------------------------------------------------------------------
+
+def test_plot_runs_draws_two_real_runs_to_a_png(live_run, killed_run, tmp_path):
+  import matplotlib.image
+  out = tmp_path / 'runs.png'
+  env = {**os.environ, 'PYTHONPATH': str(REPO)}
+  proc = subprocess.run([sys.executable, 'tools/plot_runs.py', str(live_run['workdir']),
+                         str(killed_run['workdir']), f'--out={out}'], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  image = matplotlib.image.imread(out)
+  assert image.shape[:2] == (850, 1500)
+  assert image[..., :3].std() > 0.05  # drawn on, not a blank canvas
+
+
+def test_plot_runs_names_a_directory_without_events(tmp_path):
+  env = {**os.environ, 'PYTHONPATH': str(REPO)}
+  proc = subprocess.run([sys.executable, 'tools/plot_runs.py', str(tmp_path)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and f'{tmp_path}: no TensorBoard scalars' in proc.stderr
