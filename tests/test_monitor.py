@@ -6,14 +6,17 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from jaxllm import config as config_lib
@@ -141,12 +144,67 @@ def value(families, name, **labels):
   return found[0]
 
 
+def wait_for(what: str, ready, timeout: float = 60.0):
+  deadline = time.monotonic() + timeout
+  while not (result := ready()):
+    assert time.monotonic() < deadline, f'timed out waiting for {what}'
+    time.sleep(0.2)
+  return result
+
+
+def promql(url: str, query: str) -> list:
+  """The result vector of an instant query through Prometheus's HTTP API."""
+  with urllib.request.urlopen(f'{url}/api/v1/query?' + urllib.parse.urlencode({'query': query}),
+                              timeout=10) as r:
+    answer = json.load(r)
+  assert answer['status'] == 'success', (query, answer)
+  return answer['data']['result']
+
+
+def _ready(url: str) -> bool:
+  try:
+    with urllib.request.urlopen(f'{url}/-/ready', timeout=2) as r:
+      return r.status == 200
+  except OSError:
+    return False
+
+
 @pytest.fixture(scope='module')
-def live_run(tmp_path_factory, shared_data):
+def prometheus(tmp_path_factory):
+  """A real Prometheus (the Debian package `prometheus`, which .ci/run installs) that scrapes the
+  live run every second with the repo's alert rules loaded; None where none is installed."""
+  binary = shutil.which('prometheus')
+  if not binary:
+    yield None
+    return
+  home = tmp_path_factory.mktemp('prometheus')
+  target, web = free_port(), free_port()
+  shutil.copy(REPO / 'monitoring' / 'prometheus' / 'alerts.yml', home)
+  config = yaml.safe_load((REPO / 'monitoring' / 'prometheus' / 'prometheus.yml').read_text())
+  config['global'] = {'scrape_interval': '1s', 'evaluation_interval': '1s'}
+  config['scrape_configs'][0]['static_configs'] = [{'targets': [f'127.0.0.1:{target}']}]
+  (home / 'prometheus.yml').write_text(yaml.safe_dump(config))
+  with open(home / 'log', 'w') as log:
+    proc = subprocess.Popen([binary, f'--config.file={home / "prometheus.yml"}',
+                             f'--storage.tsdb.path={home / "data"}',
+                             f'--web.listen-address=127.0.0.1:{web}'], stdout=log, stderr=log)
+  url = f'http://127.0.0.1:{web}'
+  try:
+    wait_for('Prometheus to start', lambda: proc.poll() is not None or _ready(url))
+    assert proc.poll() is None, (home / 'log').read_text()[-3000:]
+    yield dict(url=url, target_port=target)
+  finally:
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+@pytest.fixture(scope='module')
+def live_run(tmp_path_factory, shared_data, prometheus):
   """8 steps in process with the endpoint on, eval at 4 and 8, checkpoints at 3, 6 and 8; scraped
-  after step 3's results are read (mid-run) and once more just before the endpoint closes."""
+  after step 3's results are read (mid-run) and once more just before the endpoint closes (and
+  then kept open until a real Prometheus, if any, has scraped step 8)."""
   workdir = tmp_path_factory.mktemp('live') / 'run'
-  port = free_port()
+  port = prometheus['target_port'] if prometheus else free_port()
   config = tiny_config(shared_data, train={'num_steps': 8, 'eval_every': 4},
                        checkpoint={'every': 3}, monitor={'prometheus_port': port})
   scrapes = {}
@@ -160,6 +218,17 @@ def live_run(tmp_path_factory, shared_data):
 
   def scrape_then_close(self):
     scrapes['end'] = scrape(self.port)
+    if prometheus:  # asked while the target is up: once it is gone, its series turn stale
+      url = prometheus['url']
+      wait_for('Prometheus to scrape step 8', lambda: [
+          r for r in promql(url, 'jaxllm_step') if r['value'][1] == '8'])
+      time.sleep(2)  # two rule evaluations on the final values
+      queries = ['jaxllm_loss{job="jaxllm"}', 'jaxllm_tokens_per_second']
+      queries += [q.replace('$job', '.+').replace('$__rate_interval', '1m')
+                  for q in dashboard_queries() + alert_queries()]
+      scrapes['promql'] = {q: promql(url, q) for q in queries}
+      with urllib.request.urlopen(f'{url}/api/v1/rules', timeout=10) as r:
+        scrapes['rules'] = [rule for g in json.load(r)['data']['groups'] for rule in g['rules']]
     close(self)
 
   with pytest.MonkeyPatch.context() as mp:
@@ -300,3 +369,80 @@ def test_plot_runs_names_a_directory_without_events(tmp_path):
   proc = subprocess.run([sys.executable, 'tools/plot_runs.py', str(tmp_path)], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and f'{tmp_path}: no TensorBoard scalars' in proc.stderr
+
+
+# --- The Grafana dashboard and the alert rules ----------------------------------------------------
+
+DASHBOARD = REPO / 'monitoring' / 'grafana' / 'jaxllm-training.json'
+ALERTS = REPO / 'monitoring' / 'prometheus' / 'alerts.yml'
+
+
+def dashboard_queries() -> list[str]:
+  dashboard = json.loads(DASHBOARD.read_text())
+  return [t['expr'] for p in dashboard['panels'] for t in p.get('targets', [])]
+
+
+def alert_queries() -> list[str]:
+  return [r['expr'] for g in yaml.safe_load(ALERTS.read_text())['groups'] for r in g['rules']]
+
+
+def series_named(query: str) -> set[str]:
+  return set(re.findall(r'\bjaxllm_[a-z_]+', query))
+
+
+def test_dashboard_and_alerts_query_only_series_the_exporter_emits(live_run):
+  emitted = {name for family, samples in live_run['scrapes']['end'].items()
+             for name in [family] + [s.name for s in samples]}
+  queries = dashboard_queries() + alert_queries()
+  assert len(dashboard_queries()) > 20 and len(alert_queries()) >= 6
+  for query in queries:
+    named = series_named(query)
+    assert named or query == 'up{job="jaxllm"} == 0', query  # `up`: Prometheus's own series
+    assert named <= emitted, (query, named - emitted)
+  # And every series the exporter serves has a place on the dashboard.
+  shown = set().union(*map(series_named, dashboard_queries()))
+  assert {monitor_lib.PREFIX + n for n in monitor_lib.SERIES} <= {
+      n.removesuffix('_total') for n in shown}
+
+
+def test_dashboard_imports_as_is():
+  dashboard = json.loads(DASHBOARD.read_text())
+  assert dashboard['uid'] and dashboard['title'] and 'id' not in dashboard
+  variables = {v['name']: v for v in dashboard['templating']['list']}
+  assert variables['datasource']['type'] == 'datasource'  # picks the Prometheus at import
+  ids = [p['id'] for p in dashboard['panels']]
+  assert len(ids) == len(set(ids))
+  for panel in dashboard['panels']:
+    for target in panel.get('targets', []):
+      assert target['datasource']['uid'] == '${datasource}', panel['title']
+
+
+def test_alert_rules_pass_promtool():
+  promtool = shutil.which('promtool')
+  if not promtool:
+    pytest.skip('promtool (Debian package prometheus, installed by .ci/run) is not installed')
+  proc = subprocess.run([promtool, 'check', 'rules', str(ALERTS)], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- A real Prometheus scraping the run ------------------------------------------------------------
+
+def test_real_prometheus_scrapes_the_run_and_evaluates_every_query(live_run, prometheus):
+  if not prometheus:
+    pytest.skip('needs the prometheus binary (Debian package prometheus, which .ci/run installs)')
+  answers, last = live_run['scrapes']['promql'], live_run['last']
+  [loss] = answers['jaxllm_loss{job="jaxllm"}']
+  assert loss['metric']['process'] == '0'
+  assert float(loss['value'][1]) == pytest.approx(last['loss'])
+  [speed] = answers['jaxllm_tokens_per_second']
+  assert float(speed['value'][1]) > 0
+  # Every dashboard and alert query is valid PromQL on these series (promql() checked that),
+  # and every dashboard query has a value but those of device memory and MFU (CPUs have none).
+  empty = [q for q in dashboard_queries()
+           if not answers[q.replace('$job', '.+').replace('$__rate_interval', '1m')]]
+  assert all('device_memory' in q or 'mfu' in q for q in empty), empty
+  assert len(empty) < len(dashboard_queries()) / 4
+  # The alert rules loaded and evaluate without errors.
+  rules = live_run['scrapes']['rules']
+  assert len(rules) == len(alert_queries())
+  assert all(rule['health'] == 'ok' for rule in rules), rules
