@@ -4,7 +4,7 @@ A leaf module (plain Python, no JAX). One clock runs from the start of `train_an
 moment its time goes to exactly one cause, so the causes add up to the wall time by construction:
 
     train       train steps: dispatching them and waiting for their results
-    startup     from the start until the first train step is dispatched (mesh, data, restore,
+    startup     from the start until the first train step is queued (mesh, data, restore,
                 compile of the train step)
     data        waiting for a batch the device could not hide (see `data_wait`)
     checkpoint  the loop blocked by a checkpoint (the host copy of a save, waits for commits)
@@ -34,10 +34,10 @@ _KEEP_SAVES = 32  # checkpoint steps remembered (the restart resumes from one of
 class Goodput:
   """Wall time of one run, by cause, over all its sessions (process starts).
 
-  The loop marks where its time goes: `begin(step)` once the state is restored, `dispatched()`
-  after each train step is queued, `with timed(cause):` around everything that is not a train
-  step, `fetched(step, blocked_s)` after reading a step's results, `saved(step)` after starting a
-  checkpoint. `path=None` keeps nothing on disk.
+  The loop marks where its time goes: `begin(step)` once the state is restored, `with
+  data_wait():` around taking each batch, `with timed(cause):` around everything else that is not
+  a train step, `fetched(step, blocked_s)` after reading a step's results, `saved(step)` after
+  starting a checkpoint. `path=None` keeps nothing on disk.
   """
 
   def __init__(self, path: str | None, *, started: float | None = None,
@@ -58,6 +58,7 @@ class Goodput:
     self._cause = 'startup'
     self._since = clock() if started is None else started
     self._unresolved_data_s = 0.0  # data waits not yet known to be hidden or not
+    self._batches = 0  # taken in this session
     self._last_flush = self._since
 
   def _switch(self, cause: str) -> str:
@@ -80,8 +81,9 @@ class Goodput:
       self._saved_train_s = {s: t for s, t in self._saved_train_s.items() if s <= step}
     self.step = step
 
-  def dispatched(self) -> None:
-    """A train step is queued; the first one ends start-up (it compiled the step)."""
+  def _end_startup(self) -> None:
+    """Start-up ends once the first train step is queued (and so compiled): by the time the
+    loop asks for a second batch or reads a step's results."""
     if self._cause == 'startup':
       self._switch('train')
 
@@ -101,6 +103,9 @@ class Goodput:
     """Times a wait for the next batch. One step is in flight meanwhile; whether the wait cost
     anything is known only when that step's results are read (`fetched`): if reading them still
     blocked, the device was busy all along and the wait counts as train time, else as data."""
+    if self._batches:
+      self._end_startup()
+    self._batches += 1
     start = self._clock()
     with self.timed('data'):
       yield
@@ -111,6 +116,7 @@ class Goodput:
 
   def fetched(self, step: int, blocked_s: float) -> None:
     """Step `step`'s results were read after blocking `blocked_s` seconds."""
+    self._end_startup()
     cause = 'train' if blocked_s > _HIDDEN_BLOCK_S else 'data'
     self.seconds[cause] += self._unresolved_data_s
     self._unresolved_data_s = 0.0

@@ -14,7 +14,7 @@ process and would otherwise be counted once per process by a sum().
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 import contextlib
 import os
 import time
@@ -185,9 +185,6 @@ class Monitor:
       yield
     self.values['data_wait_seconds'] += time.perf_counter() - start
 
-  def dispatched(self) -> None:
-    self.goodput.dispatched()
-
   def fetch(self, step: int, device_metrics: Mapping[str, Any]) -> dict[str, float]:
     """Step `step`'s results as floats; the loop's one wait on the device per step."""
     start = time.perf_counter()
@@ -245,9 +242,14 @@ class Monitor:
                        checkpoint_save_seconds=now - started)
     self._committing = None
 
-  def finish(self, writer=None) -> dict[str, float]:
-    """End of the run: logs the goodput summary, writes it to goodput.json and TensorBoard
+  def finish(self, writer=None, wait_for_saves: Callable[[], None] | None = None
+             ) -> dict[str, float]:
+    """End of the run: waits for checkpoint commits (`wait_for_saves`, booked as checkpoint
+    time), logs the goodput summary, writes it to goodput.json and TensorBoard
     (`goodput/<cause>_seconds`, `goodput/ratio` at the last step); returns the totals."""
+    if wait_for_saves is not None:
+      with self.timed('checkpoint'):
+        wait_for_saves()
     if self._committing and os.path.isdir(self._committing[1]):
       self._committed(time.time())
     totals = self.goodput.totals()

@@ -385,9 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = _start_logging(config, workdir, trainer)
     logging.info('parameters:\n%s', metrics_lib.parameter_table(state['params']))
     last = _train_loop(config, trainer, state, train_iter, pipeline, ckpt, writer, monitor)
-    with monitor.timed('checkpoint'):
-      ckpt.wait()  # the last save's commit, before goodput is summed
-    monitor.finish(writer)
+    monitor.finish(writer, wait_for_saves=ckpt.wait)
     writer.close()
   finally:
     monitor.close()
@@ -429,7 +427,6 @@ def _train_loop(config, trainer: Trainer, state, train_iter, pipeline, ckpt, wri
       with monitor.data_wait():
         batch = sharding.global_batch(next(train_iter), trainer.batch_sharding)
       state, step_metrics = trainer.train_step(state, batch)
-      monitor.dispatched()
       # Read step N-1's metrics only now that step N is queued: the device never waits on us.
       if pending is not None:
         last.update(_finish_step(*pending, reporter, guard, t, ckpt, monitor))
@@ -468,7 +465,6 @@ def _finish_step(step: int, device_metrics, reporter, guard: NonFiniteGuard, t, 
     if guard.max_in_a_row:
       scalars['skipped_steps'] = guard.skipped
     monitor.observe(reporter.report(step, scalars))
-  monitor.observe({'skipped_steps': guard.skipped})
   return host
 
 

@@ -45,9 +45,8 @@ def test_goodput_books_every_second_to_one_cause_and_data_waits_only_when_not_hi
   clock.now += 5  # start-up
   with g.data_wait():  # the first batch: nothing in flight
     clock.now += 1
-  g.dispatched()  # compiled and queued: start-up ends
-  clock.now += 2
-  with g.data_wait():  # step 1 runs meanwhile ...
+  clock.now += 2  # compiling and queuing step 1: start-up ...
+  with g.data_wait():  # ... ends when step 2's batch is asked for; step 1 runs meanwhile ...
     clock.now += 0.5
   clock.now += 1.5
   g.fetched(1, blocked_s=1.5)  # ... and was still running: the wait was hidden
@@ -60,9 +59,9 @@ def test_goodput_books_every_second_to_one_cause_and_data_waits_only_when_not_hi
     clock.now += 6
   clock.now += 1
   t = g.totals()
-  assert t == pytest.approx({'startup': 5, 'data': 1 + 3, 'train': 2 + 0.5 + 1.5 + 1,
+  assert t == pytest.approx({'startup': 5 + 2, 'data': 1 + 3, 'train': 0.5 + 1.5 + 1,
                              'checkpoint': 4, 'eval': 6, 'lost': 0, 'wall': 24,
-                             'goodput': 5 / 24})
+                             'goodput': 3 / 24})
   with pytest.raises(ValueError, match='compile'):
     with g.timed('compile'):
       pass
@@ -73,8 +72,12 @@ def test_goodput_restart_books_steps_after_the_last_checkpoint_as_lost(tmp_path)
   clock = FakeClock()
   g = goodput_lib.Goodput(path, clock=clock, flush_every_s=0)
   g.begin(0)
-  g.dispatched()
+  with g.data_wait():  # the first batch
+    pass
+  clock.now += 2  # compiling step 1 (start-up)
   for step in range(1, 8):  # 1 s a step; checkpoints at 3 and 6
+    with g.data_wait():  # the next batch, ready at once
+      pass
     clock.now += 1
     g.fetched(step, blocked_s=1)
     if step % 3 == 0:
@@ -85,7 +88,7 @@ def test_goodput_restart_books_steps_after_the_last_checkpoint_as_lost(tmp_path)
   assert again.lost_steps == 4 and again.sessions == 2
   t = again.totals()
   assert t['lost'] == pytest.approx(4) and t['train'] == pytest.approx(3)
-  assert t['wall'] == pytest.approx(7)
+  assert t['startup'] == pytest.approx(2) and t['wall'] == pytest.approx(9)
   # A checkpoint that did commit loses nothing: resume from 7 after a clean stop at 7.
   clean = goodput_lib.Goodput(path, clock=clock)
   clean.begin(7)
