@@ -449,3 +449,20 @@ def test_real_prometheus_scrapes_the_run_and_evaluates_every_query(live_run, pro
   rules = live_run['scrapes']['rules']
   assert len(rules) == len(alert_queries())
   assert all(rule['health'] == 'ok' for rule in rules), rules
+
+
+def test_other_processes_serve_only_their_own_series_on_port_plus_index(monkeypatch):
+  """Process 1 of a job (jax.process_index faked: a real two-process job is
+  tests/test_multiprocess.py's, without the endpoint) serves on port + 1 with process="1", and
+  leaves the job-level series (loss, goodput, ...) to process 0, so a sum() counts them once."""
+  monkeypatch.setattr(monitor_lib.jax, 'process_index', lambda: 1)
+  base = free_port()
+  m = monitor_lib.Monitor(goodput_path=None, tokens_per_step=1, prometheus_port=base - 1)
+  try:
+    assert m.port == base
+    m.observe({'loss': 3.0})
+    families = scrape(m.port)
+  finally:
+    m.close()
+  assert set(families) == {monitor_lib.PREFIX + n for n in monitor_lib.PER_PROCESS}
+  assert value(families, 'jaxllm_host_rss_bytes', process='1') > 0

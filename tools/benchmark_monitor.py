@@ -2,11 +2,15 @@
 (scraped every --scrape_every seconds, as a Prometheus would), and the cost of its parts.
 
     python tools/benchmark_monitor.py --config=configs/tiny.py --steps=200 --repeats=3
+    python tools/benchmark_monitor.py --config=configs/tiny.py --steps=600 --interleave=10
 
 Runs alternate off, on, off, on, ... (`--repeats` pairs) in one process, each a fresh
 `train_and_evaluate` in a new workdir under --workdir sharing one dataset and tokenizer, with
 evaluation, samples and checkpoints only at the end. tokens/s is the median of the console
 lines' tokens/s (every --log_every steps; the first, which includes compilation, has none).
+On a shared machine whose load drifts between runs, `--interleave=W` is steadier: one run with
+the endpoint on, scraped only in every other window of W seconds; each tokens/s measurement whose
+interval lies inside one window counts for that window's side.
 Prints one JSON line per run, then a summary line: median tokens/s off and on, the overhead in
 percent, the loop hooks' cost per step (microseconds) and one scrape's cost (milliseconds).
 """
@@ -22,6 +26,7 @@ import urllib.request
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+from tensorboard.backend.event_processing import event_accumulator
 
 from jaxllm import metrics, monitor, rundir, train
 
@@ -31,12 +36,21 @@ _REPEATS = flags.DEFINE_integer('repeats', 2, 'Pairs of runs (off, on).')
 _LOG_EVERY = flags.DEFINE_integer('log_every', 10, 'Steps between tokens/s measurements.')
 _SCRAPE_EVERY = flags.DEFINE_float('scrape_every', 1.0, 'Seconds between scrapes when on.')
 _PORT = flags.DEFINE_integer('port', 9464, 'Port of the endpoint when on.')
+_INTERLEAVE = flags.DEFINE_float('interleave', 0, 'Seconds per window of one interleaved run; '
+                                 '0 = separate runs.')
 _WORKDIR = flags.DEFINE_string('workdir', '', "Runs go here; '' = a temporary directory.")
 flags.mark_flags_as_required(['config'])
 
 
-def _scraper(port: int, every: float, stop: threading.Event, count: list) -> None:
+def _scraping(start: float, now: float) -> bool:
+  """Whether `now` (time.time()) lies in a scraped window of an interleaved run."""
+  return not _INTERLEAVE.value or int((now - start) / _INTERLEAVE.value) % 2 == 1
+
+
+def _scraper(port: int, every: float, stop: threading.Event, count: list, start: float) -> None:
   while not stop.wait(every):
+    if not _scraping(start, time.time()):
+      continue
     try:
       with urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=5) as r:
         r.read()
@@ -48,21 +62,42 @@ def _scraper(port: int, every: float, stop: threading.Event, count: list) -> Non
 def run(config, workdir: str, on: bool) -> dict:
   config = config.copy_and_resolve_references()
   config.monitor.prometheus_port = _PORT.value if on else 0
-  stop, scrapes = threading.Event(), [0]
+  stop, scrapes, start = threading.Event(), [0], time.time()
   scraper = threading.Thread(target=_scraper, args=(_PORT.value, _SCRAPE_EVERY.value, stop,
-                                                    scrapes), daemon=True)
+                                                    scrapes, start), daemon=True)
   if on:
     scraper.start()
   try:
     train.train_and_evaluate(config, workdir)
   finally:
     stop.set()
-  speeds = metrics.read_scalars(rundir.RunDir(workdir).tensorboard)['train/tokens_per_s'][1]
-  with open(rundir.RunDir(workdir).goodput) as f:
+  run_dir = rundir.RunDir(workdir)
+  with open(run_dir.goodput) as f:
     goodput = json.load(f)
-  return {'exporter': 'on' if on else 'off', 'tokens_per_s': round(statistics.median(speeds)),
-          'measurements': len(speeds), 'scrapes': scrapes[0],
-          'train_seconds': round(goodput['seconds']['train'], 2)}
+  out = {'exporter': 'on' if on else 'off', 'scrapes': scrapes[0],
+         'train_seconds': round(goodput['seconds']['train'], 2)}
+  if _INTERLEAVE.value:
+    return {**out, **_by_window(run_dir.tensorboard, start)}
+  speeds = metrics.read_scalars(run_dir.tensorboard)['train/tokens_per_s'][1]
+  return {**out, 'tokens_per_s': round(statistics.median(speeds)), 'measurements': len(speeds)}
+
+
+def _by_window(logdir: str, start: float) -> dict:
+  """Median tokens/s of the measurements inside unscraped and inside scraped windows."""
+  acc = event_accumulator.EventAccumulator(logdir, size_guidance={event_accumulator.SCALARS: 0})
+  acc.Reload()
+  events = {e.step: e for e in acc.Scalars('train/loss')}  # every console line
+  sides = {False: [], True: []}
+  for e in acc.Scalars('train/tokens_per_s'):
+    before = max((s for s in events if s < e.step), default=None)
+    if before is None:
+      continue
+    side = _scraping(start, e.wall_time)
+    if _scraping(start, events[before].wall_time) == side:
+      sides[side].append(e.value)
+  return {'tokens_per_s_off': round(statistics.median(sides[False])),
+          'tokens_per_s_on': round(statistics.median(sides[True])),
+          'measurements_off': len(sides[False]), 'measurements_on': len(sides[True])}
 
 
 def hook_costs() -> dict:
@@ -94,6 +129,12 @@ def main(_) -> None:
                     eval_batches=1, sample_tokens=0)
   base.checkpoint.every = 0
   root = _WORKDIR.value or tempfile.mkdtemp(prefix='benchmark_monitor_')
+  if _INTERLEAVE.value:
+    row = run(base, os.path.join(root, 'interleaved'), on=True)
+    off, on = row['tokens_per_s_off'], row['tokens_per_s_on']
+    print(json.dumps(row), flush=True)
+    _summary(off, on)
+    return
   rows = []
   for i in range(_REPEATS.value):
     for on in (False, True):
@@ -105,7 +146,11 @@ def main(_) -> None:
         base.data.update(tokenizer=first.tokenizer_path(), cache_dir=first.data_cache())
   off = statistics.median(r['tokens_per_s'] for r in rows if r['exporter'] == 'off')
   on = statistics.median(r['tokens_per_s'] for r in rows if r['exporter'] == 'on')
-  print(json.dumps({'config': _CONFIG.value.name, 'steps': _STEPS.value, 'repeats': _REPEATS.value,
+  _summary(off, on)
+
+
+def _summary(off: float, on: float) -> None:
+  print(json.dumps({'interleave_s': _INTERLEAVE.value,'config': _CONFIG.value.name, 'steps': _STEPS.value, 'repeats': _REPEATS.value,
                     'scrape_every_s': _SCRAPE_EVERY.value, 'tokens_per_s_off': round(off),
                     'tokens_per_s_on': round(on), 'overhead_percent': round(100 * (off - on) / off, 2),
                     **hook_costs(), 'load_average_1m': os.getloadavg()[0],
