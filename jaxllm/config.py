@@ -137,7 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.monitor = mon = ml_collections.ConfigDict()  # jaxllm/monitor.py; keys are Monitor's arguments
   mon.prometheus_port = 0  # serve Prometheus /metrics on this port (process i: port + i); 0 = off
   mon.prometheus_host = '127.0.0.1'  # interface the endpoint binds; '0.0.0.0' = every interface
-  mon.goodput_flush_seconds = 10.0  # seconds between writes of <workdir>/goodput.json; 0 = each step
+  mon.goodput_flush_seconds = 10.0  # seconds between writes of <workdir>/goodput.json; 0 = per step
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # pure data parallelism (replicated parameters)

@@ -428,7 +428,7 @@ def test_alert_rules_pass_promtool():
   assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-# --- A real Prometheus scraping the run ------------------------------------------------------------
+# --- A real Prometheus scraping the run ----------------------------------------------------------
 
 def test_real_prometheus_scrapes_the_run_and_evaluates_every_query(live_run, prometheus):
   if not prometheus:

@@ -150,9 +150,11 @@ def main(_) -> None:
 
 
 def _summary(off: float, on: float) -> None:
-  print(json.dumps({'interleave_s': _INTERLEAVE.value,'config': _CONFIG.value.name, 'steps': _STEPS.value, 'repeats': _REPEATS.value,
+  print(json.dumps({'interleave_s': _INTERLEAVE.value, 'config': _CONFIG.value.name,
+                    'steps': _STEPS.value, 'repeats': _REPEATS.value,
                     'scrape_every_s': _SCRAPE_EVERY.value, 'tokens_per_s_off': round(off),
-                    'tokens_per_s_on': round(on), 'overhead_percent': round(100 * (off - on) / off, 2),
+                    'tokens_per_s_on': round(on),
+                    'overhead_percent': round(100 * (off - on) / off, 2),
                     **hook_costs(), 'load_average_1m': os.getloadavg()[0],
                     'cpus': os.cpu_count()}))
 

@@ -5,8 +5,8 @@ comparing runs (matplotlib's Agg backend: no display needed).
 
 Each argument is a --workdir of jaxllm.main (or a directory of TensorBoard events). Panels: train
 and eval loss against steps and against tokens (step x global_batch_size x seq_len, from the run's
-config), learning rate, tokens/s, gradient norm, and each run's goodput: wall time by cause (its goodput file, or
-the goodput/ scalars of its events).
+config), learning rate, tokens/s, gradient norm, and each run's goodput: wall time by cause (its
+goodput file, or the goodput/ scalars of its events).
 """
 
 import argparse
