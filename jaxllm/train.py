@@ -207,7 +207,7 @@ def evaluate(trainer: Trainer, params, batches: Iterator[Mapping[str, np.ndarray
   targets spell, which compares runs whatever their tokenizers."""
   loss_sum, tokens, text_bytes = 0.0, 0, 0
   with sharding.activate(trainer.mesh, trainer.rules):
-    for batch in batches:
+    for batch in metrics_lib.progress(batches, desc='eval', unit='batch'):
       out = jax.device_get(trainer.eval_step(params, sharding.global_batch(batch,
                                                                            trainer.batch_sharding)))
       loss_sum, tokens = loss_sum + float(out['loss_sum']), tokens + int(out['tokens'])
