@@ -420,12 +420,19 @@ def test_dashboard_imports_as_is():
       assert target['datasource']['uid'] == '${datasource}', panel['title']
 
 
-def test_alert_rules_pass_promtool():
+def test_alert_rules_pass_promtool_and_fire_on_their_unit_tests():
+  """monitoring/prometheus/alerts_test.yml: each alert fires (and not before its time) on
+  synthetic series: a NaN loss, skipped steps, a spike, a tokens/s drop, a stall, no checkpoint
+  for an hour, low goodput, a target down."""
   promtool = shutil.which('promtool')
   if not promtool:
     pytest.skip('promtool (Debian package prometheus, installed by .ci/run) is not installed')
-  proc = subprocess.run([promtool, 'check', 'rules', str(ALERTS)], capture_output=True, text=True)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
+  for command in (['check', 'rules', ALERTS.name], ['test', 'rules', 'alerts_test.yml']):
+    proc = subprocess.run([promtool, *command], cwd=ALERTS.parent, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+  tested = set(re.findall(r'alertname: (\w+)', (ALERTS.parent / 'alerts_test.yml').read_text()))
+  assert tested == set(re.findall(r'- alert: (\w+)', ALERTS.read_text()))
 
 
 # --- A real Prometheus scraping the run ----------------------------------------------------------
