@@ -136,6 +136,11 @@ def base_config() -> ml_collections.ConfigDict:
   k.init_from_step = -1  # the step of checkpoint.init_from to read; -1 = its latest
   k.restore_data = True  # resume the data position too; False: state only, data order restarted at the step
 
+  c.monitor = mon = ml_collections.ConfigDict()  # jaxllm/monitor.py; keys are Monitor's arguments
+  mon.prometheus_port = 0  # serve Prometheus /metrics on this port (process i: port + i); 0 = off
+  mon.prometheus_host = '127.0.0.1'  # interface the endpoint binds; '0.0.0.0' = every interface
+  mon.goodput_flush_seconds = 10.0  # seconds between writes of <workdir>/goodput.json; 0 = per step
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # pure data parallelism (replicated parameters)
   c.mesh.fsdp = -1  # data parallelism with parameters sharded (ZeRO-3); -1 = the remaining devices
@@ -193,6 +198,7 @@ MINIMUMS = {
     'optim.weight_decay': 0, 'optim.clip_norm': 0, 'optim.skip_nonfinite': 0,
     'checkpoint.every': 0, 'checkpoint.keep_latest': 1, 'checkpoint.keep_every': 0,
     'mesh.dcn_data': 1, 'mesh.dcn_fsdp': 1,
+    'monitor.prometheus_port': 0, 'monitor.goodput_flush_seconds': 0,
 }
 
 

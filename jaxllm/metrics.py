@@ -7,12 +7,12 @@ TensorBoard events are written with the `tensorboard` package's own EventFileWri
 `clu.metric_writers` would pull in TensorFlow (1.4 GiB) for the same files.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 import resource
 import sys
 import time
 import types
-from typing import Any
+from typing import Any, TextIO, TypeVar
 
 from absl import logging
 import jax
@@ -112,6 +112,24 @@ class SummaryWriter:
     self.close()
 
 
+def read_scalars(logdir: str) -> dict[str, tuple[list[int], list[float]]]:
+  """Every scalar series of the TensorBoard events under `logdir`: tag -> (steps, values), in
+  step order. A step written twice (a run resumed before its last logged step) keeps the value
+  written last, as TensorBoard shows it."""
+  from tensorboard.backend.event_processing import event_accumulator  # readers only need it
+
+  acc = event_accumulator.EventAccumulator(logdir, size_guidance={event_accumulator.SCALARS: 0})
+  acc.Reload()
+  out = {}
+  for tag in acc.Tags()['scalars']:
+    by_step = {}
+    for event in sorted(acc.Scalars(tag), key=lambda e: e.wall_time):
+      by_step[event.step] = event.value
+    steps = sorted(by_step)
+    out[tag] = (steps, [by_step[s] for s in steps])
+  return out
+
+
 # Dense (no structured sparsity) bf16 peak FLOP/s per device, keyed by a lowercase substring of
 # `jax.devices()[0].device_kind`; longer keys are tried first, so 'h100 pcie' wins over 'h100'.
 # NVIDIA datasheets print sparse figures ("with sparsity"), twice the dense ones used here.
@@ -208,6 +226,42 @@ def format_duration(seconds: float) -> str:
   s = int(round(seconds))
   h, m, s = s // 3600, s // 60 % 60, s % 60
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+T = TypeVar('T')
+
+
+def progress(items: Iterable[T], *, desc: str, total: int | None = None, unit: str = 'it',
+             every_s: float = 30.0, stream: TextIO | None = None,
+             clock: Callable[[], float] = time.monotonic,
+             log: Callable[[str], None] = logging.info) -> Iterator[T]:
+  """Yields `items` and shows how far along they are: a tqdm bar with rate and ETA when `stream`
+  (stderr) is a terminal; otherwise, for log files, a line every `every_s` seconds and one at the
+  end of work that took that long ('eval: 120/400 batch, 3.10 batch/s, ETA 1m30s')."""
+  stream = stream or sys.stderr
+  if stream.isatty():
+    from tqdm import tqdm  # only for terminals
+
+    yield from tqdm(items, desc=desc, total=total, unit=unit, leave=False, file=stream)
+    return
+  start = last = clock()
+  done = 0
+  for item in items:
+    yield item
+    done, now = done + 1, clock()
+    if now - last >= every_s:
+      last = now
+      log(_progress_line(desc, done, total, unit, now - start))
+  if clock() - start >= every_s:
+    log(_progress_line(desc, done, total, unit, clock() - start))
+
+
+def _progress_line(desc: str, done: int, total: int | None, unit: str, seconds: float) -> str:
+  rate = done / seconds if seconds > 0 else 0.0
+  line = f'{desc}: {done}{f"/{total}" if total else ""} {unit}, {rate:.2f} {unit}/s'
+  if total and rate and done < total:
+    line += f', ETA {format_duration((total - done) / rate)}'
+  return line
 
 
 # How known metric names are shown on the console; others print as `name {value:.4g}`.

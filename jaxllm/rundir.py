@@ -5,6 +5,7 @@
     <workdir>/tokenizer.model   sentencepiece, trained on first use (or data.tokenizer)
     <workdir>/data/             datasets and token caches (or data.cache_dir)
     <workdir>/tensorboard/      events
+    <workdir>/goodput.json      wall time by cause, summed over the run's restarts (jaxllm/goodput.py)
 
 The train loop takes its paths from here; entry points and tools reopen a run through `RunDir`
 (config, tokenizer, a checkpoint step, its parameters), so errors name the flag the user passed
@@ -31,6 +32,7 @@ CHECKPOINTS = 'checkpoints'
 TOKENIZER = 'tokenizer.model'
 DATA = 'data'
 TENSORBOARD = 'tensorboard'
+GOODPUT = 'goodput.json'
 
 
 MESH_FLAG_HELP = ('mesh for this command: DATA,FSDP,TENSOR (one may be -1: the remaining '
@@ -72,6 +74,10 @@ class RunDir:
   @property
   def tensorboard(self) -> str:
     return self.path(TENSORBOARD)
+
+  @property
+  def goodput(self) -> str:
+    return self.path(GOODPUT)
 
   def checkpoints(self, config: ml_collections.ConfigDict | None = None) -> str:
     return (config and config.checkpoint.dir) or self.path(CHECKPOINTS)

@@ -32,6 +32,7 @@ from jaxllm import data as data_lib
 from jaxllm import loss as loss_lib
 from jaxllm import metrics as metrics_lib
 from jaxllm import model as model_lib
+from jaxllm import monitor as monitor_lib
 from jaxllm import optim
 from jaxllm import rundir
 from jaxllm import runtime
@@ -204,7 +205,7 @@ def evaluate(trainer: Trainer, params, batches: Iterator[Mapping[str, np.ndarray
   targets spell, which compares runs whatever their tokenizers."""
   loss_sum, tokens, text_bytes = 0.0, 0, 0
   with sharding.activate(trainer.mesh, trainer.rules):
-    for batch in batches:
+    for batch in metrics_lib.progress(batches, desc='eval', unit='batch'):
       out = jax.device_get(trainer.eval_step(params, sharding.global_batch(batch,
                                                                            trainer.batch_sharding)))
       loss_sum, tokens = loss_sum + float(out['loss_sum']), tokens + int(out['tokens'])
@@ -342,6 +343,7 @@ def _log_config_changes(saved: Mapping, config: ml_collections.ConfigDict) -> No
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last train
   and eval metrics, the final state, and `preempted_at` (a step) if a signal stopped it."""
+  started = time.monotonic()  # goodput's start-up is timed from here
   if runtime.prepare(xla_gpu_flags=config.train.xla_gpu_flags,  # before JAX starts its backends
                      cpu_reuse_memory=config.train.cpu_reuse_memory):
     logging.info('CPU backend: freed host memory is kept for reuse (train.cpu_reuse_memory)')
@@ -355,14 +357,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       trainer.batch_sharding, t.global_batch_size, config.data.seq_len))
   ckpt = make_checkpointer(config, workdir)
   train_iter = None
+  monitor = monitor_lib.Monitor(goodput_path=rundir.RunDir(workdir).goodput, started=started,
+                                tokens_per_step=t.global_batch_size * config.data.seq_len,
+                                **config.monitor)
   try:
     # Before anything is written: a checkpoint that does not fit must leave the workdir as it was.
     state, train_iter = initial_state(trainer, ckpt, config, pipeline)
     writer = _start_logging(config, workdir, trainer)
     logging.info('parameters:\n%s', metrics_lib.parameter_table(state['params']))
-    last = _train_loop(config, trainer, state, train_iter, pipeline, ckpt, writer)
+    last = _train_loop(config, trainer, state, train_iter, pipeline, ckpt, writer, monitor)
+    monitor.finish(writer, wait_for_saves=ckpt.wait)
     writer.close()
   finally:
+    monitor.close()
     ckpt.close()  # waits for a save in flight to commit, on errors too
     if hasattr(train_iter, 'close'):
       train_iter.close()  # stops grain's worker processes, if any
@@ -382,7 +389,8 @@ def _start_logging(config, workdir: str, trainer: Trainer):
   return writer
 
 
-def _train_loop(config, trainer: Trainer, state, train_iter, pipeline, ckpt, writer) -> dict:
+def _train_loop(config, trainer: Trainer, state, train_iter, pipeline, ckpt, writer,
+                monitor: monitor_lib.Monitor) -> dict:
   t, every = config.train, config.checkpoint.every
   config_dict = json.loads(config.to_json_best_effort())
   reporter = metrics_lib.Reporter(
@@ -394,43 +402,50 @@ def _train_loop(config, trainer: Trainer, state, train_iter, pipeline, ckpt, wri
       writer=writer)
   guard = NonFiniteGuard(config.optim.skip_nonfinite)
   last, pending, step = {}, None, int(state['step'])
+  monitor.begin(step)
   with runtime.PreemptionWatch() as watch, sharding.activate(trainer.mesh, trainer.rules):
     for step in range(step + 1, t.num_steps + 1):
-      batch = sharding.global_batch(next(train_iter), trainer.batch_sharding)
+      with monitor.data_wait():
+        batch = sharding.global_batch(next(train_iter), trainer.batch_sharding)
       state, step_metrics = trainer.train_step(state, batch)
       # Read step N-1's metrics only now that step N is queued: the device never waits on us.
       if pending is not None:
-        last.update(_finish_step(*pending, reporter, guard, t, ckpt))
+        last.update(_finish_step(*pending, reporter, guard, t, ckpt, monitor))
       pending = (step, step_metrics)
       stop = watch.should_stop(step)
       if stop or (every and step % every == 0) or step == t.num_steps:
         # Check this step's loss first so a non-finite state is never saved. The iterator has
         # given exactly `step` batches here: its state is the position to resume from.
-        last.update(_finish_step(*pending, reporter, guard, t, ckpt))
+        last.update(_finish_step(*pending, reporter, guard, t, ckpt, monitor))
         pending = None
-        ckpt.save(step, state, train_iter, config_dict)
+        with monitor.checkpoint(step, ckpt.step_dir(step)):
+          ckpt.save(step, state, train_iter, config_dict)
       if stop:
-        ckpt.wait()
+        with monitor.timed('checkpoint'):
+          ckpt.wait()
         logging.warning('stopped by %s after step %d; checkpoint saved in %s; run the same command '
                         'to resume', watch.signal or 'preemption', step, ckpt.step_dir(step))
         return {**last, 'state': state, 'preempted_at': step}
       if t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
-        last.update(_run_eval(config, trainer, state, pipeline, step, writer))
+        with monitor.timed('eval'):
+          last.update(monitor.observe(_run_eval(config, trainer, state, pipeline, step, writer)))
     if pending is not None:
-      last.update(_finish_step(*pending, reporter, guard, t, ckpt))
-  last.update(_run_eval(config, trainer, state, pipeline, t.num_steps, writer))
+      last.update(_finish_step(*pending, reporter, guard, t, ckpt, monitor))
+  with monitor.timed('eval'):
+    last.update(monitor.observe(_run_eval(config, trainer, state, pipeline, t.num_steps, writer)))
   last['state'] = state
   return last
 
 
-def _finish_step(step: int, device_metrics, reporter, guard: NonFiniteGuard, t, ckpt) -> dict:
-  host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+def _finish_step(step: int, device_metrics, reporter, guard: NonFiniteGuard, t, ckpt,
+                 monitor: monitor_lib.Monitor) -> dict:
+  host = monitor.fetch(step, device_metrics)  # the loop's one wait on the device per step
   guard.check(step, host, resume_hint=lambda: resume_hint(ckpt, step))
   if step % t.log_every == 0 or step == t.num_steps:
     scalars = {k: host[k] for k in ('loss', 'lr', 'grad_norm')}
     if guard.max_in_a_row:
       scalars['skipped_steps'] = guard.skipped
-    reporter.report(step, scalars)
+    monitor.observe(reporter.report(step, scalars))
   return host
 
 

@@ -90,7 +90,7 @@ def test_no_file_over_500_lines():
 def test_workdir_file_names_are_spelled_only_in_rundir():
   from jaxllm import rundir
   names = [rundir.CONFIG_JSON, rundir.CONFIG_PY, rundir.CHECKPOINTS, rundir.TOKENIZER,
-           rundir.TENSORBOARD]
+           rundir.TENSORBOARD, rundir.GOODPUT]
   # jaxllm/convert/ names an HF model folder's own config.json and tokenizer.model (HF's
   # layout, not a workdir's); its workdir paths come from rundir like everyone's.
   files = [p for p in list(PACKAGE.rglob('*.py')) + list((REPO / 'tools').glob('*.py'))

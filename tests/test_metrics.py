@@ -237,3 +237,39 @@ def test_format_config_flattens_configdict():
   ml_collections = pytest.importorskip("ml_collections")
   c = ml_collections.ConfigDict({"model": {"n_layers": 2}, "seed": 0})
   assert metrics.format_config(c) == "model.n_layers = 2\nseed = 0"
+
+
+def test_progress_logs_a_line_every_interval_without_a_terminal():
+  import io
+  now = [0.0]
+  lines = []
+
+  def items():
+    for i in range(10):
+      now[0] += 10.0  # 10 s an item
+      yield i
+
+  got = list(metrics.progress(items(), desc='eval', total=10, unit='batch', every_s=30,
+                              stream=io.StringIO(), clock=lambda: now[0], log=lines.append))
+  assert got == list(range(10))
+  assert lines == ['eval: 3/10 batch, 0.10 batch/s, ETA 1m10s',
+                   'eval: 6/10 batch, 0.10 batch/s, ETA 40s',
+                   'eval: 9/10 batch, 0.10 batch/s, ETA 10s',
+                   'eval: 10/10 batch, 0.10 batch/s']
+
+
+def test_progress_draws_a_bar_on_a_terminal_and_stays_quiet_for_quick_work():
+  import io
+
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  terminal, lines = Terminal(), []
+  assert list(metrics.progress(range(5), desc='convert', total=5, stream=terminal,
+                               log=lines.append)) == list(range(5))
+  # tqdm's bar (it redraws at most every 0.1 s and clears itself at the end), no log lines.
+  assert 'convert:' in terminal.getvalue() and '0/5 [' in terminal.getvalue() and not lines
+  assert list(metrics.progress(range(5), desc='eval', stream=io.StringIO(),
+                               log=lines.append)) == list(range(5))
+  assert not lines  # quicker than every_s: no line at all
