@@ -29,6 +29,7 @@ import ml_collections
 
 from jaxllm import collectives
 from jaxllm import model as model_lib
+from jaxllm import sharding
 from jaxllm import train
 
 GIB = 2 ** 30
@@ -70,15 +71,23 @@ def _shard_bytes(tree) -> int:
              for a in jax.tree.leaves(tree))
 
 
+def batch_ways(config: ml_collections.ConfigDict, devices) -> int:
+  """How many shards the batch is split into on `devices` (data x fsdp with the default rules;
+  devices along `tensor` share a shard): a "per-device batch" is rows per shard."""
+  mesh_shape = sharding.resolve_mesh_shape(config.mesh, len(list(devices)))
+  return math.prod(mesh_shape[a] for a in sharding.batch_axes(config.sharding.rules))
+
+
 def estimate(config: ml_collections.ConfigDict, per_device_batch: int, remat: str,
              devices=None) -> Estimate:
-  """Compiles the step of `config` with this batch per device and remat policy for `devices`
-  (default: those present; or a TPU topology's, see `topology_devices`), and reads its memory.
-  `config` is changed (remat, batch, microbatches = 1)."""
+  """Compiles the step of `config` with `per_device_batch` rows per batch shard (batch_ways) and
+  this remat policy for `devices` (default: those present; or a TPU topology's, see
+  `topology_devices`), and reads its memory. `config` is changed (remat, batch, microbatches=1)."""
   devices = jax.devices() if devices is None else list(devices)
+  ways = batch_ways(config, devices)
   with config.unlocked():
     config.model.remat = remat
-    config.train.global_batch_size = per_device_batch * len(devices)
+    config.train.global_batch_size = per_device_batch * ways
     config.train.microbatches = 1
   trainer = train.setup(config, devices)
   seq = config.data.seq_len
@@ -95,7 +104,8 @@ def estimate(config: ml_collections.ConfigDict, per_device_batch: int, remat: st
       alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
       total_bytes=(mem.argument_size_in_bytes + mem.output_size_in_bytes
                    - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
-      model_flops=model_lib.flops_per_token(trainer.model_cfg, seq) * per_device_batch * seq,
+      model_flops=(model_lib.flops_per_token(trainer.model_cfg, seq) * per_device_batch * ways
+                   * seq / len(devices)),
       compile_s=compile_s,
       collective_bytes=collectives.count(compiled.as_text(), dict(trainer.mesh.shape))['bytes'])
 

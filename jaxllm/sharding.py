@@ -106,10 +106,15 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   return NamedSharding(mesh, logical_to_mesh(P('batch', 'length'), rules))
 
 
+def batch_axes(rules: Rules) -> tuple[str, ...]:
+  """The mesh axes the batch dim is split over (data and fsdp with the default rules)."""
+  axes = logical_to_mesh(P('batch'), rules)[0] or ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def batch_ways(mesh: Mesh, rules: Rules) -> int:
   """Devices the batch dim is split over (data x fsdp with the default rules)."""
-  axes = logical_to_mesh(P('batch'), rules)[0] or ()
-  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  return math.prod(mesh.shape[a] for a in batch_axes(rules))
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:

@@ -11,7 +11,7 @@ import pytest
 REPO = pathlib.Path(__file__).parent.parent
 PACKAGE = REPO / 'jaxllm'
 ENTRY_POINTS = {'jaxllm.main', 'jaxllm.evaluate', 'jaxllm.sample.__main__'}
-WIRING = {'jaxllm.train'}
+WIRING = {'jaxllm.train', 'jaxllm.aot'}  # the loop's wiring, and the planner that compiles it
 MAX_LINES = 500
 
 

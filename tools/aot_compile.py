@@ -41,8 +41,11 @@ def main(argv):
         f'({devices[0].device_kind})')
   print(aot.HEADER)
   if not _PLAN.value:
-    est = aot.estimate(config, config.train.global_batch_size // len(devices),
-                       config.model.remat, devices)
+    ways = aot.batch_ways(config, devices)
+    if config.train.global_batch_size % ways:
+      raise SystemExit(f'train.global_batch_size={config.train.global_batch_size} does not divide '
+                       f'into the {ways} batch shards of this mesh; use a multiple of {ways}')
+    est = aot.estimate(config, config.train.global_batch_size // ways, config.model.remat, devices)
     print(aot.row(est, budget))
     print('collectives per device and step (HLO):\n' + collectives.summary(est.collective_bytes))
     print(json.dumps({**dataclasses.asdict(est), 'fits': est.fits(budget)}))
@@ -53,7 +56,8 @@ def main(argv):
   best = ranked[0]
   if not best.fits(budget):
     raise SystemExit(f'nothing fits {budget:g} GiB per device; add devices or lower data.seq_len')
-  print(f'best: --config.train.global_batch_size={best.per_device_batch * len(devices)} '
+  ways = aot.batch_ways(config, devices)
+  print(f'best: --config.train.global_batch_size={best.per_device_batch * ways} '
         f'--config.model.remat={best.remat}')
 
 
