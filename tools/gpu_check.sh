@@ -11,7 +11,8 @@
 # whole script a budget (BUDGET_S, default 570 s): a row that cannot fit is recorded as skipped.
 # JSON lines (one per row, with "name") go to $OUT/bench.jsonl; logs to $OUT/<name>.log; a table
 # is printed last.
-# Usage, on the GPU host from the repository root, with wheels of missing packages in .whl/:
+# Usage, on the GPU host from the repository root, with wheels of missing packages in .whl/
+# (made here by `bash tools/gpu_wheels.sh`):
 #   bash tools/gpu_check.sh            (STEPS=5 timed steps per row; STEPS=8 to match older rows)
 set -u
 OUT=${OUT:-/tmp/jaxllm_gpu}; mkdir -p "$OUT"
