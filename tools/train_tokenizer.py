@@ -20,7 +20,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxllm import data, rundir, sources
+from jaxllm import cli, data, rundir, sources
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file of the run.',
                                           lock_config=True)
@@ -42,7 +42,7 @@ def main(argv):
   d, out = config.data, run.tokenizer_path(config)
   if os.path.exists(out):
     # The run's checkpoints and token caches belong to the tokenizer already there.
-    raise app.UsageError(f'{out} exists: delete it, or set --config.data.tokenizer to a new path')
+    raise FileExistsError(f'{out} exists: delete it, or set --config.data.tokenizer to a new path')
   # As data.make_pipeline resolves them: sources, else source_dir, else the embedded corpus.
   specs = (sources.parse_sources(d.sources) if d.sources
            else [(d.source_dir or sources.default_source_dir(), 1.0)])
@@ -65,4 +65,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -7,9 +7,9 @@
 Several --prompt flags are decoded together as one batch.
 """
 
-from absl import app
 from absl import flags
 
+from jaxllm import cli
 from jaxllm import rundir
 from jaxllm import sample as sample_lib
 from jaxllm import train
@@ -46,4 +46,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
