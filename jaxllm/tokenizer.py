@@ -90,7 +90,11 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, path: str):
     self.path = str(path)
-    self.sp = spm.SentencePieceProcessor(model_file=self.path)
+    try:
+      self.sp = spm.SentencePieceProcessor(model_file=self.path)
+    except (RuntimeError, OSError) as e:  # sentencepiece's C++ status, e.g. a truncated file
+      raise ValueError(f'tokenizer {self.path} is not a sentencepiece model ({e}); point '
+                       'data.tokenizer at the .model file sentencepiece wrote') from None
     self.vocab_size, self.bos_id, self.eos_id = (self.sp.vocab_size(), self.sp.bos_id(),
                                                  self.sp.eos_id())
 

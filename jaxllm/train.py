@@ -267,6 +267,7 @@ def resume_hint(ckpt: checkpoint_lib.Checkpointer, bad_step: int) -> str:
 
 
 def make_pipeline(config: ml_collections.ConfigDict, workdir: str, batch_size: int):
+  config_lib.check_minimums(config)  # the data tools build no trainer: errors name keys here too
   d, run = config.data, rundir.RunDir(workdir)
   return data_lib.make_pipeline(
       source_dir=d.source_dir or None, cache_dir=run.data_cache(config),
