@@ -72,6 +72,13 @@ def root(tmp_path_factory) -> pathlib.Path:
   (d / 'latin1.txt').write_bytes('caf\xe9 au lait\n'.encode('latin-1'))
   (d / 'cut.txt.gz').write_bytes(gzip.compress(DOCS.encode() * 50)[:60])
   (d / 'corrupt.model').write_bytes(b'\x0a\x05not a sentencepiece model' * 3)
+  (d / 'bad.parquet').write_bytes(b'PAR1 a parquet file cut short')
+  # Copies of the run, each with one file damaged: the checkpoint's metadata, the tokenizer.
+  shutil.copytree(run, d / 'run_cut_checkpoint')
+  meta = d / 'run_cut_checkpoint' / 'checkpoints' / '1' / 'params' / '_METADATA'
+  meta.write_bytes(meta.read_bytes()[:50])
+  shutil.copytree(run, d / 'run_bad_tokenizer')
+  (d / 'run_bad_tokenizer' / 'tokenizer.model').write_bytes(b'\x0a\x05not a model')
   (d / 'config_broken').mkdir()
   shutil.copy(run / 'tokenizer.model', d / 'config_broken')
   (d / 'config_broken' / 'config.json').write_text((run / 'config.json').read_text()[:200])
@@ -121,6 +128,8 @@ CASES = [
                        '--config.data.eval_source={in}/good'), 'latin1.txt'),
     ('truncated gz', (*MAIN, *NEW, TOK, '--config.data.sources={in}/cut.txt.gz',
                       '--config.data.eval_source={in}/good'), 'cut.txt.gz'),
+    ('corrupt parquet', (*MAIN, *NEW, TOK, '--config.data.sources={in}/bad.parquet',
+                         '--config.data.eval_source={in}/good'), 'bad.parquet: a damaged .parquet'),
     ('missing source', (*MAIN, *NEW, TOK, '--config.data.sources={in}/nothing',
                         '--config.data.eval_source={in}/good'), '{in}/nothing'),
     ('empty eval split', (*MAIN, *NEW, TOK, '--config.data.sources={in}/good',
@@ -151,6 +160,10 @@ CASES = [
      '--mesh=1,x,1'),
     ('corrupt config.json', ('-m', 'jaxllm.evaluate', '--workdir={in}/config_broken'),
      'config_broken/config.json'),
+    ('corrupt checkpoint', ('-m', 'jaxllm.evaluate', '--workdir={in}/run_cut_checkpoint'),
+     'run_cut_checkpoint/checkpoints/1 is incomplete or corrupt'),
+    ('corrupt run tokenizer', ('-m', 'jaxllm.sample', '--workdir={in}/run_bad_tokenizer'),
+     'run_bad_tokenizer/tokenizer.model is not a sentencepiece model'),
     ('resume with another width', (*MAIN, '--workdir={run}', '--config.model.d_model=64'),
      '{run}/checkpoints'),
     # Conversion to and from Hugging Face.
