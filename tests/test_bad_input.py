@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import pytest
+import sentencepiece as spm
 
 REPO = pathlib.Path(__file__).parent.parent
 ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(REPO),
@@ -73,6 +74,9 @@ def root(tmp_path_factory) -> pathlib.Path:
   (d / 'cut.txt.gz').write_bytes(gzip.compress(DOCS.encode() * 50)[:60])
   (d / 'corrupt.model').write_bytes(b'\x0a\x05not a sentencepiece model' * 3)
   (d / 'bad.parquet').write_bytes(b'PAR1 a parquet file cut short')
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(DOCS.split('\n') * 20), vocab_size=24,
+                                 model_prefix=str(d / 'no_bos'), bos_id=-1, eos_id=-1,
+                                 minloglevel=2)
   # Copies of the run, each with one file damaged: the checkpoint's metadata, the tokenizer.
   shutil.copytree(run, d / 'run_cut_checkpoint')
   meta = d / 'run_cut_checkpoint' / 'checkpoints' / '1' / 'params' / '_METADATA'
@@ -110,9 +114,12 @@ CASES = [
           ('model.head_dim', 0), ('model.mlp_dim', -1), ('data.seq_len', 0),
           ('train.global_batch_size', 0), ('train.microbatches', 0), ('train.log_every', -1),
           ('optim.peak_lr', -1), ('optim.eps', -1), ('checkpoint.keep_latest', 0),
-          ('mesh.dcn_data', 0), ('data.worker_count', -1), ('train.sample_temperature', -1)]],
+          ('mesh.dcn_data', 0), ('data.worker_count', -1), ('train.sample_temperature', -1),
+          ('model.n_kv_heads', 0), ('train.eval_batches', -1)]],
+    ('eval_files=0', (*MAIN, *NEW, '--config.data.eval_files=0'), 'data.eval_files=0'),
     # Wrong types and unknown keys, refused while the flags are parsed.
-    ('num_steps=abc', (*MAIN, *NEW, '--config.train.num_steps=abc'), '--config.train.num_steps=abc'),
+    ('num_steps=abc', (*MAIN, *NEW, '--config.train.num_steps=abc'),
+     '--config.train.num_steps=abc'),
     ('tie_embeddings=maybe', (*MAIN, *NEW, '--config.model.tie_embeddings=maybe'),
      '--config.model.tie_embeddings=maybe'),
     ('unknown key', (*MAIN, *NEW, '--config.train.num_stepz=3'), "'num_stepz' is not a config key"),
@@ -120,6 +127,8 @@ CASES = [
     ('unknown flag', ('-m', 'jaxllm.sample', '--workdir={run}', '--stepz=1'), 'stepz'),
     # Data: sources, eval split, tokenizer.
     ('missing tokenizer', (*MAIN, *NEW, '--config.data.tokenizer={in}/none.model'), 'none.model'),
+    ('tokenizer without BOS/EOS', (*MAIN, *NEW, '--config.data.tokenizer={in}/no_bos.model'),
+     'no_bos.model has no BOS or EOS piece'),
     ('corrupt tokenizer', ('tools/prepare_data.py', '--config=configs/tiny.py', *SHAPE, *NEW,
                            '--config.data.tokenizer={in}/corrupt.model'), 'corrupt.model'),
     ('jsonl line not JSON', (*MAIN, *NEW, TOK, '--config.data.sources={in}/bad.jsonl',
@@ -167,7 +176,8 @@ CASES = [
     ('resume with another width', (*MAIN, '--workdir={run}', '--config.model.d_model=64'),
      '{run}/checkpoints'),
     # Conversion to and from Hugging Face.
-    ('to_hf non-empty --out', ('tools/convert_to_hf.py', '--workdir={run}', '--out={hf}'), '--out={hf}'),
+    ('to_hf non-empty --out', ('tools/convert_to_hf.py', '--workdir={run}', '--out={hf}'),
+     '--out={hf} is not empty'),
     ('to_hf --out is the workdir', ('tools/convert_to_hf.py', '--workdir={run}', '--out={run}'),
      '--out={run}'),
     ('to_hf missing step', ('tools/convert_to_hf.py', '--workdir={run}', '--out={new}', '--step=9'),
@@ -178,8 +188,10 @@ CASES = [
                                           '--out={in}/link_run'), '--out={in}/link_run'),
     ('to_hf --out dangling link', ('tools/convert_to_hf.py', '--workdir={run}',
                                    '--out={in}/dangling'), '--out={in}/dangling links to'),
-    ('from_hf non-empty --out', ('tools/convert_from_hf.py', '--hf={hf}', '--out={run}'), '--out={run}'),
-    ('from_hf --out is --hf', ('tools/convert_from_hf.py', '--hf={hf}', '--out={hf}'), '--out={hf}'),
+    ('from_hf non-empty --out', ('tools/convert_from_hf.py', '--hf={hf}', '--out={run}'),
+     '--out={run} is not empty'),
+    ('from_hf --out is --hf', ('tools/convert_from_hf.py', '--hf={hf}', '--out={hf}'),
+     '--out={hf} is the folder being converted'),
     ('from_hf shard missing', ('tools/convert_from_hf.py', '--hf={in}/hf_missing_shard',
                                '--out={new}'), 'model-00002-of-00003.safetensors'),
     ('from_hf pickled weights', ('tools/convert_from_hf.py', '--hf={in}/hf_pickled', '--out={new}'),
