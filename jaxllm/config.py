@@ -214,6 +214,12 @@ def _below_minimum(config: ml_collections.ConfigDict) -> list[str]:
   return errors
 
 
+def check_minimums(config: ml_collections.ConfigDict) -> None:
+  """The checks that need no mesh (every MINIMUMS key), for tools that build no trainer."""
+  if errors := _below_minimum(config):
+    raise ValueError('invalid config: ' + '; '.join(errors))
+
+
 def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
   """Cross-field checks; each error names the keys to change. `mesh_shape` is resolved."""
   m, t = config.model, config.train

@@ -9,11 +9,10 @@ per byte is total nats / ln 2 / UTF-8 bytes of the eval text, comparable across 
 
 import json
 
-from absl import app
 from absl import flags
 
+from jaxllm import cli
 from jaxllm import rundir
-from jaxllm import sharding
 from jaxllm import train
 
 
@@ -31,8 +30,8 @@ def evaluate_run(workdir: str, *, step: int = -1, max_batches: int | None = None
       raise
     raise run.mesh_error(config, mesh, e) from None
   params, step = run.restore_params(config, trainer.abstract_state['params'], step)
-  pipeline = train.make_pipeline(config, workdir, sharding.process_batch_size(
-      trainer.batch_sharding, config.train.global_batch_size, config.data.seq_len))
+  pipeline = train.make_pipeline(config, workdir, trainer.process_batch_size(
+      config.train.global_batch_size, config.data.seq_len))
   out = train.evaluate(trainer, params, pipeline.eval_batches(max_batches=max_batches),
                        count_bytes=pipeline.tokenizer.text_bytes_counter())
   return {'step': step, **out}
@@ -50,4 +49,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('step', -1, 'checkpoint step to evaluate; -1 = the latest')
   flags.DEFINE_integer('eval_batches', 0, 'eval batches to read; 0 = the whole split')
   flags.DEFINE_string('mesh', '', rundir.MESH_FLAG_HELP)
-  app.run(main)
+  cli.run(main)

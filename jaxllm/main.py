@@ -9,7 +9,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxllm import train
+from jaxllm import cli, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file in configs/.',
                                           lock_config=True)
@@ -27,4 +27,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

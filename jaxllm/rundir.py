@@ -105,8 +105,12 @@ class RunDir:
       raise FileNotFoundError(f'--workdir={self.workdir} has no {CONFIG_JSON}: pass the --workdir '
                               'of a jaxllm.main run (or the --out of tools/convert_from_hf.py)')
     config = config_lib.base_config()
-    with open(self.config_json) as f:
-      config.update(json.load(f))
+    with open(self.config_json, encoding='utf-8') as f:
+      try:
+        config.update(json.load(f))
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{self.config_json} is not valid JSON ({e}): the run wrote it whole, so '
+                         'restore it from a copy of the run or pass another --workdir') from None
     if mesh:
       config.mesh.update(parse_mesh(mesh))
     return config

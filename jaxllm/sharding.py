@@ -25,6 +25,9 @@ def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, 
   """Total size of each mesh axis: the within-slice sizes mesh.{data,fsdp,tensor} (one `-1`
   fills the slice) times the across-slice factors mesh.dcn_{data,fsdp}. Errors name the keys."""
   dcn = dcn_shape(sizes)
+  if min(dcn.values()) < 1:
+    raise ValueError(f'mesh.dcn_data={dcn["data"]} x mesh.dcn_fsdp={dcn["fsdp"]}: the slice counts '
+                     'must be >= 1 (1 = one host or slice)')
   slices = math.prod(dcn.values())
   if num_devices % slices:
     raise ValueError(f'mesh.dcn_data x mesh.dcn_fsdp = {slices} slices do not divide the '

@@ -205,7 +205,10 @@ def _parquet_documents(path: Path, field: str, bad: BadRecords) -> Iterator[str]
   # Imported here: pyarrow starts a thread (and with it a malloc arena) on import, which would
   # keep runtime.reuse_host_memory from covering XLA's threads.
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-  f = pq.ParquetFile(path)
+  try:
+    f = pq.ParquetFile(path)
+  except ValueError as e:  # pyarrow's ArrowInvalid: no parquet footer (cut short, or not parquet)
+    raise OSError(e) from None  # file_documents names the damaged file
   if field not in f.schema_arrow.names:
     raise ValueError(f'{path}: no column {field!r} (has: {", ".join(f.schema_arrow.names)}); set '
                      'text_field to the column that holds the text')
@@ -242,8 +245,8 @@ def file_documents(path: Path, *, text_field: str, bad: BadRecords) -> Iterator[
         return
     yield from (d for d in docs if d.strip())
   except _CORRUPT as e:
-    if not compression:
+    if not compression and suffix != '.parquet':
       raise
     # Documents before the damage were already yielded; with skip_bad_records they stay.
-    bad(str(path), f'a damaged {compression} file ({type(e).__name__}: {e})',
-        'download or compress it again, or remove it')
+    bad(str(path), f'a damaged {compression or suffix} file ({type(e).__name__}: {e})',
+        f'download or {"compress" if compression else "write"} it again, or remove it')

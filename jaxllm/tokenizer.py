@@ -90,9 +90,17 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, path: str):
     self.path = str(path)
-    self.sp = spm.SentencePieceProcessor(model_file=self.path)
+    try:
+      self.sp = spm.SentencePieceProcessor(model_file=self.path)
+    except (RuntimeError, OSError) as e:  # sentencepiece's C++ status, e.g. a truncated file
+      raise ValueError(f'tokenizer {self.path} is not a sentencepiece model ({e}); point '
+                       'data.tokenizer at the .model file sentencepiece wrote') from None
     self.vocab_size, self.bos_id, self.eos_id = (self.sp.vocab_size(), self.sp.bos_id(),
                                                  self.sp.eos_id())
+    if min(self.bos_id, self.eos_id) < 0:  # id -1 would index the last embedding row
+      raise ValueError(f'tokenizer {self.path} has no BOS or EOS piece (bos_id={self.bos_id}, '
+                       f'eos_id={self.eos_id}), which mark where documents start and end: train '
+                       'one with bos_id and eos_id set (tools/train_tokenizer.py does)')
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return self.sp.encode(list(texts))  # one call: sentencepiece releases the GIL inside

@@ -90,6 +90,10 @@ class Trainer:
                    out_shardings=NamedSharding(self.mesh, P()),
                    compiler_options=self.compiler_options)
 
+  def process_batch_size(self, global_batch: int, seq_len: int) -> int:
+    """Rows of each global batch that this process feeds (sharding.process_batch_size)."""
+    return sharding.process_batch_size(self.batch_sharding, global_batch, seq_len)
+
   def abstract_batch(self, batch_size: int, seq_len: int, keys=BATCH_KEYS) -> dict:
     sds = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=self.batch_sharding)
     return {k: sds for k in keys}
@@ -264,6 +268,7 @@ def resume_hint(ckpt: checkpoint_lib.Checkpointer, bad_step: int) -> str:
 
 
 def make_pipeline(config: ml_collections.ConfigDict, workdir: str, batch_size: int):
+  config_lib.check_minimums(config)  # the data tools build no trainer: errors name keys here too
   d, run = config.data, rundir.RunDir(workdir)
   return data_lib.make_pipeline(
       source_dir=d.source_dir or None, cache_dir=run.data_cache(config),
@@ -350,11 +355,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   d = config.distributed
   sharding.initialize_distributed(initialize=d.initialize, coordinator_address=d.coordinator_address,
                                   num_processes=d.num_processes, process_id=d.process_id)
+  trainer = setup(config)  # validates the config: a bad one leaves no workdir behind
   os.makedirs(workdir, exist_ok=True)
-  trainer = setup(config)
   t = config.train
-  pipeline = make_pipeline(config, workdir, sharding.process_batch_size(
-      trainer.batch_sharding, t.global_batch_size, config.data.seq_len))
+  pipeline = make_pipeline(config, workdir,
+                           trainer.process_batch_size(t.global_batch_size, config.data.seq_len))
   ckpt = make_checkpointer(config, workdir)
   train_iter = None
   monitor = monitor_lib.Monitor(goodput_path=rundir.RunDir(workdir).goodput, started=started,

@@ -320,8 +320,8 @@ def test_index_names_the_files_read(tmp_path):
   write_folder(folder, shards=2)
   first, second = safetensors_io.shard_file_names(2)
   os.rename(folder / second, tmp_path / second)
-  with pytest.raises(FileNotFoundError, match=f'{second} .*named by {safetensors_io.INDEX_FILE}, '
-                     'is missing'):
+  with pytest.raises(FileNotFoundError, match=f'{second}, named by {safetensors_io.INDEX_FILE}, '
+                     'is missing'):  # one file: no '(and 0 more)'
     import_.load_hf(str(folder))
   os.rename(tmp_path / second, folder / second)
   twice = load_file(str(folder / second)) | {'model.embed_tokens.weight': np.zeros((32, 8),

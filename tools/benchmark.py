@@ -24,10 +24,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from jaxllm import attention, data, metrics, model, runtime, sharding, sources, train
+from jaxllm import attention, cli, data, metrics, model, runtime, sharding, sources, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps.')
@@ -163,4 +163,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -20,10 +20,10 @@ import time
 
 import grain
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from jaxllm import checkpoint, metrics, train
+from jaxllm import checkpoint, cli, metrics, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _DIR = flags.DEFINE_string('dir', None, 'Scratch directory for the checkpoints (deleted first).')
@@ -74,4 +74,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

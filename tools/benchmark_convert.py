@@ -20,10 +20,11 @@ import tempfile
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
+from jaxllm import cli
 from jaxllm import metrics
 from jaxllm import model as model_lib
 from jaxllm.convert import import_
@@ -95,4 +96,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

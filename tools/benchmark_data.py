@@ -21,7 +21,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxllm import train
+from jaxllm import cli, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Dataset, tokenizer and token cache go here.')
@@ -57,4 +57,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -13,9 +13,9 @@ jaxllm/convert/import_.py's `convert`.
 
 import os
 
-from absl import app, flags
+from absl import flags
 
-from jaxllm import rundir
+from jaxllm import cli, rundir
 from jaxllm.convert import hf, import_
 
 _HF = flags.DEFINE_string('hf', None, 'HF model directory: config.json and *.safetensors')
@@ -40,4 +40,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

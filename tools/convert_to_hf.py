@@ -9,8 +9,9 @@ the run's sentencepiece tokenizer.model (copied beside them) does. Tensors are c
 written one at a time. The work is jaxllm/convert/export.py's `export_run`.
 """
 
-from absl import app, flags
+from absl import flags
 
+from jaxllm import cli
 from jaxllm.convert import export, hf
 
 _WORKDIR = flags.DEFINE_string('workdir', None,
@@ -39,4 +40,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

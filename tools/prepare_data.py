@@ -17,7 +17,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxllm import train
+from jaxllm import cli, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file of the run to prepare.',
                                           lock_config=True)
@@ -39,4 +39,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

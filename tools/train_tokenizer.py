@@ -20,7 +20,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxllm import data, documents, rundir, sources
+from jaxllm import cli, data, documents, rundir, sources
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file of the run.',
                                           lock_config=True)
@@ -42,7 +42,7 @@ def main(argv):
   d, out = config.data, run.tokenizer_path(config)
   if os.path.exists(out):
     # The run's checkpoints and token caches belong to the tokenizer already there.
-    raise app.UsageError(f'{out} exists: delete it, or set --config.data.tokenizer to a new path')
+    raise FileExistsError(f'{out} exists: delete it, or set --config.data.tokenizer to a new path')
   # As data.make_pipeline resolves them: sources, else source_dir, else the embedded corpus.
   specs = sources.resolve_specs(d.sources, d.source_dir or None)
   found = documents.open_sources(specs, cache_dir=run.data_cache(config), eval_files=d.eval_files,
@@ -64,4 +64,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -26,6 +26,9 @@ def check_out(out: str, *, source: str, overwrite: bool) -> None:
   holds files unless `overwrite` (a re-conversion would mix old and new files)."""
   if os.path.realpath(out) == os.path.realpath(source):
     raise ValueError(f'--out={out} is the folder being converted: choose another one')
+  if os.path.islink(out) and not os.path.exists(out):
+    raise FileNotFoundError(f'--out={out} links to {os.readlink(out)}, which does not exist: '
+                            'create that folder, or choose another --out')
   if os.path.isdir(out) and os.listdir(out) and not overwrite:
     raise FileExistsError(f'--out={out} is not empty: choose a new folder, or pass --overwrite to '
                           'replace the files this conversion writes there')

@@ -35,8 +35,16 @@ UNSET_TOKENIZER = "UNSET (set data.tokenizer to the model's sentencepiece .model
 
 def load_hf(hf_dir: str, *, dtype: str = 'float32') -> tuple[dict, dict[str, Any]]:
   """(params pure dict of numpy arrays, jaxllm `model` section) from an HF model folder."""
-  with open(os.path.join(hf_dir, hf.CONFIG_FILE)) as f:
-    model = hf.model_config_from_hf(json.load(f))
+  path = os.path.join(hf_dir, hf.CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{hf_dir} has no {hf.CONFIG_FILE}: pass a Hugging Face model folder '
+                            '(config.json and *.safetensors)')
+  with open(path, encoding='utf-8') as f:
+    try:
+      hf_config = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid JSON ({e}): download it again') from None
+  model = hf.model_config_from_hf(hf_config)
   model['param_dtype'] = dtype
   names, read = safetensors_io.open_weights(hf_dir)
   params = hf.from_hf(names, read, model_lib.ModelConfig.from_section(model))

@@ -72,9 +72,9 @@ def weight_files(folder: str) -> tuple[list[str], dict[str, str]]:
     chosen, by = sorted(set(weight_map.values())), INDEX_FILE
     missing = [f for f in chosen if f not in listing]
     if missing:
-      raise FileNotFoundError(
-          f'{os.path.join(folder, missing[0])} (and {len(missing) - 1} more), named by '
-          f'{INDEX_FILE}, is missing: download the model again')
+      more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
+      raise FileNotFoundError(f'{os.path.join(folder, missing[0])}{more}, named by {INDEX_FILE}, '
+                              'is missing: download the model again')
   else:
     raise UnsupportedError(
         f'{folder} has {", ".join(found)} but neither {SINGLE_FILE} nor {INDEX_FILE}: jaxllm '
@@ -90,12 +90,16 @@ def open_weights(folder: str) -> tuple[list[str], Callable[[str], np.ndarray]]:
   """(every tensor name in the folder's weight files, a reader of one tensor by name). The
   files are memory-mapped: a tensor is read when asked for. A tensor in two files is refused
   (which copy is the model's cannot be told), as is one the index names that no file holds."""
-  from safetensors import safe_open  # the `hf` extra
+  from safetensors import SafetensorError, safe_open  # the `hf` extra
   files, weight_map = weight_files(folder)
   where: dict[str, str] = {}
   handles = {}
   for file in files:
-    handles[file] = safe_open(os.path.join(folder, file), framework='numpy')
+    try:
+      handles[file] = safe_open(os.path.join(folder, file), framework='numpy')
+    except SafetensorError as e:  # a truncated download, or not safetensors at all
+      raise ValueError(f'{os.path.join(folder, file)} is not a whole safetensors file ({e}): '
+                       'download it again') from None
     for name in handles[file].keys():
       if name in where:
         raise UnsupportedError(f'tensor {name!r} is in both {where[name]} and {file} of '

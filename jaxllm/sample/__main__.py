@@ -7,19 +7,23 @@
 Several --prompt flags are decoded together as one batch.
 """
 
-from absl import app
 from absl import flags
 
+from jaxllm import cli
 from jaxllm import rundir
 from jaxllm import sample as sample_lib
 from jaxllm import train
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'the --workdir of a jaxllm.main run', required=True)
 _PROMPT = flags.DEFINE_multi_string('prompt', [''], 'text to continue; repeat for a batch')
-_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 100, 'tokens generated per prompt at most')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'softmax temperature; 0 = greedy')
-_TOP_K = flags.DEFINE_integer('top_k', 0, 'sample from the k most likely tokens only; 0 = all')
-_TOP_P = flags.DEFINE_float('top_p', 1.0, 'sample from the smallest set holding this probability')
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 100, 'tokens generated per prompt at most',
+                                       lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'softmax temperature; 0 = greedy',
+                                   lower_bound=0)
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'sample from the k most likely tokens only; 0 = all',
+                               lower_bound=0)
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'sample from the smallest set holding this probability',
+                             lower_bound=0, upper_bound=1)
 _SEED = flags.DEFINE_integer('seed', 0, 'sampling seed')
 _STEP = flags.DEFINE_integer('step', -1, 'checkpoint step; -1 = the latest')
 _MESH = flags.DEFINE_string('mesh', '', rundir.MESH_FLAG_HELP)
@@ -46,4 +50,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
