@@ -20,16 +20,7 @@ def evaluate_run(workdir: str, *, step: int = -1, max_batches: int | None = None
                  mesh: str = '') -> dict:
   """Held-out loss, perplexity and bits per byte of a run's checkpoint (`step` -1: the latest)
   on its eval split (`max_batches` None: all of it); `mesh` as rundir.parse_mesh ('': saved)."""
-  run = rundir.RunDir(workdir)
-  config = run.load_config(mesh)
-  run.tokenizer(config)  # a missing tokenizer is an error here: the pipeline would train one
-  try:
-    trainer = train.setup(config)
-  except ValueError as e:
-    if 'mesh' not in str(e):  # ours name mesh.* keys; jax's hybrid mesh says dcn_mesh_shape
-      raise
-    raise run.mesh_error(config, mesh, e) from None
-  params, step = run.restore_params(config, trainer.abstract_state['params'], step)
+  config, trainer, params, step = rundir.RunDir(workdir).reopen(train.setup, step=step, mesh=mesh)
   pipeline = train.make_pipeline(config, workdir, trainer.process_batch_size(
       config.train.global_batch_size, config.data.seq_len))
   out = train.evaluate(trainer, params, pipeline.eval_batches(max_batches=max_batches),

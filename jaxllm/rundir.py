@@ -144,3 +144,19 @@ class RunDir:
       return ckpt.restore_params(step, abstract_params), step
     finally:
       ckpt.close()
+
+  def reopen(self, setup, *, step: int = -1, mesh: str = ''):
+    """(config, trainer, params, step) of a finished run, on this machine's devices: the config
+    (with `mesh` replacing the saved one), `setup(config)` (jaxllm.train.setup: the wiring builds
+    trainers, rundir does not import it), and the parameters of `step` (-1: the latest). The
+    tokenizer must exist (only a new run's pipeline trains one)."""
+    config = self.load_config(mesh)
+    self.tokenizer(config)
+    try:
+      trainer = setup(config)
+    except ValueError as e:
+      if 'mesh' not in str(e):  # ours name mesh.* keys; jax's hybrid mesh says dcn_mesh_shape
+        raise
+      raise self.mesh_error(config, mesh, e) from None
+    params, step = self.restore_params(config, trainer.abstract_state['params'], step)
+    return config, trainer, params, step

@@ -504,9 +504,7 @@ def test_trained_model_generates_the_same_tokens_in_transformers(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
 
   run_dir = rundir.RunDir(str(workdir))
-  config = run_dir.load_config()
-  trainer = train.setup(config)
-  params, _ = run_dir.restore_params(config, trainer.abstract_state['params'])
+  config, trainer, params, _ = run_dir.reopen(train.setup)
   tokenizer = run_dir.tokenizer(config)
   prompts = [[tokenizer.bos_id] + tokenizer.encode(text)
              for text in ('KING HENRY.\nWhat', 'ROMEO.\nO, my', 'First Citizen.\nWe are')]

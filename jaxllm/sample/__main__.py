@@ -32,15 +32,8 @@ _MESH = flags.DEFINE_string('mesh', '', rundir.MESH_FLAG_HELP)
 def main(argv):
   del argv
   run = rundir.RunDir(_WORKDIR.value)
-  config = run.load_config(_MESH.value)
+  config, trainer, params, _ = run.reopen(train.setup, step=_STEP.value, mesh=_MESH.value)
   tokenizer = run.tokenizer(config)
-  try:
-    trainer = train.setup(config)
-  except ValueError as e:
-    if 'mesh' not in str(e):  # ours name mesh.* keys; jax's hybrid mesh says dcn_mesh_shape
-      raise
-    raise run.mesh_error(config, _MESH.value, e) from None
-  params, _ = run.restore_params(config, trainer.abstract_state['params'], _STEP.value)
   texts = sample_lib.sample_texts(
       trainer.graphdef, params, tokenizer, _PROMPT.value, mesh=trainer.mesh, rules=trainer.rules,
       max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
