@@ -53,12 +53,25 @@ def parse_mesh(text: str) -> dict[str, int]:
   return dict(zip(names, sizes + [1, 1][:5 - len(sizes)]))
 
 
+def local(path: str, what: str) -> str:
+  """`path`, if it is on a filesystem this process can open. A URL (`gs://bucket/run`) would be
+  taken as a relative local path and written under `./gs:/`, so it is refused until remote
+  storage is supported: mount the bucket (gcsfuse) or use a shared filesystem."""
+  if '://' in path:
+    raise ValueError(f'{what}={path}: remote storage URLs are not supported yet; mount it (for '
+                     'example with gcsfuse) and pass the local path')
+  return path
+
+
 @dataclasses.dataclass(frozen=True)
 class RunDir:
   """Paths of one workdir; the config's `checkpoint.dir`, `data.tokenizer` and `data.cache_dir`
-  override their defaults inside it."""
+  override their defaults inside it. URLs are refused (`local`)."""
 
   workdir: str
+
+  def __post_init__(self):
+    local(self.workdir, '--workdir')
 
   def path(self, name: str) -> str:
     return os.path.join(self.workdir, name)
@@ -80,13 +93,13 @@ class RunDir:
     return self.path(GOODPUT)
 
   def checkpoints(self, config: ml_collections.ConfigDict | None = None) -> str:
-    return (config and config.checkpoint.dir) or self.path(CHECKPOINTS)
+    return local((config and config.checkpoint.dir) or self.path(CHECKPOINTS), 'checkpoint.dir')
 
   def tokenizer_path(self, config: ml_collections.ConfigDict | None = None) -> str:
-    return (config and config.data.tokenizer) or self.path(TOKENIZER)
+    return local((config and config.data.tokenizer) or self.path(TOKENIZER), 'data.tokenizer')
 
   def data_cache(self, config: ml_collections.ConfigDict | None = None) -> str:
-    return (config and config.data.cache_dir) or self.path(DATA)
+    return local((config and config.data.cache_dir) or self.path(DATA), 'data.cache_dir')
 
   def write_config(self, config: ml_collections.ConfigDict | dict[str, Any]) -> None:
     os.makedirs(self.workdir, exist_ok=True)

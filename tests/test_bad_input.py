@@ -243,3 +243,17 @@ def test_a_bug_keeps_its_traceback():
                        'cli.run(main)\n')
   assert proc.returncode != 0
   assert 'Traceback (most recent call last)' in proc.stderr and "KeyError: 'a bug'" in proc.stderr
+
+
+def test_remote_urls_are_refused_not_written_locally(tmp_path):
+  """`--workdir=gs://bucket/run` would be taken as the relative path ./gs:/bucket/run on each host:
+  refused by name, with nothing written."""
+  from jaxllm import rundir
+  with pytest.raises(ValueError, match='--workdir=gs://b/run: remote storage URLs'):
+    rundir.RunDir('gs://b/run')
+  from jaxllm import config as config_lib
+  config = config_lib.base_config()
+  config.checkpoint.dir = 's3://b/ckpt'
+  with pytest.raises(ValueError, match='checkpoint.dir=s3://b/ckpt'):
+    rundir.RunDir(str(tmp_path)).checkpoints(config)
+  assert not list(tmp_path.iterdir())
