@@ -148,6 +148,7 @@ class Monitor:
   def __init__(self, *, goodput_path: str | None, tokens_per_step: int,
                prometheus_port: int = 0, prometheus_host: str = '127.0.0.1',
                goodput_flush_seconds: float = 10.0, started: float | None = None):
+    self._began = False
     self.process, self.is_lead = str(jax.process_index()), jax.process_index() == 0
     self.tokens_per_step = tokens_per_step
     # Only process 0 keeps the run's goodput file; the others count for their own endpoint.
@@ -175,6 +176,7 @@ class Monitor:
 
   def begin(self, step: int) -> None:
     """The loop starts after the restored `step`."""
+    self._began = True
     self.goodput.begin(step)
     self.values.update(step=step, tokens_trained=step * self.tokens_per_step)
 
@@ -264,9 +266,11 @@ class Monitor:
 
   def close(self) -> None:
     """Writes goodput.json and stops the endpoint (on errors too: what the session did counts,
-    and the port is free again for a rerun)."""
+    and the port is free again for a rerun). A session that failed before its loop began (a
+    config or checkpoint that does not fit) leaves goodput.json as it was."""
     if self._server is not None:
       self._server.shutdown()  # up to 0.5 s: the serving thread polls for it
       self._server.server_close()
       self._server = None
-    self.goodput.flush()
+    if self._began:
+      self.goodput.flush()
