@@ -22,9 +22,7 @@ from flax import nnx
 
 from jaxllm import attention
 from jaxllm import model as model_lib
-from jaxllm import sharding
-from jaxllm import train
-from test_train import small_config, synthetic_batches
+from test_train import run_steps
 
 pytestmark = pytest.mark.accelerator
 L = 1024
@@ -129,17 +127,8 @@ def test_auto_attention_picks_cudnn_for_bf16_on_gpu():
 def bf16_train_losses():
   """test_train.run_steps (STEPS steps on one fixed batch, step 0 at lr 0) on one device with
   bfloat16 compute: (losses, trainer, final state)."""
-  config = small_config()
-  config.model.dtype = 'bfloat16'
-  trainer = train.make_trainer(config, sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1},
-                                                          jax.devices()[:1]))
-  state, losses = trainer.init_state(), []
-  with sharding.activate(trainer.mesh, trainer.rules):
-    for batch in synthetic_batches():
-      batch = sharding.global_batch(batch, trainer.batch_sharding)
-      state, metrics = trainer.train_step(state, batch)
-      losses.append(float(metrics['loss']))
-  return np.array(losses), trainer, state
+  return run_steps({'data': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1],
+                   with_trainer=True, dtype='bfloat16')
 
 
 @pytest.mark.also_on_cpu  # and, as every test here, accelerator

@@ -21,12 +21,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxllm import config as config_lib
 from jaxllm import fp8
 from jaxllm import model as model_lib
 from jaxllm import sharding
-from jaxllm import train
-from test_train import small_config, synthetic_batches
+from test_train import run_steps
 
 M, K, N = 32, 64, 48
 FORMATS = {  # unit roundoff, half the subnormal spacing (both in scaled units), largest value
@@ -210,20 +208,9 @@ def test_bad_fp8_value_names_the_key():
 
 
 def run_train_steps(use_fp8, shape=(1, 1, 1)):
-  config = small_config()
-  with config.unlocked():
-    config.model.update(dtype='bfloat16', fp8=use_fp8)
-  mesh_shape = dict(zip(sharding.MESH_AXES, shape))
-  config_lib.validate(config, mesh_shape)
   devices = jax.devices()[:1] if shape == (1, 1, 1) else None
-  trainer = train.make_trainer(config, sharding.make_mesh(mesh_shape, devices))
-  state, losses = trainer.init_state(), []
-  with sharding.activate(trainer.mesh, trainer.rules):
-    for batch in synthetic_batches():
-      batch = sharding.global_batch(batch, trainer.batch_sharding)
-      state, metrics = trainer.train_step(state, batch)
-      losses.append(float(metrics['loss']))
-  return np.array(losses)
+  return run_steps(dict(zip(sharding.MESH_AXES, shape)), devices=devices, dtype='bfloat16',
+                   fp8=use_fp8)[0]
 
 
 def test_train_steps_fp8_close_to_bf16():

@@ -49,8 +49,13 @@ def synthetic_batches():
   return [batch] * STEPS
 
 
-def run_steps(mesh_shape, microbatches=1, devices=None, loss_chunk=0):
+def run_steps(mesh_shape, microbatches=1, devices=None, loss_chunk=0, *, with_trainer=False,
+              **model):
+  """The steps of synthetic_batches() on `mesh_shape`: (losses, params), or with `with_trainer`
+  (losses, trainer, final state). `model` overrides model.* keys (dtype, fp8)."""
   config = small_config(microbatches, loss_chunk)
+  with config.unlocked():
+    config.model.update(model)
   config_lib.validate(config, mesh_shape)
   trainer = train.make_trainer(config, sharding.make_mesh(mesh_shape, devices))
   state = trainer.init_state()
@@ -59,6 +64,8 @@ def run_steps(mesh_shape, microbatches=1, devices=None, loss_chunk=0):
     for batch in synthetic_batches():
       state, metrics = trainer.train_step(state, sharding.global_batch(batch, trainer.batch_sharding))
       losses.append(float(metrics['loss']))
+  if with_trainer:
+    return np.array(losses), trainer, state
   return np.array(losses), jax.device_get(state['params'])
 
 
