@@ -163,8 +163,12 @@ def test_kernel_choice_logs_the_fallback_once(monkeypatch):
   monkeypatch.setattr(attention.logging, 'log', lambda level, msg: logged.append(msg))
   for _ in range(3):
     attention.kernel('pallas', dtype='float32', head_dim=16, seq_len=100, packed=True)
-  assert logged == ['attention: XLA, not Pallas: data.seq_len=100 is not a multiple of 16 '
-                    '(the kernel tiles)']
+  assert logged == ['attention: XLA, not Pallas: model.head_dim=16 / data.seq_len=100: the kernel '
+                    'tiles a power-of-two head_dim (<= 256) and a multiple of 16 positions']
+  # A head_dim the Triton kernel cannot tile (cuDNN could) is a fallback too, whatever the length.
+  assert attention.kernel('pallas', dtype='float32', head_dim=48, seq_len=128, packed=True) == 'xla'
+  assert attention.kernel('pallas', dtype='float32', head_dim=64, seq_len=128,
+                          packed=True) == 'pallas'  # interpret mode off the GPU
   with pytest.raises(ValueError, match=r"model.attention='flash'"):
     attention.kernel('flash', dtype='float32', head_dim=16, seq_len=64, packed=False)
 
