@@ -9,7 +9,6 @@ config), learning rate, tokens/s, gradient norm, and each run's goodput: wall ti
 goodput file, or the goodput/ scalars of its events).
 """
 
-import argparse
 import json
 import os
 
@@ -17,7 +16,9 @@ import matplotlib
 
 matplotlib.use('Agg')  # before pyplot: files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
+from absl import app, flags  # noqa: E402
 
+from jaxllm import cli  # noqa: E402
 from jaxllm import goodput as goodput_lib  # noqa: E402
 from jaxllm import metrics  # noqa: E402
 from jaxllm import rundir  # noqa: E402
@@ -97,20 +98,21 @@ def _goodput_bars(ax, runs: list[dict]) -> None:
     ax.legend(fontsize=8, ncols=3, loc='upper center', bbox_to_anchor=(0.5, -0.12))
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('runs', nargs='+', help='workdirs of jaxllm.main runs (or events directories)')
-  p.add_argument('--out', default='runs.png', help='PNG to write')
-  a = p.parse_args()
-  runs = [load_run(path) for path in a.runs]
+_OUT = flags.DEFINE_string('out', 'runs.png', 'PNG to write')
+
+
+def main(argv) -> None:
+  paths = argv[1:]  # the workdirs of jaxllm.main runs (or events directories)
+  if not paths:
+    raise app.UsageError('name at least one run: python tools/plot_runs.py RUN [RUN...] --out=x.png')
+  runs = [load_run(path) for path in paths]
   names = [r['name'] for r in runs]
-  for run, path in zip(runs, a.runs):  # runs/a/run and runs/b/run: say a/run and b/run
+  for run, path in zip(runs, paths):  # runs/a/run and runs/b/run: say a/run and b/run
     if names.count(run['name']) > 1:
       run['name'] = os.path.join(*os.path.normpath(os.path.abspath(path)).split(os.sep)[-2:])
-  plot(runs, a.out)
-  print(a.out)
+  plot(runs, _OUT.value)
+  print(_OUT.value)
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)
