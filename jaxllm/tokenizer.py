@@ -13,12 +13,13 @@ import abc
 import hashlib
 import io
 import os
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+
+from jaxllm import files
 
 
 class Tokenizer(abc.ABC):
@@ -161,18 +162,7 @@ def train_sentencepiece(path: str, texts: Sequence[str], vocab_size: int, *,
 
 
 def write_replacing(path: str, contents: bytes) -> None:
-  """`contents` as the file `path`, whole or not at all: written as `path.tmpPID` and renamed
-  over `path`. First removes the `path.tmp*` files that writers of `path` killed mid-write left
-  behind (each crash would leave another); jaxllm.convert.replacing follows the same rule."""
-  target = Path(path)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  own = re.compile(re.escape(target.name) + r'\.tmp\d*')
-  for stale in target.parent.iterdir():
-    if own.fullmatch(stale.name):
-      stale.unlink()
-  tmp = target.with_name(f'{target.name}.tmp{os.getpid()}')
-  try:
-    tmp.write_bytes(contents)
-    os.replace(tmp, target)
-  finally:
-    tmp.unlink(missing_ok=True)
+  """`contents` as the file `path`, whole or not at all (jaxllm.files.replacing)."""
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  with files.replacing(path, 'wb') as f:
+    f.write(contents)
