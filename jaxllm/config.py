@@ -97,6 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.tokenizer = ''  # sentencepiece model (must exist); '' = <workdir>/tokenizer.model, trained if missing
   d.eval_files = 2  # whole source files held out for evaluation
   d.seq_len = 256  # tokens per row (packed documents)
+  # Conversations (jsonl rows with `messages`, or `prompt` and `completion`): jaxllm/chat.py.
+  d.chat_template = ''  # Jinja file, or 'default' (jaxllm's); '' = the tokenizer's own template
+  d.loss_on = 'assistant'  # conversations: assistant | all (tokens that carry loss)
+  d.chat_overflow = 'drop'  # a conversation longer than seq_len: drop | truncate (counted, logged)
   d.seed = 0  # shuffling seed
 
   c.train = t = ml_collections.ConfigDict()
@@ -202,6 +206,10 @@ MINIMUMS = {
 }
 
 
+# Keys whose value is one of a few names.
+CHOICES = {'data.loss_on': ('assistant', 'all'), 'data.chat_overflow': ('drop', 'truncate')}
+
+
 def _below_minimum(config: ml_collections.ConfigDict) -> list[str]:
   errors = []
   for key, least in MINIMUMS.items():
@@ -226,6 +234,10 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> N
   errors = _below_minimum(config)
   if not config.data.eval_source and config.data.eval_files < 1:
     errors.append('data.eval_files=0 leaves no held-out split: set it >= 1 or set data.eval_source')
+  for key, allowed in CHOICES.items():
+    section, name = key.split('.')
+    if config[section][name] not in allowed:
+      errors.append(f'{key}={config[section][name]!r} must be one of {", ".join(allowed)}')
   if errors:  # the checks below divide by these values
     raise ValueError('invalid config: ' + '; '.join(errors))
   if m.n_heads % m.n_kv_heads:

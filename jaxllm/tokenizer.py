@@ -22,6 +22,19 @@ import sentencepiece as spm
 from jaxllm import files
 
 
+# The chat template jaxllm gives a tokenizer that has none (a sentencepiece model trained here, and
+# its HF export): turn markers in plain text, each assistant turn closed by EOS, which is where
+# generation stops. Chosen over ChatML's <|im_start|> tokens because it adds no tokens to the
+# vocabulary, so a pretrained model fine-tunes on it as it is.
+DEFAULT_CHAT_TEMPLATE = (
+    "{{- bos_token if bos_token else '' -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] -}}"
+    "{{- eos_token if message['role'] == 'assistant' else '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}")
+
+
 class Tokenizer(abc.ABC):
   """Texts <-> ids. `encode` adds no BOS/EOS; `encode_docs` frames each text as a document.
 
@@ -35,8 +48,9 @@ class Tokenizer(abc.ABC):
 
   path: str
   vocab_size: int
-  bos_id: int
+  bos_id: int | None  # None: the tokenizer has no BOS (Qwen's); documents then start with no marker
   eos_id: int
+  chat_template: str | None = None  # Jinja source of the chat template (jaxllm.chat renders it)
 
   @abc.abstractmethod
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
