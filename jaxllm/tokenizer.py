@@ -221,7 +221,7 @@ class SentencePieceTokenizer(Tokenizer):
     return self.encode(text)
 
 
-# The named special tokens of transformers (SPECIAL_TOKENS_ATTRIBUTES): the strings a template reads.
+# transformers' named special tokens (SPECIAL_TOKENS_ATTRIBUTES): the strings a template reads.
 SPECIAL_TOKEN_NAMES = ('bos_token', 'eos_token', 'unk_token', 'sep_token', 'pad_token',
                        'cls_token', 'mask_token')
 _BYTE_PIECE = re.compile(r'<0x[0-9A-Fa-f]{2}>')
@@ -266,7 +266,8 @@ class HFTokenizer(Tokenizer):
                    and config.get('add_bos_token', True) is not False else None)
     vocab = self._tok.get_vocab(with_added_tokens=True)
     self.vocab_size = max(self._tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
-    self._added = {t.content: (i, t.special) for i, t in self._tok.get_added_tokens_decoder().items()}
+    self._added = {t.content: (i, t.special)
+                   for i, t in self._tok.get_added_tokens_decoder().items()}
     self.chat_template, self.chat_template_source = _own_chat_template(Path(folder), config)
 
   def _id_of(self, name: str, config_file: Path) -> int:
