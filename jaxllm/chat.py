@@ -132,7 +132,7 @@ def _make_dict(*args, **kwargs) -> dict:
   return dict(*args, **kwargs)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.cache
 def _environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
   env = jinja2.sandbox.ImmutableSandboxedEnvironment(
       trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTags, jinja2.ext.loopcontrols])
@@ -289,7 +289,8 @@ def encode_chat(tokenizer: tokenizer_lib.Tokenizer, messages: Sequence[dict], *,
   mask = np.zeros(len(ids), bool)
   if len(ids):
     starts, ends = np.asarray(spans, np.int64).T
-    position = _unmarked_positions(full)
+    marks = _MARK_START in full or _MARK_END in full
+    position = _unmarked_positions(full) if marks else np.arange(len(full) + 1)
     for a, b in _assistant_spans(tokenizer, marked, full):
       mask |= (ends > position[a]) & (starts < position[b])
   return ids, mask

@@ -269,6 +269,7 @@ class HFTokenizer(Tokenizer):
     self._added = {t.content: (i, t.special)
                    for i, t in self._tok.get_added_tokens_decoder().items()}
     self.chat_template, self.chat_template_source = _own_chat_template(Path(folder), config)
+    self._token_bytes = None
 
   def _id_of(self, name: str, config_file: Path) -> int:
     i = self._tok.token_to_id(self._specials[name])
@@ -291,7 +292,13 @@ class HFTokenizer(Tokenizer):
   def token_bytes(self) -> np.ndarray:
     """From each token's string as the decoder reads it: byte-level BPE's characters are one
     byte each; otherwise '<0xNN>' byte pieces (with ByteFallback) are one byte and the rest is
-    UTF-8 after the decoder's replacements ('▁' -> ' ')."""
+    UTF-8 after the decoder's replacements ('▁' -> ' '). Computed once (a pass over the vocab)."""
+    if self._token_bytes is None:
+      self._token_bytes = self._count_token_bytes()
+      self._token_bytes.flags.writeable = False
+    return self._token_bytes
+
+  def _count_token_bytes(self) -> np.ndarray:
     steps = _decoder_steps(json.loads(self._definition).get('decoder'))
     kinds = {step['type'] for step in steps}
     byte_chars = set(tokenizers.pre_tokenizers.ByteLevel.alphabet())
