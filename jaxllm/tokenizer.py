@@ -237,7 +237,8 @@ class HFTokenizer(Tokenizer):
   marker, as Qwen's do); a folder with no eos_token is an error. Encoding runs a copy of the
   tokenizer with `encode_special_tokens` set, so special-token spellings in text are text;
   `encode_template_text` runs the original, which matches them (as transformers does with a
-  rendered chat template).
+  rendered chat template). Truncation and padding saved in tokenizer.json are switched off: the
+  data pipeline packs whole documents.
   """
 
   def __init__(self, folder: str):
@@ -250,6 +251,9 @@ class HFTokenizer(Tokenizer):
     except Exception as e:  # tokenizers raises a plain Exception for a bad file
       raise ValueError(f'{file} is not a tokenizers tokenizer.json ({e}); point data.tokenizer '
                        'at a Hugging Face model folder') from None
+    for tok in (self._tok, self._text):  # a file's own settings would cut or pad documents
+      tok.no_truncation()
+      tok.no_padding()
     self._text.encode_special_tokens = True
     config_file = Path(folder) / 'tokenizer_config.json'
     config = _read_json(config_file)

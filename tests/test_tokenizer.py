@@ -215,3 +215,16 @@ def test_text_bytes_without_bos_count_every_target(hf_json, tmp_path):
            'segment_ids': np.ones((1, len(doc) - 1), np.int32)}
   # Every target but the first token's text, which no input predicts.
   assert tok.text_bytes_counter()(batch) == len(tok.decode(doc[1:]).encode('utf-8'))
+
+
+def test_hf_truncation_and_padding_saved_in_the_file_are_off(hf_json, tmp_path):
+  from tokenizers import Tokenizer
+  tok = Tokenizer.from_str(hf_json.decode())
+  tok.enable_truncation(max_length=3)
+  tok.enable_padding(length=64)
+  ours = tokenizer_lib.open_tokenizer(hf_folder(tmp_path / 't', tok.to_str().encode(),
+                                                {'eos_token': '</s>'}))
+  plain = tokenizer_lib.open_tokenizer(hf_folder(tmp_path / 'p', hf_json, {'eos_token': '</s>'}))
+  texts = ['a longer text than three tokens, surely', 'b']
+  assert ours.encode_batch(texts) == plain.encode_batch(texts)
+  assert len(ours.encode(texts[0])) > 3 and len(ours.encode(texts[1])) < 3
