@@ -29,10 +29,10 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxllm.sources import DOC_CHARS, BadRecords, file_documents, list_source_files
+from jaxllm.sources import DOC_CHARS, BadRecords, Conversation, file_documents, list_source_files
 
 OVERLAP_MIN_CHARS = 100  # shorter documents ('[Exit.]' ends 3 plays) repeat in unrelated texts
-_FORMAT = 4  # bump when the document rules change, so caches rebuild (4: content hashes)
+_FORMAT = 5  # bump when the document rules change, so caches rebuild (5: conversations)
 
 
 def pick_eval_files(names: list[str], eval_files: int) -> list[str]:
@@ -57,6 +57,7 @@ class JaxllmTextDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     self.hashes: dict[str, list[int]] = {}  # split -> doc_hash of its long documents, as built
     self.content: dict[str, Any] = {}  # split -> sha256 of its documents in order
     self.docs: dict[str, int] = {}  # split -> documents
+    self.chats: dict[str, int] = {}  # split -> documents that are conversations
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -74,11 +75,16 @@ class JaxllmTextDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     return splits
 
   def _generate_examples(self, files: list[Path], split: str) -> Iterator[tuple[str, dict[str, str]]]:
-    hashes, self.docs[split] = self.hashes.setdefault(split, []), 0
+    hashes, self.docs[split], self.chats[split] = self.hashes.setdefault(split, []), 0, 0
     content = self.content.setdefault(split, hashlib.sha256())
     for f in files:
       for i, doc in enumerate(file_documents(f, text_field=self._field, bad=self.bad)):
         self.docs[split] += 1
+        self.chats[split] += isinstance(doc, Conversation)
+        if self.chats[split] not in (0, self.docs[split]):
+          raise ValueError(f'{f}: document {i} is {"a" if isinstance(doc, Conversation) else "not a"} '
+                           'conversation, unlike the ones before it: keep text and conversations '
+                           'in separate sources')
         content.update(doc.encode('utf-8') + b'\0')
         if len(doc) >= OVERLAP_MIN_CHARS:
           hashes.append(doc_hash(doc))
@@ -102,6 +108,7 @@ class Documents:
   fingerprint: str = ''
   files: tuple[Path, ...] = ()  # the source files (none for a TFDS dataset)
   hashes_path: str = ''  # sorted unique doc_hash of every document ('': not known, TFDS)
+  chat: bool = False  # the documents are conversations (sources.Conversation: JSON of messages)
 
   def hashes(self) -> np.ndarray:
     return np.load(self.hashes_path) if self.hashes_path else np.zeros(0, np.uint64)
@@ -164,6 +171,7 @@ def _open_files(spec: str, *, cache_dir: str, eval_files: int, text_field: str,
       np.save(Path(builder.data_dir) / f'doc_hashes.{split}.npy', np.unique(np.array(hashes, np.uint64)))
     for split, content in builder.content.items():
       (Path(builder.data_dir) / f'content.{split}.txt').write_text(content.hexdigest()[:16])
+    (Path(builder.data_dir) / 'chat.json').write_text(json.dumps(builder.chats))
     skipped_file.write_text(json.dumps(builder.bad.counts))
   built = json.loads(skipped_file.read_text()) if skipped_file.exists() else {}
   skipped = {**listing.counts, **built}
@@ -221,15 +229,18 @@ def _open_one(spec: str, *, hold_out: int, cache_dir: str, text_field: str, tfds
   # What a checkpoint's data position assumes is the documents themselves: their content hash, the
   # same on every host holding the same text wherever its files live and whatever their mtimes.
   content = lambda split: (Path(builder.data_dir) / f'content.{split}.txt').read_text()
+  chats = json.loads((Path(builder.data_dir) / 'chat.json').read_text())
   train = Documents(spec, str(builder.data_dir), builder.as_data_source('train'),
                     fingerprint=content('train'),
                     files=tuple(f for f in files if str(f) not in eval_paths),
-                    hashes_path=str(Path(builder.data_dir) / 'doc_hashes.train.npy'))
+                    hashes_path=str(Path(builder.data_dir) / 'doc_hashes.train.npy'),
+                    chat=chats.get('train', 0) > 0)
   if not eval_paths:
     return train, None, [], skipped
   held_out = Documents(f'{spec} (held out)', f'{builder.data_dir} eval', builder.as_data_source('eval'),
                        fingerprint=content('eval'), files=tuple(Path(p) for p in eval_paths),
-                       hashes_path=str(Path(builder.data_dir) / 'doc_hashes.eval.npy'))
+                       hashes_path=str(Path(builder.data_dir) / 'doc_hashes.eval.npy'),
+                       chat=chats.get('eval', 0) > 0)
   return train, held_out, [Path(p).name for p in eval_paths], skipped
 
 

@@ -138,10 +138,10 @@ class RunDir:
   def tokenizer(self, config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
     """The run's tokenizer; never trains one (only the data pipeline of a new run does)."""
     path = self.tokenizer_path(config)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):  # a sentencepiece .model, or an HF tokenizer folder
       raise FileNotFoundError(f'tokenizer {path} of --workdir={self.workdir} does not exist: set '
                               '--config.data.tokenizer to the tokenizer the run was trained with')
-    return tokenizer_lib.open_tokenizer(path)
+    return tokenizer_lib.open_tokenizer(path, chat_template=config.data.get('chat_template', ''))
 
   def open_checkpoint(self, config: ml_collections.ConfigDict, step: int = -1,
                       ) -> tuple[checkpoint_lib.Checkpointer, int]:

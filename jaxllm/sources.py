@@ -7,11 +7,17 @@ Choices:
   or `.xz`, read as they stream), or `tfds:NAME:SPLIT` for a dataset already prepared (as
   array_record) in `tfds_data_dir` (NAME may carry a config and version: `tfds:c4/en:3.0.1:train`).
   `jaxllm/documents.py` builds them into random-access datasets.
+- Conversations: a `.jsonl` row without the text field that has `messages` ([{role, content}]) or
+  `prompt` and `completion` is a conversation (`jaxllm.chat.conversation` reads it): its document
+  is a `Conversation`, the JSON of its messages, which the data pipeline renders with the chat
+  template. A source's rows are all text or all conversations.
 - Document: a `.txt` file is cut at blank lines into pieces of at least `DOC_CHARS` (2048) characters
   (a piece with no blank line for 8x that is cut at a newline), so the 5 MB Shakespeare corpus gives
   about 2,300 documents; every document is an exact substring of its file. A `.jsonl` line or a
   `.parquet` row is one document: its `text_field`, whole, however long. Whitespace-only documents
   are dropped.
+- Built in: `builtin:shakespeare_chat` is a chat demo made from the embedded corpus on first use
+  (`shakespeare_chat`): one jsonl file per play, so data.eval_files holds out whole plays.
 - Bad input is an error naming the path (and line) and the fix: a missing path, a directory or glob
   with no source files, a file of another kind in it, a damaged compressed file, a file that is not
   UTF-8, a jsonl line that is not JSON or lacks the field, a parquet file without the column. With
@@ -22,6 +28,7 @@ Choices:
 from __future__ import annotations
 
 import bz2
+import configparser
 import glob
 import gzip
 import importlib.resources
@@ -33,6 +40,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from absl import logging
+
+from jaxllm import chat
+from jaxllm import files
 
 DOC_CHARS = 2048
 MAX_DOC_CHARS = 8 * DOC_CHARS
@@ -179,6 +189,18 @@ class BadRecords:
       logging.warning('skipping %s: %s', where, problem)
 
 
+class Conversation(str):
+  """A document that is a conversation: the JSON of its messages (jaxllm.chat renders it)."""
+
+
+def _conversation(record: dict, where: str, bad: BadRecords) -> Conversation | None:
+  try:
+    return Conversation(json.dumps(chat.conversation(record, where), ensure_ascii=False))
+  except ValueError as e:
+    bad(where, str(e).removeprefix(f'{where}: '), 'fix or delete the line')
+    return None
+
+
 def _jsonl_documents(path: Path, field: str, bad: BadRecords) -> Iterator[str]:
   with _OPENERS[source_kind(path)[1]](path, 'rb') as f:
     for n, line in enumerate(f, 1):
@@ -194,6 +216,10 @@ def _jsonl_documents(path: Path, field: str, bad: BadRecords) -> Iterator[str]:
         bad(where, 'not a JSON object', 'fix or delete the line')
         continue
       text = record.get(field) if isinstance(record, dict) else None
+      if text is None and isinstance(record, dict) and chat.is_conversation(record):
+        if (conversation := _conversation(record, where, bad)) is not None:
+          yield conversation
+        continue
       if not isinstance(text, str):
         keys = ', '.join(record) if isinstance(record, dict) else type(record).__name__
         bad(where, f'no string field {field!r} (has: {keys})', 'set text_field to the field that holds the text')
@@ -250,3 +276,60 @@ def file_documents(path: Path, *, text_field: str, bad: BadRecords) -> Iterator[
     # Documents before the damage were already yielded; with skip_bad_records they stay.
     bad(str(path), f'a damaged {compression or suffix} file ({type(e).__name__}: {e})',
         f'download or {"compress" if compression else "write"} it again, or remove it')
+
+
+CHAT_DEMO = 'builtin:shakespeare_chat'
+_CHAT_DEMO_VERSION = 1  # bump when the conversations change
+_SPEAKER = re.compile(r"[A-Z][A-Za-z' ]{0,30}\.")  # 'Ber.', 'FIRST CITIZEN.'
+_DEMO_MAX_CHARS = 400  # speeches of a few lines: conversations fit a short seq_len
+
+
+def _speeches(text: str) -> Iterator[tuple[str, str] | None]:
+  """(speaker, speech) of each speech of a play in order; None for anything else (a stage
+  direction, a scene heading), which breaks the dialogue."""
+  for block in re.split(r'\n[ \t]*\n', text):
+    lines = [line.strip() for line in block.strip().splitlines()]
+    speech = [line for line in lines[1:] if not line.startswith('[')]
+    if len(lines) >= 2 and _SPEAKER.fullmatch(lines[0]) and speech:
+      yield lines[0][:-1].title(), '\n'.join(speech)
+    else:
+      yield None
+
+
+def play_conversations(text: str, title: str) -> list[dict]:
+  """A play's consecutive pairs of short speeches by two speakers, as conversations: the first
+  speech is the user's turn, the reply the assistant's, under a system prompt naming the play
+  and the replying character."""
+  out, previous = [], None
+  for speech in _speeches(text):
+    if (speech and previous and speech[0] != previous[0]
+        and max(len(previous[1]), len(speech[1])) <= _DEMO_MAX_CHARS):
+      system = f"You are {speech[0]} in Shakespeare's {title}. Reply in character."
+      out.append({'messages': [{'role': 'system', 'content': system},
+                               {'role': 'user', 'content': previous[1]},
+                               {'role': 'assistant', 'content': speech[1]}]})
+      speech = None  # pairs do not overlap
+    previous = speech
+  return out
+
+
+def shakespeare_chat(directory: str) -> str:
+  """The chat demo written under `directory` (once; one `<play>.jsonl` per play); its glob."""
+  out = Path(directory) / f'shakespeare_chat_v{_CHAT_DEMO_VERSION}'
+  if not (out / 'DONE').exists():
+    corpus = Path(default_source_dir()).parent
+    titles = configparser.ConfigParser(interpolation=None)
+    titles.read(corpus / 'SOURCES.ini', encoding='utf-8')
+    out.mkdir(parents=True, exist_ok=True)
+    for play in sorted(corpus.glob('*.txt')):
+      title = titles.get(f'{play.stem}_gut', 'title', fallback=play.stem.replace('_', ' ').title())
+      rows = play_conversations(play.read_text(encoding='utf-8'), title)
+      with files.replacing(str(out / f'{play.stem}.jsonl')) as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + '\n' for row in rows)
+    (out / 'DONE').write_text(f'{_CHAT_DEMO_VERSION}\n')
+  return str(out / '*.jsonl')
+
+
+def builtin_source(spec: str, cache_dir: str) -> str:
+  """A source SPEC with a built-in name (CHAT_DEMO) made under `cache_dir`; others as they are."""
+  return shakespeare_chat(cache_dir) if spec == CHAT_DEMO else spec

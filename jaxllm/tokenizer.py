@@ -118,7 +118,8 @@ class Tokenizer(abc.ABC):
     return [np.array([*bos, *ids, self.eos_id], np.int32) for ids in self.encode_batch(texts)]
 
   def text_bytes_counter(self):
-    """batch -> UTF-8 bytes of the text its real targets (segment_ids > 0) stand for, less the
+    """batch -> UTF-8 bytes of the text its real targets (segment_ids > 0, and weights > 0 where
+    the batch has weights) stand for, less the
     document prefix at each document's first target (the one after BOS): bits per byte is then
     total nats / ln 2 / these bytes, comparable across tokenizers. Without a BOS a document's
     first token is no target, and its prefix is in no count."""
@@ -126,6 +127,8 @@ class Tokenizer(abc.ABC):
 
     def count(batch) -> int:
       real = batch['segment_ids'] > 0
+      if 'weights' in batch:  # conversations: only the targets that carry loss
+        real = real & (batch['weights'] > 0)
       target_bytes = table[batch['targets']]
       if self.bos_id is None:
         return int(target_bytes[real].sum())

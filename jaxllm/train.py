@@ -26,6 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxllm import chat
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
 from jaxllm import data as data_lib
@@ -143,7 +144,8 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
 
 
 def _loss_sums(trainer: Trainer, params, batch):
-  """Summed next-token NLL over real (non-padding) targets, and their count.
+  """Summed next-token NLL over real (non-padding) targets, and their count; a batch with
+  `weights` (conversations) counts only the targets weighted 1.
 
   A batch without `segment_ids` and `positions` holds one document per row and no padding
   (benchmarks): attention then needs no mask, which lets cuDNN run its fastest causal kernel.
@@ -152,6 +154,8 @@ def _loss_sums(trainer: Trainer, params, batch):
   segment_ids_BL = batch.get('segment_ids')
   mask_BL = (jnp.ones(batch['targets'].shape, bool) if segment_ids_BL is None
              else segment_ids_BL > 0)
+  if 'weights' in batch:
+    mask_BL = mask_BL & (batch['weights'] > 0)
   weights_BL = mask_BL.astype(jnp.float32)
   kwargs = dict(positions_BL=batch.get('positions'), segment_ids_BL=segment_ids_BL)
   if trainer.loss_chunk:
@@ -277,7 +281,9 @@ def make_pipeline(config: ml_collections.ConfigDict, workdir: str, batch_size: i
       eval_files=d.eval_files, seed=d.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), sources=d.sources, eval_source=d.eval_source,
       text_field=d.text_field, tfds_data_dir=d.tfds_data_dir or None,
-      skip_bad_records=d.skip_bad_records, pretokenize=d.pretokenize, worker_count=d.worker_count)
+      skip_bad_records=d.skip_bad_records, pretokenize=d.pretokenize, worker_count=d.worker_count,
+      chat_template=d.chat_template, loss_on=d.loss_on, chat_overflow=d.chat_overflow,
+      encode_chat=chat.encode_chat)
 
 
 def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:

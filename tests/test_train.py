@@ -181,3 +181,23 @@ def test_train_and_eval_steps_pass_the_trainers_compiler_options_to_xla():
                        (bogus.eval_step, (bogus.abstract_state['params'], batch))):
       with pytest.raises(jax.errors.JaxRuntimeError, match='xla_cpu_no_such_option_here'):
         step.lower(*args).compile()
+
+
+def test_weights_select_the_targets_that_carry_loss():
+  """A batch's `weights` (conversations: assistant targets only) split the loss and the token
+  count: the weighted half and the other half add up to the unweighted batch, and neither
+  equals the whole."""
+  trainer = train.make_trainer(small_config(), sharding.make_mesh(
+      {'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1]))
+  params = trainer.init_state()['params']
+  batch = synthetic_batches()[0]
+  half = (np.random.default_rng(1).random(batch['targets'].shape) < 0.5).astype(np.int32)
+  with sharding.activate(trainer.mesh, trainer.rules):
+    run = lambda b: jax.device_get(trainer.eval_step(params, sharding.global_batch(
+        b, trainer.batch_sharding)))
+    whole = run(batch)
+    a, b = run({**batch, 'weights': half}), run({**batch, 'weights': 1 - half})
+  real = batch['segment_ids'] > 0
+  assert (a['tokens'], b['tokens']) == ((half * real).sum(), ((1 - half) * real).sum())
+  np.testing.assert_allclose(a['loss_sum'] + b['loss_sum'], whole['loss_sum'], rtol=1e-5)
+  assert 0 < a['loss_sum'] < 0.8 * whole['loss_sum']

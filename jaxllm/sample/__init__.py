@@ -97,9 +97,15 @@ def generate(graphdef, params, tokens_BP, starts_B, key, *, max_new_tokens: int,
              temperature=0.0, top_k=0, top_p=1.0, eos_id=-1):
   """Left-padded prompts (left_pad) -> {'tokens': [B, max_new_tokens] int32, 'lengths': [B]}.
 
-  Tokens after a row's first EOS are EOS; `lengths` counts the tokens before it (EOS excluded).
-  temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off; eos_id -1 never stops.
+  `eos_id`: the id, or a sequence of ids (a chat template's end of turn and EOS), that ends a
+  row. Tokens after a row's first stop id are the first of `eos_id`; `lengths` counts the tokens
+  before it (the stop excluded). temperature 0 is greedy; top_k 0 and top_p 1 switch those
+  filters off; eos_id -1 never stops.
   """
+  stop_S = jnp.atleast_1d(jnp.asarray(eos_id, jnp.int32))
+  is_stop = lambda tokens: jnp.any(tokens[..., None] == stop_S.reshape((1,) * tokens.ndim + (-1,)),
+                                    axis=-1)
+  eos_id = stop_S[0]
   model = nnx.merge(graphdef, params)
   B, P = tokens_BP.shape
   N = max_new_tokens
@@ -121,11 +127,11 @@ def generate(graphdef, params, tokens_BP, starts_B, key, *, max_new_tokens: int,
     key, now = jax.random.split(key)
     token_B = jnp.where(done_B, eos_id, sample_token(logits_BV, now, **sampling))
     out_BN = jax.lax.dynamic_update_index_in_dim(out_BN, token_B, i, axis=1)
-    return i + 1, out_BN, cache, done_B | (token_B == eos_id), key
+    return i + 1, out_BN, cache, done_B | is_stop(token_B), key
 
-  carry = (jnp.int32(1), out_BN, cache, first_B == eos_id, key)
+  carry = (jnp.int32(1), out_BN, cache, is_stop(first_B), key)
   _, out_BN, _, _, _ = jax.lax.while_loop(cond, body, carry)
-  is_eos_BN = out_BN == eos_id
+  is_eos_BN = is_stop(out_BN)
   lengths_B = jnp.where(is_eos_BN.any(axis=1), jnp.argmax(is_eos_BN, axis=1), N)
   # Replicated, so every process can read the result.
   return {'tokens': sharding.constrain(out_BN, (None, None)),
@@ -137,12 +143,23 @@ def sample_texts(graphdef, params, tokenizer: tokenizer_lib.Tokenizer, prompts: 
                  top_p: float = 1.0, seed: int = 0) -> list[str]:
   """Each prompt and its continuation (up to EOS or max_new_tokens), decoded; generated with
   the KV cache on `mesh`. Prompts start with BOS, as every training document does."""
-  ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
-  tokens_BP, starts_B = left_pad(ids, rows=sharding.batch_ways(mesh, rules))
+  bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  ids = [[*bos, *tokenizer.encode(p)] for p in prompts]
+  new = generate_ids(graphdef, params, ids, mesh=mesh, rules=rules, stop_ids=[tokenizer.eos_id],
+                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                     top_p=top_p, seed=seed)
+  return [tokenizer.decode(ids[b][len(bos):] + new[b]) for b in range(len(prompts))]
+
+
+def generate_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, mesh, rules,
+                 stop_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+  """The ids generated after each prompt (of ids), up to a stop id (excluded) or max_new_tokens."""
+  tokens_BP, starts_B = left_pad(prompts, rows=sharding.batch_ways(mesh, rules))
   with sharding.activate(mesh, rules):
     out = generate(graphdef, params, tokens_BP, starts_B, jax.random.key(seed),
                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, eos_id=tokenizer.eos_id)
+                   top_p=top_p, eos_id=tuple(int(i) for i in stop_ids))
   out = jax.device_get(out)
-  return [tokenizer.decode(ids[b][1:] + out['tokens'][b, :out['lengths'][b]].tolist())
-          for b in range(len(prompts))]
+  return [out['tokens'][b, :out['lengths'][b]].tolist() for b in range(len(prompts))]
+
