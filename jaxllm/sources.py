@@ -84,12 +84,19 @@ def _walk(directory: Path, seen: set[Path], hidden: list[Path]) -> Iterator[Path
       yield entry
 
 
+# data.sources of a config that has no default data (a fine-tune's, tools/convert_from_hf.py).
+REQUIRED = 'REQUIRED'
+
+
 def resolve_specs(sources: str | Sequence[tuple[str, float]] = '', source_dir: str | None = None,
                   ) -> list[tuple[str, float]]:
   """The (SPEC, weight) list a run reads: `sources` ('SPEC[@WEIGHT],...' or pairs), else
   `source_dir`, else the embedded corpus; both set is an error."""
   if source_dir and sources:
     raise ValueError('set data.source_dir or data.sources, not both')
+  if sources == REQUIRED:
+    raise ValueError('data.sources is required by this config (a fine-tune has no default data): '
+                     f'pass --config.data.sources=SPEC, e.g. chats.jsonl or {CHAT_DEMO}')
   specs = parse_sources(sources) if isinstance(sources, str) and sources else list(sources)
   return specs or [(source_dir or default_source_dir(), 1.0)]
 

@@ -151,3 +151,8 @@ def test_builtin_chat_demo_is_made_once_per_play(tmp_path):
   mtime = files[0].stat().st_mtime_ns
   assert sources.shakespeare_chat(str(tmp_path)) == pattern
   assert files[0].stat().st_mtime_ns == mtime  # made once
+
+
+def test_a_config_that_requires_sources_says_so():
+  with pytest.raises(ValueError, match='data.sources is required by this config.*--config.data.sources='):
+    sources.resolve_specs(sources.REQUIRED)
