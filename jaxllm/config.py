@@ -96,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.cache_dir = ''  # where the array_record dataset is built; '' = <workdir>/data
   d.tokenizer = ''  # sentencepiece model (must exist); '' = <workdir>/tokenizer.model, trained if missing
   d.eval_files = 2  # whole source files held out for evaluation
+  d.eval_fraction = 0.0  # > 0: hold out this fraction of the first source's documents instead (one file)
   d.seq_len = 256  # tokens per row (packed documents)
   # Conversations (jsonl rows with `messages`, or `prompt` and `completion`): jaxllm/chat.py.
   d.chat_template = ''  # Jinja file, or 'default' (jaxllm's); '' = the tokenizer's own template
@@ -232,8 +233,11 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> N
   """Cross-field checks; each error names the keys to change. `mesh_shape` is resolved."""
   m, t = config.model, config.train
   errors = _below_minimum(config)
-  if not config.data.eval_source and config.data.eval_files < 1:
-    errors.append('data.eval_files=0 leaves no held-out split: set it >= 1 or set data.eval_source')
+  if not config.data.eval_source and config.data.eval_files < 1 and not config.data.eval_fraction:
+    errors.append('data.eval_files=0 leaves no held-out split: set it >= 1, or set '
+                  'data.eval_fraction or data.eval_source')
+  if not 0 <= config.data.eval_fraction < 1:
+    errors.append(f'data.eval_fraction={config.data.eval_fraction} must be in [0, 1)')
   for key, allowed in CHOICES.items():
     section, name = key.split('.')
     if config[section][name] not in allowed:

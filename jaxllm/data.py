@@ -377,7 +377,8 @@ def make_pipeline(*, source_dir: str | None = None, cache_dir: str, tokenizer_pa
                   skip_bad_records: bool = False, pretokenize: bool = False,
                   worker_count: int = 0, train_missing_tokenizer: bool = True,
                   chat_template: str = '', loss_on: str = 'assistant',
-                  chat_overflow: str = 'drop', encode_chat: EncodeChat | None = None) -> Pipeline:
+                  chat_overflow: str = 'drop', encode_chat: EncodeChat | None = None,
+                  eval_fraction: float = 0.0) -> Pipeline:
   """Builds (or reuses) the datasets under cache_dir, the tokenizer at tokenizer_path and, with
   pretokenize=True, the token caches (conversations are always cached); `sources` ('SPEC[@WEIGHT],
   ...', see the module doc) replaces source_dir, and neither means the embedded corpus.
@@ -392,6 +393,7 @@ def make_pipeline(*, source_dir: str | None = None, cache_dir: str, tokenizer_pa
     specs = [(builtin_source(spec, cache_dir), w) for spec, w in specs]
     eval_source = eval_source and builtin_source(eval_source, cache_dir)
     found = open_sources(specs, cache_dir=cache_dir, eval_files=eval_files, eval_source=eval_source,
+                         eval_fraction=eval_fraction,
                          text_field=text_field, tfds_data_dir=tfds_data_dir, skip_bad_records=skip_bad_records)
     if not Path(tokenizer_path).exists():
       if not train_missing_tokenizer:  # a typo or unmounted volume must not get a new tokenizer

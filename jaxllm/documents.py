@@ -9,7 +9,10 @@ into documents is `jaxllm/sources.py`.
 - Eval split: `eval_files` whole files of the first source, taken at a fixed stride from the sorted
   file names (42 files, eval_files=2 -> the 11th and 32nd), recorded in `Sources.eval_file_names`;
   or, with `eval_source`, all of another SPEC (required when the first source is a TFDS dataset),
-  which must share no file and no document (by hash, `doc_hash`) with a train source. An empty
+  which must share no file and no document (by hash, `doc_hash`) with a train source; or, with
+  `eval_fraction` (for a source of one file, such as a chats.jsonl), the documents of the first
+  source whose hash falls in that fraction, wherever they are (a duplicate lands beside its
+  twin, so the split never leaks a document). An empty
   eval split is an error, not a loss of 0.
 - Fingerprint: `Sources.fingerprint()`, a hash of each source's documents in order (the same on
   every host holding the same text, wherever its files live), is saved with checkpoints; a resume
@@ -51,8 +54,9 @@ class JaxllmTextDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   VERSION = tfds.core.Version('1.0.0')
 
   def __init__(self, *, files: list[Path], eval_names: list[str], text_field: str = 'text',
-               skip_bad_records: bool = False, **kwargs: Any):
+               skip_bad_records: bool = False, eval_fraction: float = 0.0, **kwargs: Any):
     self._files, self._eval_names, self._field = files, eval_names, text_field
+    self._fraction = eval_fraction
     self.bad = BadRecords(skip_bad_records)
     self.hashes: dict[str, list[int]] = {}  # split -> doc_hash of its long documents, as built
     self.content: dict[str, Any] = {}  # split -> sha256 of its documents in order
@@ -68,6 +72,8 @@ class JaxllmTextDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         disable_shuffling=True)  # keep file order: eval reads deterministically, train is shuffled by grain
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+    if self._fraction:
+      return {split: self._generate_examples(self._files, split) for split in ('train', 'eval')}
     ev = set(self._eval_names)
     splits = {'train': self._generate_examples([f for f in self._files if str(f) not in ev], 'train')}
     if ev:
@@ -79,6 +85,8 @@ class JaxllmTextDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     content = self.content.setdefault(split, hashlib.sha256())
     for f in files:
       for i, doc in enumerate(file_documents(f, text_field=self._field, bad=self.bad)):
+        if self._fraction and held_out(doc, self._fraction) != (split == 'eval'):
+          continue
         self.docs[split] += 1
         self.chats[split] += isinstance(doc, Conversation)
         if self.chats[split] not in (0, self.docs[split]):
@@ -94,6 +102,11 @@ class JaxllmTextDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 def doc_hash(text: str) -> int:
   """64 bits of a document's BLAKE2 hash: finds the same document in two sources."""
   return int.from_bytes(hashlib.blake2b(text.encode('utf-8'), digest_size=8).digest(), 'little')
+
+
+def held_out(text: str, fraction: float) -> bool:
+  """Whether a document is in the eval split of `eval_fraction=fraction` (by its doc_hash)."""
+  return doc_hash(text) % 1_000_000 < fraction * 1_000_000
 
 
 @dataclasses.dataclass
@@ -139,19 +152,23 @@ class Sources:
 
 
 def _open_files(spec: str, *, cache_dir: str, eval_files: int, text_field: str,
-                skip_bad_records: bool) -> tuple[Any, list[Path], list[str], dict[str, int], str]:
+                skip_bad_records: bool, eval_fraction: float = 0.0,
+                ) -> tuple[Any, list[Path], list[str], dict[str, int], str]:
   """Builds (or reuses) the array_record dataset of a file source; returns (builder, files, eval
   paths, skipped, fingerprint: the hash of the files, their sizes and mtimes and the rules)."""
   listing = BadRecords(skip_bad_records)
   files = list_source_files(spec, listing, exclude=[cache_dir])
-  eval_paths = pick_eval_files([str(f) for f in files], eval_files) if eval_files else []
-  key = hashlib.sha256(f'{_FORMAT} {DOC_CHARS} {text_field} {skip_bad_records} {eval_paths}'.encode())
+  eval_paths = (pick_eval_files([str(f) for f in files], eval_files)
+                if eval_files and not eval_fraction else [])
+  key = hashlib.sha256(f'{_FORMAT} {DOC_CHARS} {text_field} {skip_bad_records} {eval_paths} '
+                       f'{eval_fraction}'.encode())
   for f in files:
     st = f.stat()
     key.update(f'{f} {st.st_size} {st.st_mtime_ns}\n'.encode())
   fingerprint = key.hexdigest()[:16]
   builder = JaxllmTextDocuments(files=files, eval_names=eval_paths, text_field=text_field,
-                                skip_bad_records=skip_bad_records, file_format='array_record',
+                                skip_bad_records=skip_bad_records, eval_fraction=eval_fraction,
+                                file_format='array_record',
                                 data_dir=str(Path(cache_dir) / fingerprint))
   skipped_file = Path(builder.data_dir) / 'skipped.json'
   if not builder.is_prepared():
@@ -159,6 +176,9 @@ def _open_files(spec: str, *, cache_dir: str, eval_files: int, text_field: str,
     try:
       builder.download_and_prepare()
     except AssertionError:  # TFDS's way to say that a split yielded no examples
+      if builder.docs.get('eval') == 0 and eval_fraction:
+        raise EmptySource(f'data.eval_fraction={eval_fraction} holds out no document of {spec}: '
+                          'raise it, or set data.eval_source') from None
       if builder.docs.get('eval') == 0:
         names = ', '.join(Path(p).name for p in eval_paths)
         raise EmptySource(f'the data.eval_files={eval_files} files held out of {spec} ({names}) '
@@ -217,13 +237,15 @@ def _open_tfds(spec: str, *, tfds_data_dir: str | None, text_field: str) -> Docu
 
 
 def _open_one(spec: str, *, hold_out: int, cache_dir: str, text_field: str, tfds_data_dir: str | None,
-              skip_bad_records: bool) -> tuple[Documents, Documents | None, list[str], dict[str, int]]:
-  """(train documents, held-out eval documents or None, eval file names, skipped) of one SPEC."""
+              skip_bad_records: bool, fraction: float = 0.0,
+              ) -> tuple[Documents, Documents | None, list[str], dict[str, int]]:
+  """(train documents, held-out eval documents or None, eval file names, skipped) of one SPEC:
+  `hold_out` whole files, or the `fraction` of its documents (module doc)."""
   if spec.startswith('tfds:'):
     return _open_tfds(spec, tfds_data_dir=tfds_data_dir, text_field=text_field), None, [], {}
   builder, files, eval_paths, skipped, fingerprint = _open_files(
       spec, cache_dir=cache_dir, eval_files=hold_out, text_field=text_field,
-      skip_bad_records=skip_bad_records)
+      skip_bad_records=skip_bad_records, eval_fraction=fraction)
   # A read-only builder: its data sources pickle into grain's worker processes (ours need our args).
   builder = tfds.builder_from_directory(builder.data_dir)
   # What a checkpoint's data position assumes is the documents themselves: their content hash, the
@@ -235,13 +257,14 @@ def _open_one(spec: str, *, hold_out: int, cache_dir: str, text_field: str, tfds
                     files=tuple(f for f in files if str(f) not in eval_paths),
                     hashes_path=str(Path(builder.data_dir) / 'doc_hashes.train.npy'),
                     chat=chats.get('train', 0) > 0)
-  if not eval_paths:
+  if not (eval_paths or fraction):
     return train, None, [], skipped
-  held_out = Documents(f'{spec} (held out)', f'{builder.data_dir} eval', builder.as_data_source('eval'),
-                       fingerprint=content('eval'), files=tuple(Path(p) for p in eval_paths),
-                       hashes_path=str(Path(builder.data_dir) / 'doc_hashes.eval.npy'),
-                       chat=chats.get('eval', 0) > 0)
-  return train, held_out, [Path(p).name for p in eval_paths], skipped
+  held = Documents(f'{spec} (held out)', f'{builder.data_dir} eval', builder.as_data_source('eval'),
+                   fingerprint=content('eval'),
+                   files=tuple(Path(p) for p in eval_paths) if eval_paths else tuple(files),
+                   hashes_path=str(Path(builder.data_dir) / 'doc_hashes.eval.npy'),
+                   chat=chats.get('eval', 0) > 0)
+  return train, held, [Path(p).name for p in eval_paths], skipped
 
 
 def check_no_overlap(eval_docs: Documents, train: Sequence[Documents]) -> None:
@@ -267,11 +290,12 @@ def check_no_overlap(eval_docs: Documents, train: Sequence[Documents]) -> None:
 
 def open_sources(sources: Sequence[tuple[str, float]], *, cache_dir: str, eval_files: int,
                  eval_source: str = '', text_field: str = 'text', tfds_data_dir: str | None = None,
-                 skip_bad_records: bool = False) -> Sources:
+                 skip_bad_records: bool = False, eval_fraction: float = 0.0) -> Sources:
   """Opens every source (building file sources under cache_dir) and picks the eval documents."""
   opts = dict(cache_dir=cache_dir, text_field=text_field, tfds_data_dir=tfds_data_dir,
               skip_bad_records=skip_bad_records)
-  opened = [_open_one(spec, hold_out=0 if n or eval_source else eval_files, **opts)
+  opened = [_open_one(spec, hold_out=0 if n or eval_source else eval_files,
+                      fraction=0.0 if n or eval_source else eval_fraction, **opts)
             for n, (spec, _) in enumerate(sources)]
   eval_docs, eval_names = opened[0][1], opened[0][2]
   skipped = {k: v for o in opened for k, v in o[3].items()}

@@ -156,3 +156,21 @@ def test_builtin_chat_demo_is_made_once_per_play(tmp_path):
 def test_a_config_that_requires_sources_says_so():
   with pytest.raises(ValueError, match='data.sources is required by this config.*--config.data.sources='):
     sources.resolve_specs(sources.REQUIRED)
+
+
+def test_eval_fraction_holds_out_documents_of_one_file(tokenizer_path, tmp_path):
+  """One chats.jsonl: eval_fraction splits its documents by content hash, the same on every
+  build, no document on both sides; a fraction that holds out nothing is an error."""
+  rows = [{'prompt': f'question {i}', 'completion': f'answer {i}'} for i in range(200)]
+  rows += rows[:20]  # duplicates land beside their twins
+  (tmp_path / 'chats.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  pipe = _make(tmp_path, tokenizer_path, eval_fraction=0.1, eval_files=0,
+               sources=str(tmp_path / 'chats.jsonl'))
+  texts = lambda docs: [docs.text(i) for i in range(len(docs))]
+  train, held = texts(pipe.sources.train[0]), texts(pipe.sources.eval)
+  assert len(train) + len(held) == len(rows)
+  assert not set(train) & set(held)
+  assert 0.03 < len(set(held)) / 200 < 0.2
+  with pytest.raises(ValueError, match='data.eval_fraction=1e-06 holds out no document'):
+    _make(tmp_path, tokenizer_path, eval_fraction=1e-6, eval_files=0,
+          sources=str(tmp_path / 'chats.jsonl'), cache_dir=str(tmp_path / 'c2'))

@@ -48,7 +48,7 @@ def main(argv):
   found = documents.open_sources(specs, cache_dir=run.data_cache(config), eval_files=d.eval_files,
                                eval_source=d.eval_source, text_field=d.text_field,
                                tfds_data_dir=d.tfds_data_dir or None,
-                               skip_bad_records=d.skip_bad_records)
+                               skip_bad_records=d.skip_bad_records, eval_fraction=d.eval_fraction)
   data.train_tokenizer(out, data.tokenizer_sample(found, _MAX_DOCS.value), config.model.vocab_size,
                        model_type=_MODEL_TYPE.value, byte_fallback=_BYTE_FALLBACK.value,
                        normalization=_NORMALIZATION.value,
