@@ -96,14 +96,23 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
       raise ValueError(f'{path} is not valid JSON ({e}): download it again') from None
 
 
+def open_hf(hf_dir: str, *, dtype: str = 'float32'
+            ) -> tuple[dict[str, Any], dict[str, Any], list[str], Any]:
+  """(config.json, jaxllm `model` section in `dtype`, tensor names, reader of one tensor) of an
+  HF model folder; only headers are read, so a refused config or a missing or cut weight file is
+  named before the long read."""
+  hf_config = read_hf_config(hf_dir)
+  model = hf.model_config_from_hf(hf_config)
+  model['param_dtype'] = dtype
+  names, read = safetensors_io.open_weights(hf_dir)
+  return hf_config, model, names, read
+
+
 def load_hf(hf_dir: str, *, dtype: str = 'float32') -> tuple[dict, dict[str, Any]]:
   """(params pure dict of numpy arrays in `dtype`, jaxllm `model` section) from an HF model
   folder, read tensor by tensor (see `hf.from_hf`)."""
-  model = hf.model_config_from_hf(read_hf_config(hf_dir))
-  model['param_dtype'] = dtype
-  names, read = safetensors_io.open_weights(hf_dir)
-  params = hf.from_hf(names, read, model_lib.ModelConfig.from_section(model))
-  return params, model
+  _, model, names, read = open_hf(hf_dir, dtype=dtype)
+  return hf.from_hf(names, read, model_lib.ModelConfig.from_section(model)), model
 
 
 def write_checkpoint(params: dict, config: dict[str, Any], directory: str) -> str:
@@ -120,8 +129,9 @@ def write_checkpoint(params: dict, config: dict[str, Any], directory: str) -> st
   import jax
   import orbax.checkpoint as ocp
 
-  registry = ocp.type_handlers.create_type_handler_registry(
-      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+  registry = ocp.type_handlers.create_type_handler_registry(  # jax.Array: Orbax expects one
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (jax.Array, ocp.type_handlers.ArrayHandler()))
   handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
   manager = ocp.CheckpointManager(
       os.path.abspath(directory),
@@ -234,12 +244,12 @@ def write_run(params: dict, model: dict[str, Any], out: str, *, source: str,
 
 def convert(hf_dir: str, out: str, *, dtype: str = 'float32', tokenizer: str | None = None,
             overwrite: bool = False) -> dict[str, Any]:
-  """`load_hf` then `write_run`, with the folder's tokenizer or `tokenizer` (see
-  `find_tokenizer`); returns the jaxllm `model` section."""
-  check_out(out, source=hf_dir, overwrite=overwrite)  # before the (long) read
+  """An HF model folder as the run directory `out` (`write_run`) with the folder's tokenizer or
+  `tokenizer` (see `find_tokenizer`); returns the jaxllm `model` section."""
+  check_out(out, source=hf_dir, overwrite=overwrite)  # the refusals first, then the (long) read
+  hf_config, model, names, read = open_hf(hf_dir, dtype=dtype)
   found = find_tokenizer(hf_dir, tokenizer)
-  context_length = read_hf_config(hf_dir).get('max_position_embeddings')
-  params, model = load_hf(hf_dir, dtype=dtype)
-  write_run(params, model, out, source=hf_dir, tokenizer=found, context_length=context_length,
-            overwrite=overwrite)
+  params = hf.from_hf(names, read, model_lib.ModelConfig.from_section(model))
+  write_run(params, model, out, source=hf_dir, tokenizer=found,
+            context_length=hf_config.get('max_position_embeddings'), overwrite=overwrite)
   return model
