@@ -86,7 +86,7 @@ def main(argv):
   export = measured([sys.executable, 'tools/convert_to_hf.py', f'--workdir={workdir}',
                      f'--out={exported}', f'--dtype={_DTYPE.value}'])
   written = sum(p.stat().st_size for p in pathlib.Path(exported).glob('*.safetensors'))
-  tokenizer = os.path.join(root, 'tokenizer.model')  # any will do: the import only copies it
+  tokenizer = os.path.join(root, 'spm.model')  # any will do: the import only copies it
   tokenizer_lib.train_sentencepiece(tokenizer, ['Text for a small tokenizer to learn.'] * 20, 300)
   import_ = measured([sys.executable, 'tools/convert_from_hf.py', f'--hf={exported}',
                       f'--out={imported}', f'--tokenizer={tokenizer}'])

@@ -11,7 +11,7 @@ tokenizer_config.json, since that is the one it was fine-tuned on. A run's check
 tensor converted and written as it comes, so the export never holds the whole model
 (docs/benchmarks.md).
 
-Imports seven jaxllm modules: it is the conversion's wiring (the run directory and its checkpoint
+Imports six jaxllm modules: it is the conversion's wiring (the run directory and its checkpoint
 on one side; the key table, the safetensors writer and the tokenizer files on the other).
 """
 
@@ -28,7 +28,6 @@ import ml_collections
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import model as model_lib
 from jaxllm import rundir
-from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.convert import UnsupportedError, check_out, hf, hf_tokenizer, replacing, safetensors_io
 
 # An earlier export's weight files, and the temp files of one interrupted (of any shard count).
@@ -56,7 +55,7 @@ def write_tokenizer(model_proto: bytes, out: str, *, model_max_length: int,
   """tokenizer.json (encodes exactly as the sentencepiece model does), its configs (with
   `chat_template`, jaxllm's default if None) and the sentencepiece model itself into `out`."""
   contents = hf_tokenizer.files(model_proto, model_max_length=model_max_length,
-                                chat_template=chat_template or tokenizer_lib.DEFAULT_CHAT_TEMPLATE)
+                                chat_template=chat_template)
   _remove_tokenizer_files(out, keep=contents)
   for name, value in contents.items():
     if isinstance(value, bytes):
@@ -92,21 +91,6 @@ def _remove_tokenizer_files(out: str, *, keep) -> None:
   for name in (*hf_tokenizer.TOKENIZER_FILES, hf.GENERATION_CONFIG_FILE):
     if name not in keep and os.path.isfile(os.path.join(out, name)):
       os.remove(os.path.join(out, name))
-
-
-def chat_template(config: ml_collections.ConfigDict) -> str | None:
-  """The Jinja source data.chat_template names: None for '' (the tokenizer's own), jaxllm's
-  DEFAULT_CHAT_TEMPLATE for 'default', else the file's text."""
-  name = config.data.chat_template
-  if not name:
-    return None
-  if name == 'default':
-    return tokenizer_lib.DEFAULT_CHAT_TEMPLATE
-  if not os.path.isfile(name):
-    raise FileNotFoundError(f'data.chat_template={name} does not exist: set it to the Jinja file '
-                            "the run was trained with, 'default', or '' (the tokenizer's own)")
-  with open(name, encoding='utf-8') as f:
-    return f.read()
 
 
 def export(params: Mapping | Callable, model: Mapping[str, Any], out: str, *,
@@ -161,7 +145,8 @@ def export_run(workdir: str, out: str, *, step: int = -1, dtype: str = 'float32'
   check_out(out, source=workdir, overwrite=overwrite)
   run = rundir.RunDir(workdir)
   config = run.load_config()
-  template = chat_template(config)  # before the read: a missing file is refused first
+  # Before the read: a missing template file is refused first.
+  template = hf_tokenizer.read_chat_template(config.data.chat_template)
   ckpt, step = run.open_checkpoint(config, step)
   try:
     saved = ckpt.saved_config(step)  # the config the parameters were written with

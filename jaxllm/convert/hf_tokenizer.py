@@ -15,6 +15,7 @@ import os
 import re
 from typing import Any
 
+from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.convert import UnsupportedError
 
 TOKENIZER_MODEL = 'tokenizer.model'  # HF's name for the sentencepiece model in a model folder
@@ -31,8 +32,8 @@ def files(model_proto: bytes, *, model_max_length: int,
           chat_template: str | None = None) -> dict[str, bytes | dict]:
   """File name -> contents (JSON-able dict, or bytes) of the tokenizer files of an HF model
   folder: tokenizer.json, which AutoTokenizer runs, with its tokenizer_config.json (with
-  `chat_template`) and special_tokens_map.json, and the sentencepiece model itself for
-  sentencepiece users."""
+  `chat_template`, jaxllm's DEFAULT_CHAT_TEMPLATE if None) and special_tokens_map.json, and the
+  sentencepiece model itself for sentencepiece users."""
   from sentencepiece import sentencepiece_model_pb2  # needs protobuf, as sentencepiece does
 
   proto = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
@@ -41,8 +42,9 @@ def files(model_proto: bytes, *, model_max_length: int,
   specials = dict(bos=piece(spec.bos_id), eos=piece(spec.eos_id), unk=piece(spec.unk_id))
   return {
       TOKENIZER_JSON: tokenizer_json(model_proto),  # first: refuses what it cannot express
-      TOKENIZER_CONFIG: tokenizer_config(**specials, model_max_length=model_max_length,
-                                         chat_template=chat_template),
+      TOKENIZER_CONFIG: tokenizer_config(
+          **specials, model_max_length=model_max_length,
+          chat_template=chat_template or tokenizer_lib.DEFAULT_CHAT_TEMPLATE),
       'special_tokens_map.json': {f'{k}_token': v for k, v in specials.items() if v is not None},
       TOKENIZER_MODEL: model_proto}
 
@@ -110,6 +112,20 @@ def special_token_ids(folder: str) -> dict[str, int | None]:
       token = token.get('content')
     out[f'{name}_token_id'] = ids.get(token) if token else None
   return out
+
+
+def read_chat_template(name: str) -> str | None:
+  """The Jinja source data.chat_template (`name`) stands for: None for '' (the tokenizer's own),
+  jaxllm's DEFAULT_CHAT_TEMPLATE for 'default', else the file's text."""
+  if not name:
+    return None
+  if name == 'default':
+    return tokenizer_lib.DEFAULT_CHAT_TEMPLATE
+  if not os.path.isfile(name):
+    raise FileNotFoundError(f'data.chat_template={name} does not exist: set it to the Jinja file '
+                            "the run was trained with, 'default', or '' (the tokenizer's own)")
+  with open(name, encoding='utf-8') as f:
+    return f.read()
 
 
 def with_chat_template(config: dict | None, chat_template: str) -> dict:
