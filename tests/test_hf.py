@@ -78,6 +78,37 @@ def jax_logits(params, model_section, tokens):
   return np.asarray(jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens))
 
 
+# A Llama-3-style chat template (header tokens, each turn closed by <|eot_id|>).
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
+    "'<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}")
+LLAMA3_SPECIALS = ['<|begin_of_text|>', '<|end_of_text|>', '<|start_header_id|>',
+                   '<|end_header_id|>', '<|eot_id|>']
+
+
+def save_hf_tokenizer(folder, *, vocab_size=300):
+  """A byte-level BPE tokenizer with Llama 3's special tokens and chat template, trained here
+  with the `tokenizers` library and saved by transformers into `folder` (as a Hub repo has it);
+  the transformers tokenizer."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(
+      ['Who wrote Hamlet? Shakespeare wrote it, in about 1600.'] * 20,
+      trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA3_SPECIALS,
+                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  bos = LLAMA3_SPECIALS[0]
+  tok.post_processor = processors.TemplateProcessing(
+      single=f'{bos} $A', pair=f'{bos} $A {bos} $B', special_tokens=[(bos, tok.token_to_id(bos))])
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos,
+                                              eos_token='<|eot_id|>', chat_template=LLAMA3_TEMPLATE)
+  fast.save_pretrained(folder)
+  return fast
+
+
 @pytest.fixture(scope='module')
 def tokens():
   return np.random.default_rng(0).integers(0, TINY['vocab_size'], (B, L)).astype(np.int32)
@@ -150,6 +181,7 @@ def test_config_json_has_both_transformers_forms():
 def test_import_writes_a_checkpoint_that_init_from_reads(tmp_path):
   model = hf_model('qwen3')
   model.save_pretrained(tmp_path / 'hf')
+  save_hf_tokenizer(tmp_path / 'hf')
   section = import_.convert(str(tmp_path / 'hf'), str(tmp_path / 'out'))
   ckpt, step = checkpoint_lib.open_for_init(str(tmp_path / 'out' / 'checkpoints'))
   cfg = model_lib.ModelConfig.from_section(section)
@@ -160,31 +192,30 @@ def test_import_writes_a_checkpoint_that_init_from_reads(tmp_path):
   alone = ckpt.read_param(step, q_path, abstract['layers']['self_attn']['q_proj'])  # the exporter
   with pytest.raises(checkpoint_lib.CheckpointError, match="no parameter 'layers.self_attn.nope'"):
     ckpt.read_param(step, ('layers', 'self_attn', 'nope'), abstract['layers']['self_attn']['q_proj'])
+  assert ckpt.saved_config(step)['data'] == {'seq_len': TINY['max_position_embeddings']}
   ckpt.close()
   q = model.state_dict()['model.layers.1.self_attn.q_proj.weight'].numpy()
   np.testing.assert_array_equal(np.asarray(params['layers']['self_attn']['q_proj'][1]),
                                 q.T.reshape(64, 4, 32))
   np.testing.assert_array_equal(alone, np.asarray(params['layers']['self_attn']['q_proj']))
-  # The written config file is a jaxllm config with the model section and init_from set.
+  # The written config file is a jaxllm fine-tuning config: the model section, init_from, the
+  # model's own tokenizer, the context length as seq_len, fine-tuning optimizer settings.
   spec = importlib.util.spec_from_file_location('cfg', tmp_path / 'out' / 'config.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
   assert config.model.qk_norm and config.model.head_dim == 32
   assert config.checkpoint.init_from == str(tmp_path / 'out' / 'checkpoints')
-  # This HF folder has no sentencepiece tokenizer.model (as Llama 3 and Qwen ship): training the
-  # generated config stops at the data pipeline, where it would have trained an unrelated one.
-  from jaxllm import train
-  assert config.data.tokenizer == import_.UNSET_TOKENIZER
-  texts = tmp_path / 'texts'  # two small files: the embedded corpus would take seconds to open
-  texts.mkdir()
-  for name in ('a.txt', 'b.txt'):
-    (texts / name).write_text('Some text for the tokenizer to learn from.\n' * 50)
-  config.data.source_dir, config.data.eval_files = str(texts), 1
-  config.model.vocab_size = 320  # one these texts can train (256 byte pieces and their chars)
-  with pytest.raises(FileNotFoundError, match=r'data.tokenizer=UNSET \(set data.tokenizer to'):
-    train.make_pipeline(config, str(tmp_path / 'ft'), 8)
-  assert not list((tmp_path / 'ft').rglob('*.model'))
+  assert config.data.tokenizer == str(tmp_path / 'out' / 'tokenizer')
+  for name in ('tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja'):
+    assert (tmp_path / 'out' / 'tokenizer' / name).read_bytes() == (tmp_path / 'hf' / name).read_bytes()
+  assert (tmp_path / 'out' / 'tokenizer' / 'generation_config.json').is_file()
+  assert config.data.seq_len == TINY['max_position_embeddings']  # 256, under the 2048 cap
+  assert (config.optim.peak_lr, config.optim.weight_decay) == (2e-5, 0.0)
+  assert config.optim.warmup_steps < config.train.num_steps // 10
+  assert config.train.sample_prompts == () and config.data.sources == ''
+  from jaxllm import config as config_lib
+  config_lib.validate(config, dict(data=1, fsdp=1, tensor=1))
   # The import's output reopens as a run: exporting a step it lacks names the flag, not a key.
   with pytest.raises(checkpoint_lib.CheckpointError, match=r'--step=7 is not a checkpoint of '
                      r'--workdir=.*steps \[0\]'):
@@ -199,6 +230,7 @@ def test_converters_protect_their_output(tmp_path):
   first, second = hf_model('llama2', seed=0), hf_model('llama2', seed=1)
   src = tmp_path / 'hf """x'
   first.save_pretrained(src)
+  save_hf_tokenizer(src)
   out = tmp_path / 'run'
   import_.convert(str(src), str(out))
   with pytest.raises(FileExistsError, match=f'--out={out} is not empty.*--overwrite'):
@@ -221,20 +253,42 @@ def test_converters_protect_their_output(tmp_path):
 
 
 def test_command_lines_round_trip(tokens, tmp_path):
-  """HF -> tools/convert_from_hf.py -> a jaxllm checkpoint dir -> tools/convert_to_hf.py -> HF."""
+  """HF -> tools/convert_from_hf.py -> a jaxllm checkpoint dir -> tools/convert_to_hf.py -> HF,
+  with the tokenizer taken from another folder (--tokenizer) and given back with the model."""
   import subprocess
   model = hf_model('llama3')
   model.save_pretrained(tmp_path / 'hf')
+  theirs = save_hf_tokenizer(tmp_path / 'tok')
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
-  run = lambda *args: subprocess.run([sys.executable, *args], cwd=REPO, env=env, check=True,
+  run = lambda *args: subprocess.run([sys.executable, *args], cwd=REPO, env=env,
                                      capture_output=True, text=True)
-  run('tools/convert_from_hf.py', f'--hf={tmp_path / "hf"}', f'--out={tmp_path / "jax"}')
+  # No tokenizer in the folder: refused in one line that names the flag, before any file.
+  proc = run('tools/convert_from_hf.py', f'--hf={tmp_path / "hf"}', f'--out={tmp_path / "jax"}')
+  assert proc.returncode != 0 and 'pass --tokenizer=PATH' in proc.stderr.strip().splitlines()[-1]
+  assert not (tmp_path / 'jax').exists()
+  proc = run('tools/convert_from_hf.py', f'--hf={tmp_path / "hf"}', f'--out={tmp_path / "jax"}',
+             f'--tokenizer={tmp_path / "tok"}')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert '--config.data.sources=' in proc.stdout
   # The import's output directory has the layout of a run's workdir (config.json, checkpoints/).
-  out = run('tools/convert_to_hf.py', f'--workdir={tmp_path / "jax"}', f'--out={tmp_path / "out"}')
-  assert 'from step 0' in out.stdout
+  proc = run('tools/convert_to_hf.py', f'--workdir={tmp_path / "jax"}', f'--out={tmp_path / "out"}')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'from step 0' in proc.stdout
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(
       tmp_path / 'out', dtype=torch.float32, attn_implementation='eager')
   np.testing.assert_array_equal(hf_logits(reloaded, tokens), hf_logits(model, tokens))
+  config = json.loads((tmp_path / 'out' / 'config.json').read_text())
+  assert config['max_position_embeddings'] == TINY['max_position_embeddings']
+  # The model's own generation_config.json (its stop tokens) comes back as it was, and sets
+  # config.json's ids.
+  generation = (tmp_path / 'hf' / 'generation_config.json').read_bytes()
+  assert (tmp_path / 'out' / 'generation_config.json').read_bytes() == generation
+  generation = json.loads(generation)
+  assert config['eos_token_id'] == generation['eos_token_id']
+  back = transformers.AutoTokenizer.from_pretrained(tmp_path / 'out')
+  chat = [{'role': 'user', 'content': 'Who wrote Hamlet?'},
+          {'role': 'assistant', 'content': 'Shakespeare.'}]
+  assert back.apply_chat_template(chat) == theirs.apply_chat_template(chat)
 
 
 def test_pickled_weights_are_refused(tmp_path):
@@ -353,20 +407,25 @@ def test_a_folder_without_the_transformers_files_is_refused_by_name(tmp_path):
     safetensors_io.weight_files(str(folder / 'empty'))
 
 
-def test_import_takes_a_sentencepiece_tokenizer_model_only(tmp_path):
-  """A sentencepiece tokenizer.model is copied into the run and configured; one of another
-  format (tiktoken's base64 lines, as Llama 3's original/ folder has) is not: data.tokenizer is
-  then the placeholder that stops training, as for a folder without one."""
+def test_import_finds_the_model_tokenizer_or_refuses(tmp_path):
+  """tokenizer.json first (Llama 3, Qwen, Mistral), else a sentencepiece tokenizer.model; one of
+  another format (tiktoken's base64 lines, as Llama 3's original/ folder has) is no tokenizer:
+  the import is refused, naming the folder and --tokenizer, before anything is written.
+  --tokenizer takes a folder with tokenizer.json or a sentencepiece model, and nothing else."""
   import base64
   from jaxllm import rundir, tokenizer as tokenizer_lib
   folder = tmp_path / 'hf'
   write_folder(folder)
   tiktoken = b''.join(base64.b64encode(bytes([i])) + b' %d\n' % i for i in range(256))
   (folder / 'tokenizer.model').write_bytes(tiktoken)
-  import_.convert(str(folder), str(tmp_path / 'a'))
-  config_py = (tmp_path / 'a' / 'config.py').read_text()
-  assert f'c.data.tokenizer = {import_.UNSET_TOKENIZER!r}' in config_py
-  assert not os.path.exists(rundir.RunDir(str(tmp_path / 'a')).tokenizer_path())
+  with pytest.raises(FileNotFoundError, match=f'{folder} has no tokenizer.json and no '
+                     'sentencepiece tokenizer.model: pass --tokenizer=PATH'):
+    import_.convert(str(folder), str(tmp_path / 'a'))
+  assert not (tmp_path / 'a').exists()
+  with pytest.raises(FileNotFoundError, match=f'--tokenizer={folder / "tokenizer.model"} is '
+                     'neither a folder with tokenizer.json nor a sentencepiece'):
+    import_.convert(str(folder), str(tmp_path / 'a'), tokenizer=str(folder / 'tokenizer.model'))
+
   tokenizer_lib.train_sentencepiece(str(folder / 'tokenizer.model'),
                                     ['Text to learn pieces from.'] * 20, 300)
   import_.convert(str(folder), str(tmp_path / 'b'))
@@ -374,6 +433,16 @@ def test_import_takes_a_sentencepiece_tokenizer_model_only(tmp_path):
   config_py = (tmp_path / 'b' / 'config.py').read_text()
   assert f'c.data.tokenizer = {os.path.abspath(copy)!r}' in config_py
   assert open(copy, 'rb').read() == (folder / 'tokenizer.model').read_bytes()
+  # The context length of this config.json (4096) is capped for data.seq_len.
+  assert 'c.data.seq_len = 2048' in config_py
+
+  save_hf_tokenizer(folder)  # beside the sentencepiece model: tokenizer.json wins
+  import_.convert(str(folder), str(tmp_path / 'c'))
+  carried = tmp_path / 'c' / 'tokenizer'
+  assert f"c.data.tokenizer = '{carried}'" in (tmp_path / 'c' / 'config.py').read_text()
+  assert sorted(os.listdir(carried)) == ['chat_template.jinja', 'tokenizer.json',
+                                         'tokenizer.model', 'tokenizer_config.json']
+  assert not os.path.exists(rundir.RunDir(str(tmp_path / 'c')).tokenizer_path())
 
 
 def test_writers_replace_whole_files_and_remove_stale_temps(tmp_path):
@@ -405,6 +474,7 @@ def test_writers_replace_whole_files_and_remove_stale_temps(tmp_path):
   run = tmp_path / 'run'
   run.mkdir()
   (run / 'config.py.tmp99').write_text('half a config')
+  save_hf_tokenizer(folder)
   import_.convert(str(folder), str(run), overwrite=True)
   assert not [n for n in os.listdir(run) if '.tmp' in n]
 
@@ -472,7 +542,9 @@ def test_exported_tokenizer_encodes_like_jaxllm(tmp_path, options):
   texts += ['a</s>b<s>', '<tool></s>', '</tool><s>x', '<tool><0x41>', ' <unk>', '<s>struck</s>',
             '<p><s>x</s></p>', '<|eot_id|><|start_header_id|>', '<|im_end|>', '[INST] x [/INST]']
   for text in texts:
-    ids = theirs(text)['input_ids']
+    # As text, as sentencepiece reads it: the export leaves split_special_tokens False (so that
+    # a chat template's '</s>' is EOS), so a document asks for it.
+    ids = theirs(text, split_special_tokens=True)['input_ids']
     assert ids == [ours.bos_id] + ours.encode(text), repr(text[:60])
     back = theirs.decode(ids, skip_special_tokens=True)
     assert back == ours.decode(ours.encode(text)), repr(text[:60])

@@ -6,8 +6,11 @@ Writes a randomly initialised float32 parameter checkpoint of `--config`'s model
 (the layout tools/convert_from_hf.py writes, which tools/convert_to_hf.py reads), then runs
 `tools/convert_to_hf.py` (export, --dtype) and `tools/convert_from_hf.py` (import of that export)
 as subprocesses and reports each one's peak resident memory next to the parameter bytes and the
-largest single tensor: the export streams tensor by tensor, so its peak should be about the
-restored parameters plus one converted tensor. Prints one JSON line. Deletes `--dir` first.
+largest single tensor: the export streams tensor by tensor, so its peak should be about two of
+the largest tensor; the import holds the parameters it writes plus about one tensor (target:
+1.25 x the parameter bytes + 1 GiB, issue 16). The import is given a small sentencepiece model as
+--tokenizer (the random run has none; the import refuses a model without one). Prints one JSON
+line. Deletes `--dir` first.
 """
 
 import json
@@ -27,6 +30,7 @@ from ml_collections import config_flags
 from jaxllm import cli
 from jaxllm import metrics
 from jaxllm import model as model_lib
+from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.convert import import_
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -82,14 +86,17 @@ def main(argv):
   export = measured([sys.executable, 'tools/convert_to_hf.py', f'--workdir={workdir}',
                      f'--out={exported}', f'--dtype={_DTYPE.value}'])
   written = sum(p.stat().st_size for p in pathlib.Path(exported).glob('*.safetensors'))
+  tokenizer = os.path.join(root, 'spm.model')  # any will do: the import only copies it
+  tokenizer_lib.train_sentencepiece(tokenizer, ['Text for a small tokenizer to learn.'] * 20, 300)
   import_ = measured([sys.executable, 'tools/convert_from_hf.py', f'--hf={exported}',
-                      f'--out={imported}'])
+                      f'--out={imported}', f'--tokenizer={tokenizer}'])
   gib = 2**30
   print(json.dumps({
       'config': config.name, 'params': model_lib.ModelConfig.from_section(model).num_params(),
       'param_gib_float32': param_bytes / gib, 'largest_tensor_gib_float32': largest / gib,
       'export_dtype': _DTYPE.value, 'safetensors_gib': written / gib,
       'export': export, 'import': import_,
+      'import_target_gib': 1.25 * param_bytes / gib + 1,
       'this_process_peak_rss_gib': metrics.peak_host_rss_bytes() / 2**30,
       'jax': jax.__version__}))
   shutil.rmtree(root, ignore_errors=True)

@@ -4,9 +4,12 @@
 
 Writes config.json (loads in transformers 4.4x and 5.x), generation_config.json, model.safetensors
 (or model-0000x-of-0000y.safetensors plus model.safetensors.index.json above --max_shard_gb) and
-the tokenizer: tokenizer.json and tokenizer_config.json for AutoTokenizer, which encode exactly as
-the run's sentencepiece tokenizer.model (copied beside them) does. Tensors are converted and
-written one at a time. The work is jaxllm/convert/export.py's `export_run`.
+the tokenizer: an imported model's own tokenizer files (data.tokenizer, a folder with
+tokenizer.json) as they came, with its generation_config.json; or, for a sentencepiece
+tokenizer.model trained here, tokenizer.json and tokenizer_config.json that encode exactly as it
+does (it is copied beside them) with jaxllm's default chat template. A chat template the run set
+(data.chat_template) replaces the tokenizer's own. Tensors are converted and written one at a
+time. The work is jaxllm/convert/export.py's `export_run`.
 """
 
 from absl import flags

@@ -1,8 +1,9 @@
 """Checkpoint conversion to and from Hugging Face transformers.
 
     hf.py              the key table (jaxllm parameter <-> HF tensor) and the config mapping
-    hf_tokenizer.py    sentencepiece model -> tokenizer.json / tokenizer_config.json
-    safetensors_io.py  safetensors reading, streaming writing, shard planning
+    hf_tokenizer.py    sentencepiece model -> tokenizer.json / tokenizer_config.json; the files of
+                       an HF tokenizer folder, its BOS/EOS ids, its chat template
+    safetensors_io.py  safetensors reading (by offsets, no memory map), streaming writing, shards
     export.py          a jaxllm run (or params in memory) -> an HF model folder
     import_.py         an HF model folder -> a jaxllm run directory to fine-tune from
 

@@ -207,17 +207,18 @@ def from_hf(names: Iterable[str], get_tensor: Callable[[str], np.ndarray],
     raise UnsupportedError(f'the checkpoint lacks tensor {sorted(missing)[0]!r} '
                            f'(and {len(missing) - 1} more) that its config.json implies')
   shapes = param_shapes(cfg)
+  # Filled tensor by tensor: besides these arrays only the tensor being read is held (one
+  # layer's slice of a stacked parameter). The assignment casts (bfloat16 -> float32 say) as it
+  # copies, so no converted copy of the tensor is made either.
   flat = {path: np.empty(shape, np_dtype) for path, shape in shapes.items()}
   for spec in specs:
     w = np.asarray(get_tensor(spec.hf_name))
     if tuple(w.shape) != spec.hf_shape:
       raise UnsupportedError(f'tensor {spec.hf_name!r} has shape {tuple(w.shape)}, config.json '
                              f'implies {spec.hf_shape}')
-    x = spec.layout.from_hf(w.astype(np.float32), spec.shape)
-    if spec.layer is None:
-      flat[spec.path][...] = x
-    else:
-      flat[spec.path][spec.layer] = x
+    target = flat[spec.path] if spec.layer is None else flat[spec.path][spec.layer]
+    target[...] = spec.layout.from_hf(w, spec.shape)
+    del w, target  # before the next read
   return nest(flat)
 
 

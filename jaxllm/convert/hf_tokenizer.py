@@ -1,24 +1,39 @@
-"""A sentencepiece model as the tokenizer files of an HF model folder.
+"""The tokenizer files of an HF model folder: a sentencepiece model as them, and reading them.
 
 `tokenizer_json` builds the `tokenizers` library's tokenizer.json from the serialized
 sentencepiece model alone (no transformers needed) so that it encodes every text as sentencepiece
 does; `files` gives every tokenizer file an export writes, as contents, for the caller to write.
+An imported model keeps its own files (`TOKENIZER_FILES`); `special_token_ids` reads its BOS and
+EOS ids from them, `with_chat_template` sets the chat template in its tokenizer_config.json.
 """
 
 from __future__ import annotations
 
 import base64
+import json
+import os
 import re
+from typing import Any
 
+from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.convert import UnsupportedError
 
 TOKENIZER_MODEL = 'tokenizer.model'  # HF's name for the sentencepiece model in a model folder
+TOKENIZER_JSON = 'tokenizer.json'
+TOKENIZER_CONFIG = 'tokenizer_config.json'
+CHAT_TEMPLATE_FILE = 'chat_template.jinja'  # transformers 5 saves the template here
+# The files of an HF tokenizer, as AutoTokenizer reads them from a model folder; an import
+# carries those present, an export writes them back (tokenizer.json is the one that must be).
+TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, 'special_tokens_map.json',
+                   CHAT_TEMPLATE_FILE, TOKENIZER_MODEL, 'added_tokens.json')
 
 
-def files(model_proto: bytes, *, model_max_length: int) -> dict[str, bytes | dict]:
+def files(model_proto: bytes, *, model_max_length: int,
+          chat_template: str | None = None) -> dict[str, bytes | dict]:
   """File name -> contents (JSON-able dict, or bytes) of the tokenizer files of an HF model
-  folder: tokenizer.json, which AutoTokenizer runs, with its tokenizer_config.json and
-  special_tokens_map.json, and the sentencepiece model itself for sentencepiece users."""
+  folder: tokenizer.json, which AutoTokenizer runs, with its tokenizer_config.json (with
+  `chat_template`, jaxllm's DEFAULT_CHAT_TEMPLATE if None) and special_tokens_map.json, and the
+  sentencepiece model itself for sentencepiece users."""
   from sentencepiece import sentencepiece_model_pb2  # needs protobuf, as sentencepiece does
 
   proto = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
@@ -26,8 +41,10 @@ def files(model_proto: bytes, *, model_max_length: int) -> dict[str, bytes | dic
   piece = lambda i: proto.pieces[i].piece if i >= 0 else None
   specials = dict(bos=piece(spec.bos_id), eos=piece(spec.eos_id), unk=piece(spec.unk_id))
   return {
-      'tokenizer.json': tokenizer_json(model_proto),  # first: refuses what it cannot express
-      'tokenizer_config.json': tokenizer_config(**specials, model_max_length=model_max_length),
+      TOKENIZER_JSON: tokenizer_json(model_proto),  # first: refuses what it cannot express
+      TOKENIZER_CONFIG: tokenizer_config(
+          **specials, model_max_length=model_max_length,
+          chat_template=chat_template or tokenizer_lib.DEFAULT_CHAT_TEMPLATE),
       'special_tokens_map.json': {f'{k}_token': v for k, v in specials.items() if v is not None},
       TOKENIZER_MODEL: model_proto}
 
@@ -45,7 +62,8 @@ def is_sentencepiece(data: bytes) -> bool:
 
 
 def tokenizer_config(*, bos: str | None = '<s>', eos: str | None = '</s>',
-                     unk: str | None = '<unk>', model_max_length: int = 4096) -> dict:
+                     unk: str | None = '<unk>', model_max_length: int = 4096,
+                     chat_template: str | None = None) -> dict:
   """tokenizer_config.json for the `tokenizer_json` beside it.
 
   The class is the generic fast tokenizer, so transformers 4.x and 5.x both run tokenizer.json as
@@ -53,11 +71,67 @@ def tokenizer_config(*, bos: str | None = '<s>', eos: str | None = '</s>',
   one '▁' from a text that starts with a space. jaxllm's tokenizer encodes without bos/eos (the
   data pipeline adds them per document); HF conventionally adds bos, which tokenizer.json's
   post-processor does (5.x reads add_bos_token only when there is no tokenizer.json).
-  sentencepiece reads '<s>' in a text as plain characters: split_special_tokens makes HF do so."""
-  return {'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': bos, 'eos_token': eos,
-          'unk_token': unk, 'pad_token': None, 'add_bos_token': bos is not None,
-          'add_eos_token': False, 'split_special_tokens': True,
-          'model_max_length': model_max_length, 'clean_up_tokenization_spaces': False}
+  split_special_tokens is False, as in HF's own Llama 2 and Mistral tokenizers: a chat
+  template's `{{ eos_token }}` must become the EOS id in apply_chat_template. Plain text then
+  reads '</s>' as EOS, where sentencepiece reads its characters: pass split_special_tokens=True
+  to the call to encode a document exactly as jaxllm does."""
+  out = {'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': bos, 'eos_token': eos,
+         'unk_token': unk, 'pad_token': None, 'add_bos_token': bos is not None,
+         'add_eos_token': False, 'split_special_tokens': False,
+         'model_max_length': model_max_length, 'clean_up_tokenization_spaces': False}
+  if chat_template is not None:
+    out['chat_template'] = chat_template
+  return out
+
+
+def read_json(path: str) -> Any:
+  """The JSON in `path`, or None if there is no such file."""
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid JSON ({e}): copy the tokenizer files again') from None
+
+
+def special_token_ids(folder: str) -> dict[str, int | None]:
+  """{'bos_token_id', 'eos_token_id'} of the HF tokenizer in `folder`: the tokens its
+  tokenizer_config.json (or special_tokens_map.json) names, looked up in tokenizer.json (added
+  tokens, then the vocabulary); None for one it does not name (Qwen has no BOS)."""
+  config = read_json(os.path.join(folder, TOKENIZER_CONFIG)) or {}
+  special_map = read_json(os.path.join(folder, 'special_tokens_map.json')) or {}
+  tokenizer = read_json(os.path.join(folder, TOKENIZER_JSON)) or {}
+  vocab = (tokenizer.get('model') or {}).get('vocab')
+  ids = dict(vocab) if isinstance(vocab, dict) else {}  # BPE/WordPiece; Unigram's is a list
+  ids.update({t['content']: t['id'] for t in tokenizer.get('added_tokens') or []})
+  out = {}
+  for name in ('bos', 'eos'):
+    token = config.get(f'{name}_token', special_map.get(f'{name}_token'))
+    if isinstance(token, dict):  # AddedToken's serialized form
+      token = token.get('content')
+    out[f'{name}_token_id'] = ids.get(token) if token else None
+  return out
+
+
+def read_chat_template(name: str) -> str | None:
+  """The Jinja source data.chat_template (`name`) stands for: None for '' (the tokenizer's own),
+  jaxllm's DEFAULT_CHAT_TEMPLATE for 'default', else the file's text."""
+  if not name:
+    return None
+  if name == 'default':
+    return tokenizer_lib.DEFAULT_CHAT_TEMPLATE
+  if not os.path.isfile(name):
+    raise FileNotFoundError(f'data.chat_template={name} does not exist: set it to the Jinja file '
+                            "the run was trained with, 'default', or '' (the tokenizer's own)")
+  with open(name, encoding='utf-8') as f:
+    return f.read()
+
+
+def with_chat_template(config: dict | None, chat_template: str) -> dict:
+  """tokenizer_config.json `config` (None: none yet) with `chat_template` set."""
+  return dict(config or {'tokenizer_class': 'PreTrainedTokenizerFast'},
+              chat_template=chat_template)
 
 
 # sentencepiece ModelProto piece types and model types.

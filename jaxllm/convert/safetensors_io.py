@@ -24,6 +24,9 @@ SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
 # numpy dtype -> the safetensors header's name for it.
 _CODES = {np.dtype(np.float32): 'F32', np.dtype(ml_dtypes.bfloat16): 'BF16'}
+# What an import reads: the floating dtypes HF checkpoints are saved in.
+_DTYPES_BY_CODE = {'F32': np.dtype(np.float32), 'BF16': np.dtype(ml_dtypes.bfloat16),
+                   'F16': np.dtype(np.float16), 'F64': np.dtype(np.float64)}
 
 
 def check_weight_files(names: Iterable[str], where: str = 'the folder') -> list[str]:
@@ -87,30 +90,77 @@ def weight_files(folder: str) -> tuple[list[str], dict[str, str]]:
 
 
 def open_weights(folder: str) -> tuple[list[str], Callable[[str], np.ndarray]]:
-  """(every tensor name in the folder's weight files, a reader of one tensor by name). The
-  files are memory-mapped: a tensor is read when asked for. A tensor in two files is refused
-  (which copy is the model's cannot be told), as is one the index names that no file holds."""
-  from safetensors import SafetensorError, safe_open  # the `hf` extra
+  """(every tensor name in the folder's weight files, a reader of one tensor by name). Only the
+  headers are read here; a tensor is read from its file when asked for, into an array of its
+  own (no memory map: the pages of a map that was read stay resident, which would add the whole
+  checkpoint to an import's peak memory). A tensor in two files is refused (which copy is the
+  model's cannot be told), as is one the index names that no file holds."""
   files, weight_map = weight_files(folder)
-  where: dict[str, str] = {}
-  handles = {}
+  where: dict[str, tuple[str, dict]] = {}
   for file in files:
-    try:
-      handles[file] = safe_open(os.path.join(folder, file), framework='numpy')
-    except SafetensorError as e:  # a truncated download, or not safetensors at all
-      raise ValueError(f'{os.path.join(folder, file)} is not a whole safetensors file ({e}): '
-                       'download it again') from None
-    for name in handles[file].keys():
+    path = os.path.join(folder, file)
+    for name, entry in read_header(path).items():
       if name in where:
-        raise UnsupportedError(f'tensor {name!r} is in both {where[name]} and {file} of '
+        raise UnsupportedError(f'tensor {name!r} is in both {where[name][0]} and {file} of '
                                f'{folder}: remove the file that is not part of the model')
-      where[name] = file
+      where[name] = (file, entry)
   lost = [(name, file) for name, file in weight_map.items() if name not in where]
   if lost:
     raise UnsupportedError(f'{INDEX_FILE} of {folder} places tensor {lost[0][0]!r} in '
                            f'{lost[0][1]}, which lacks it (and {len(lost) - 1} more): download '
                            'the model again')
-  return list(where), lambda name: handles[where[name]].get_tensor(name)
+  return list(where), lambda name: read_tensor(os.path.join(folder, where[name][0]),
+                                               where[name][1])
+
+
+def read_header(path: str) -> dict[str, dict]:
+  """Tensor name -> {'dtype': numpy dtype, 'shape', 'start' (byte offset in the file), 'nbytes'}
+  of a safetensors file, checked against the file's size (a truncated download is named)."""
+  bad = lambda why: ValueError(f'{path} is not a whole safetensors file ({why}): download it '
+                               'again')
+  size = os.path.getsize(path)
+  with open(path, 'rb') as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise bad('shorter than its header')
+    (length,) = struct.unpack('<Q', head)
+    if length > min(size - 8, 100 << 20):
+      raise bad(f'header of {length} bytes')
+    try:
+      header = json.loads(f.read(length))
+    except ValueError as e:
+      raise bad(f'header: {e}') from None
+  if not isinstance(header, dict):
+    raise bad('header is not a JSON object')
+  header.pop('__metadata__', None)
+  out = {}
+  for name, entry in header.items():
+    try:
+      dtype = _DTYPES_BY_CODE[entry['dtype']]
+      shape, (begin, end) = tuple(int(n) for n in entry['shape']), entry['data_offsets']
+    except KeyError as e:
+      raise UnsupportedError(f'{path}: tensor {name!r} has dtype or field {e} that jaxllm does '
+                             f'not read (it reads {sorted(_DTYPES_BY_CODE)})') from None
+    except (TypeError, ValueError):
+      raise bad(f'entry of tensor {name!r}') from None
+    if end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end:
+      raise bad(f'tensor {name!r}: offsets {begin}..{end} for shape {list(shape)}')
+    if 8 + length + end > size:
+      raise bad(f'tensor {name!r} ends past the end of the file')
+    out[name] = {'dtype': dtype, 'shape': shape, 'start': 8 + length + begin,
+                 'nbytes': end - begin}
+  return out
+
+
+def read_tensor(path: str, entry: dict) -> np.ndarray:
+  """One tensor of `read_header`'s table, read from `path` into a new array."""
+  out = np.empty(entry['shape'], entry['dtype'])
+  with open(path, 'rb') as f:
+    f.seek(entry['start'])
+    got = f.readinto(out.reshape(-1).view(np.uint8))
+  if got != entry['nbytes']:
+    raise ValueError(f'{path} ends inside a tensor: download it again')
+  return out
 
 
 def shard_plan(sizes: Iterable[tuple[str, int]], max_shard_bytes: int = MAX_SHARD_BYTES
