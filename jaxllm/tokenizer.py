@@ -400,8 +400,9 @@ def _own_chat_template(folder: Path, config: dict) -> tuple[str | None, str]:
   return template, source if template is not None else ''
 
 
-def _template_override(chat_template: str) -> tuple[str, str] | None:
-  """data.chat_template: '' = the tokenizer's own (None), 'default', or a Jinja file."""
+def read_chat_template(chat_template: str) -> tuple[str, str] | None:
+  """(Jinja source, where from) that data.chat_template names: None for '' (the tokenizer's
+  own), DEFAULT_CHAT_TEMPLATE for 'default', else the file's text (a missing file is an error)."""
   if not chat_template:
     return None
   if chat_template == 'default':
@@ -416,7 +417,7 @@ def open_tokenizer(path: str, chat_template: str = '') -> Tokenizer:
   """The tokenizer stored at `path`: a Hugging Face model folder (or the tokenizer.json in
   one), else a sentencepiece `.model` file. `chat_template` is data.chat_template: '' keeps the
   tokenizer's own template, 'default' is DEFAULT_CHAT_TEMPLATE, anything else a Jinja file."""
-  override = _template_override(chat_template)
+  override = read_chat_template(chat_template)
   folder = path if os.path.isdir(path) else (
       os.path.dirname(path) or '.' if os.path.basename(path).endswith('tokenizer.json') else None)
   if folder is not None:

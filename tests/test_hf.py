@@ -213,7 +213,10 @@ def test_import_writes_a_checkpoint_that_init_from_reads(tmp_path):
   assert config.data.seq_len == TINY['max_position_embeddings']  # 256, under the 2048 cap
   assert (config.optim.peak_lr, config.optim.weight_decay) == (2e-5, 0.0)
   assert config.optim.warmup_steps < config.train.num_steps // 10
-  assert config.train.sample_prompts == () and config.data.sources == ''
+  assert config.train.sample_prompts == () and config.data.eval_fraction > 0
+  from jaxllm import sources
+  with pytest.raises(ValueError, match='data.sources is required by this config'):
+    sources.resolve_specs(config.data.sources)  # the fine-tune has no default data
   from jaxllm import config as config_lib
   config_lib.validate(config, dict(data=1, fsdp=1, tensor=1))
   # The import's output reopens as a run: exporting a step it lacks names the flag, not a key.

@@ -115,17 +115,10 @@ def special_token_ids(folder: str) -> dict[str, int | None]:
 
 
 def read_chat_template(name: str) -> str | None:
-  """The Jinja source data.chat_template (`name`) stands for: None for '' (the tokenizer's own),
-  jaxllm's DEFAULT_CHAT_TEMPLATE for 'default', else the file's text."""
-  if not name:
-    return None
-  if name == 'default':
-    return tokenizer_lib.DEFAULT_CHAT_TEMPLATE
-  if not os.path.isfile(name):
-    raise FileNotFoundError(f'data.chat_template={name} does not exist: set it to the Jinja file '
-                            "the run was trained with, 'default', or '' (the tokenizer's own)")
-  with open(name, encoding='utf-8') as f:
-    return f.read()
+  """The Jinja source data.chat_template (`name`) stands for; None for '' (the tokenizer's own).
+  (tokenizer.read_chat_template, through here so that export imports three jaxllm modules.)"""
+  found = tokenizer_lib.read_chat_template(name)
+  return found and found[0]
 
 
 def with_chat_template(config: dict | None, chat_template: str) -> dict:

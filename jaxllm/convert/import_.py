@@ -167,8 +167,8 @@ def get_config():
   c.model.update(MODEL)
   c.checkpoint.init_from = {init_from!r}
   c.data.tokenizer = {tokenizer!r}  # the model's own, carried over by the import
-  c.data.sources = ''  # required: --config.data.sources=DATA.jsonl
-  c.data.eval_files = 1  # held out of a folder of files; one file needs data.eval_source
+  c.data.sources = 'REQUIRED'  # --config.data.sources=DATA.jsonl (there is no default data)
+  c.data.eval_fraction = 0.05  # held out by content hash: works for one file too
   c.data.seq_len = {seq_len}  # min(the model's context length {context}, {max_seq_len})
   c.train.sample_prompts = ()  # raw-text prompts do not suit a chat model
 {fine_tune}  return c
