@@ -32,6 +32,7 @@ import configparser
 import glob
 import gzip
 import importlib.resources
+import itertools
 import json
 import lzma
 import re
@@ -134,7 +135,12 @@ def list_source_files(spec: str, bad: BadRecords | None = None, exclude: Sequenc
     if not found[0].exists():
       raise FileNotFoundError(f'{spec}: no such file or directory; {fix}, or leave the source empty '
                               'for the embedded corpus')
-  files, skip = [], {Path(p).resolve() for p in exclude}  # jaxllm's cache may sit in the source
+  # jaxllm's cache may sit in the source; a source inside the cache (a built-in one) is read.
+  anchor = Path(*itertools.takewhile(lambda part: not glob.has_magic(part), Path(spec).parts),
+                '.')
+  anchor = anchor.resolve()
+  files, skip = [], {d for d in map(lambda p: Path(p).resolve(), exclude)
+                     if d != anchor and d not in anchor.parents}
   for path in found:
     if skip.isdisjoint([path.resolve(), *path.resolve().parents]):  # a glob lists files inside too
       files += _walk(path, {path.resolve(), *skip}, hidden) if path.is_dir() else [path]

@@ -162,3 +162,83 @@ def test_the_model_context_length_survives_a_fine_tune(tmp_path):
   export.export_run(str(ft), str(tmp_path / 'out'), overwrite=True)
   assert json.loads((tmp_path / 'out' / 'config.json').read_text())[
       'max_position_embeddings'] == 64
+
+
+def _load_config_py(path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('imported_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_import_fine_tune_on_chats_export_and_generate_as_transformers_does(tmp_path):
+  """The README's fine-tuning path on a random tiny Llama-3-style model with a byte-level BPE
+  tokenizer and chat template: import, fine-tune 30 steps on the built-in chat demo, export.
+  Held-out loss on assistant tokens falls; transformers loads the export (model, tokenizer and
+  template), renders three held-out conversations to the prompt ids jaxllm renders, and its
+  greedy generate gives the tokens jaxllm's chat sampling gives."""
+  from jaxllm import chat, rundir, train
+  from jaxllm.sample import chat as sample_chat
+  from test_chat import llama3_tokenizer, save_hf
+
+  hf_dir = tmp_path / 'hf'
+  tok, specials = llama3_tokenizer()
+  save_hf(hf_dir, tok, specials)
+  eot = tok.token_to_id('<|eot_id|>')
+  cfg = transformers.LlamaConfig(
+      vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+      bos_token_id=tok.token_to_id('<|begin_of_text|>'), eos_token_id=eot,
+      tie_word_embeddings=False)
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(cfg).save_pretrained(hf_dir)
+  import_.convert(str(hf_dir), str(tmp_path / 'base'))
+
+  config = _load_config_py(tmp_path / 'base' / 'config.py')
+  with config.unlocked():
+    config.data.sources = 'builtin:shakespeare_chat'
+    config.data.seq_len = 128
+    config.train.update(num_steps=30, global_batch_size=8, eval_every=0, eval_batches=4,
+                        log_every=10)
+    config.optim.update(peak_lr=3e-3, warmup_steps=3)  # a random model, not a pretrained one
+    config.checkpoint.every = 30
+  workdir = str(tmp_path / 'ft')
+  trainer = train.setup(config)
+  pipeline = train.make_pipeline(config, workdir, trainer.process_batch_size(8, 128))
+  assert pipeline.weights and pipeline.sources.eval.chat
+  held_out = lambda params: train.evaluate(trainer, params, pipeline.eval_batches(4))['eval_loss']
+  base, _ = rundir.RunDir(str(tmp_path / 'base')).restore_params(
+      config, trainer.abstract_state['params'])
+  before = held_out(base)
+  state = train.train_and_evaluate(config, workdir)['state']
+  after = held_out(state['params'])
+  print(f'held-out loss on assistant tokens: {before:.3f} -> {after:.3f}')
+  assert after < before - 0.5, (before, after)
+
+  export.export_run(workdir, str(tmp_path / 'out'))
+  theirs_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / 'out')
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out',
+                                                             dtype=torch.float32)
+  ours_tok = rundir.RunDir(workdir).tokenizer(config)
+  docs = pipeline.sources.eval
+  conversations = [json.loads(docs.text(i))[:-1] for i in (0, len(docs) // 2, len(docs) - 1)]
+  ours = sample_chat.replies(trainer.graphdef, state['params'], ours_tok, conversations,
+                             mesh=trainer.mesh, rules=trainer.rules, max_new_tokens=12)
+  for conversation, our_ids in zip(conversations, ours):
+    prompt = theirs_tok.apply_chat_template(conversation, add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)['input_ids']
+    assert prompt == chat.prompt_ids(ours_tok, conversation).tolist()
+    out = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                          eos_token_id=chat.end_of_turn_ids(ours_tok))[0, len(prompt):].tolist()
+    stop = next((i for i, t in enumerate(out) if t in chat.end_of_turn_ids(ours_tok)), len(out))
+    assert out[:stop] == our_ids and stop < len(out)  # both stop at the end of turn
+  # Thirty steps teach short replies: 12 tokens past the end of turn compare the models further.
+  from jaxllm import sample
+  prompts = [chat.prompt_ids(ours_tok, c).tolist() for c in conversations]
+  ours = sample.generate_ids(trainer.graphdef, state['params'], prompts, mesh=trainer.mesh,
+                             rules=trainer.rules, stop_ids=[-1], max_new_tokens=12)
+  theirs.generation_config.eos_token_id = None
+  for prompt, our_ids in zip(prompts, ours):
+    out = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+    assert out[0, len(prompt):].tolist() == our_ids and len(our_ids) == 12
