@@ -10,6 +10,7 @@ error, and are left out before counting lines.
 
 import gzip
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -94,6 +95,19 @@ def root(tmp_path_factory) -> pathlib.Path:
   cut = d / 'hf_cut' / 'model-00003-of-00003.safetensors'
   cut.write_bytes(cut.read_bytes()[:1000])
   (d / 'hf_bad_config' / 'config.json').write_text('{"model_type": "llama", "hidden_size": ')
+  # Conversations: good rows (two files, so eval_files holds one out) and a file with a bad row.
+  chats = [{'messages': [{'role': 'user', 'content': f'Who is {w}?'},
+                         {'role': 'assistant', 'content': f'{w}, my lord.'}]}
+           for w in ('Hamlet', 'Horatio', 'Ophelia')]
+  rows = ''.join(json.dumps(c) + '\n' for c in chats)
+  for name in ('chats', 'chats_bad'):
+    (d / name).mkdir()
+    (d / name / 'a.jsonl').write_text(rows)
+    (d / name / 'b.jsonl').write_text(rows)
+  (d / 'chats_bad' / 'a.jsonl').write_text(rows + '{"messages": [{"role": "king", "content": "x"}]}\n')
+  shutil.copytree(hf, d / 'hf_no_tokenizer')
+  for p in d.glob('hf_no_tokenizer/tokenizer*'):
+    p.unlink()
   # Symlinked outputs: to the very folder being converted, and to nowhere.
   (d / 'link_run').symlink_to(run)
   (d / 'link_hf').symlink_to(hf)
@@ -116,6 +130,24 @@ CASES = [
           ('mesh.dcn_data', 0), ('data.worker_count', -1), ('train.sample_temperature', -1),
           ('model.n_kv_heads', 0), ('train.eval_batches', -1)]],
     ('eval_files=0', (*MAIN, *NEW, '--config.data.eval_files=0'), 'data.eval_files=0'),
+    ('eval_fraction=1', (*MAIN, *NEW, '--config.data.eval_fraction=1'), 'data.eval_fraction=1'),
+    ('loss_on=none', (*MAIN, *NEW, '--config.data.loss_on=none'), "data.loss_on='none'"),
+    ('chat_overflow=cut', (*MAIN, *NEW, '--config.data.chat_overflow=cut'),
+     "data.chat_overflow='cut'"),
+    ('data.sources required', (*MAIN, *NEW, '--config.data.sources=REQUIRED'),
+     'data.sources is required'),
+    ('missing chat template', (*MAIN, *NEW, TOK, '--config.data.chat_template={in}/none.jinja'),
+     'data.chat_template={in}/none.jinja'),
+    ('conversations without a template', (*MAIN, *NEW, TOK, '--config.data.sources={in}/chats',
+                                          '--config.data.eval_files=1'),
+     "data.chat_template='default'"),
+    ('chat row with a bad role', (*MAIN, *NEW, TOK, '--config.data.sources={in}/chats_bad',
+                                  '--config.data.eval_files=1', '--config.data.chat_template=default'),
+     'chats_bad/a.jsonl:4'),
+    ('sample --chat without a template', ('-m', 'jaxllm.sample', '--workdir={run}', '--chat=hi'),
+     "data.chat_template='default'"),
+    ('from_hf without a tokenizer', ('tools/convert_from_hf.py', '--hf={in}/hf_no_tokenizer',
+                                     '--out={new}'), '--tokenizer=PATH'),
     # Wrong types and unknown keys, refused while the flags are parsed.
     ('num_steps=abc', (*MAIN, *NEW, '--config.train.num_steps=abc'),
      '--config.train.num_steps=abc'),
