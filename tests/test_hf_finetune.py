@@ -233,6 +233,16 @@ def test_import_fine_tune_on_chats_export_and_generate_as_transformers_does(tmp_
                           eos_token_id=chat.end_of_turn_ids(ours_tok))[0, len(prompt):].tolist()
     stop = next((i for i, t in enumerate(out) if t in chat.end_of_turn_ids(ours_tok)), len(out))
     assert out[:stop] == our_ids and stop < len(out)  # both stop at the end of turn
+  # The CLI on a multi-turn file prints the same replies.
+  chats = tmp_path / 'held_out.jsonl'
+  chats.write_text(''.join(json.dumps({'messages': c}) + '\n' for c in conversations))
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, '-m', 'jaxllm.sample', f'--workdir={workdir}',
+                         f'--chat_file={chats}', '--temperature=0', '--max_new_tokens=12'],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout == ''.join(ours_tok.decode(ids) + '\n\n' for ids in ours)
   # Thirty steps teach short replies: 12 tokens past the end of turn compare the models further.
   from jaxllm import sample
   prompts = [chat.prompt_ids(ours_tok, c).tolist() for c in conversations]
