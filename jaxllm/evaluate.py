@@ -23,9 +23,7 @@ def evaluate_run(workdir: str, *, step: int = -1, max_batches: int | None = None
   config, trainer, params, step = rundir.RunDir(workdir).reopen(train.setup, step=step, mesh=mesh)
   pipeline = train.make_pipeline(config, workdir, trainer.process_batch_size(
       config.train.global_batch_size, config.data.seq_len))
-  out = train.evaluate(trainer, params, pipeline.eval_batches(max_batches=max_batches),
-                       count_bytes=pipeline.tokenizer.text_bytes_counter())
-  return {'step': step, **out}
+  return {'step': step, **train.evaluate_split(trainer, params, pipeline, max_batches)}
 
 
 def main(argv):

@@ -21,6 +21,7 @@ from jaxllm import data as data_lib
 from jaxllm import config as config_lib
 from jaxllm import sharding
 from jaxllm import train
+from jaxllm import trainer as trainer_lib
 from test_train import small_config, synthetic_batches
 
 REPO = pathlib.Path(__file__).parent.parent
@@ -126,7 +127,7 @@ def make_trainer(shape, config=None):
   mesh_shape = dict(zip(sharding.MESH_AXES, shape))
   config_lib.validate(config, mesh_shape)
   devices = jax.devices()[:int(np.prod(shape))]
-  return train.make_trainer(config, sharding.make_mesh(mesh_shape, devices))
+  return trainer_lib.make_trainer(config, sharding.make_mesh(mesh_shape, devices))
 
 
 def one_step(trainer, state):

@@ -11,7 +11,7 @@ import pytest
 REPO = pathlib.Path(__file__).parent.parent
 PACKAGE = REPO / 'jaxllm'
 ENTRY_POINTS = {'jaxllm.main', 'jaxllm.evaluate', 'jaxllm.sample.__main__'}
-WIRING = {'jaxllm.train', 'jaxllm.aot'}  # the loop's wiring, and the planner that compiles it
+WIRING = {'jaxllm.train', 'jaxllm.trainer', 'jaxllm.aot'}  # the loop, its compiled step, the planner
 MAX_LINES = 500
 
 

@@ -15,7 +15,7 @@ from jaxllm import data as data_lib
 from jaxllm import evaluate
 from jaxllm import rundir
 from jaxllm import sharding
-from jaxllm import train
+from jaxllm import trainer as trainer_lib
 from test_data import eval_stats
 from test_train import small_config
 
@@ -43,7 +43,7 @@ def tiny(tmp_path_factory):
   with config.unlocked():
     config.model.vocab_size = VOCAB
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
-  trainer = train.make_trainer(config, mesh)
+  trainer = trainer_lib.make_trainer(config, mesh)
   return pipeline, trainer, trainer.init_state()['params']
 
 
@@ -69,7 +69,7 @@ def hand_bits_per_byte(pipeline, trainer, params):
 
 def test_bits_per_byte_matches_a_hand_computation(tiny):
   pipeline, trainer, params = tiny
-  out = train.evaluate(trainer, params, pipeline.eval_batches(),
+  out = trainer_lib.evaluate(trainer, params, pipeline.eval_batches(),
                        count_bytes=pipeline.tokenizer.text_bytes_counter())
   want, text_bytes = hand_bits_per_byte(pipeline, trainer, params)
   assert out['eval_bytes'] == text_bytes == eval_stats(pipeline)['bytes']
@@ -115,7 +115,7 @@ def test_a_multi_host_run_is_evaluated_on_this_host_with_mesh(tiny, tmp_path):
                                        r'devices here .*pass --mesh=DATA,FSDP,TENSOR'):
     evaluate.evaluate_run(run.workdir)
   out = evaluate.evaluate_run(run.workdir, mesh='1,-1,1')
-  want = train.evaluate(trainer, params, pipeline.eval_batches())
+  want = trainer_lib.evaluate(trainer, params, pipeline.eval_batches())
   assert out['step'] == 7 and out['eval_tokens'] == want['eval_tokens']
   np.testing.assert_allclose(out['eval_loss'], want['eval_loss'], rtol=1e-5)
   assert rundir.parse_mesh('2,-1,1') == dict(data=2, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1)

@@ -179,6 +179,7 @@ def test_import_fine_tune_on_chats_export_and_generate_as_transformers_does(tmp_
   template), renders three held-out conversations to the prompt ids jaxllm renders, and its
   greedy generate gives the tokens jaxllm's chat sampling gives."""
   from jaxllm import chat, rundir, train
+  from jaxllm import trainer as trainer_lib
   from jaxllm.sample import chat as sample_chat
   from test_chat import llama3_tokenizer, save_hf
 
@@ -207,7 +208,7 @@ def test_import_fine_tune_on_chats_export_and_generate_as_transformers_does(tmp_
   trainer = train.setup(config)
   pipeline = train.make_pipeline(config, workdir, trainer.process_batch_size(8, 128))
   assert pipeline.weights and pipeline.sources.eval.chat
-  held_out = lambda params: train.evaluate(trainer, params, pipeline.eval_batches(4))['eval_loss']
+  held_out = lambda params: trainer_lib.evaluate(trainer, params, pipeline.eval_batches(4))['eval_loss']
   base, _ = rundir.RunDir(str(tmp_path / 'base')).restore_params(
       config, trainer.abstract_state['params'])
   before = held_out(base)

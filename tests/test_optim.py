@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxllm import optim, sharding, train
+from jaxllm import optim, sharding
+from jaxllm import trainer as trainer_lib
 from test_train import small_config
 
 
@@ -24,7 +25,7 @@ def test_schedule_warmup_then_cosine_to_final_fraction():
 
 def test_weight_decay_only_on_matrices():
   """Norm scales (1-D per layer, 2-D once stacked) get no decay; every matrix does."""
-  trainer = train.make_trainer(small_config(), sharding.make_mesh(
+  trainer = trainer_lib.make_trainer(small_config(), sharding.make_mesh(
       {'data': 1, 'fsdp': 8, 'tensor': 1}))
   # AdamW steps with zero gradients move only decayed parameters (by lr x wd x p).
   params = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), trainer.abstract_state['params'])

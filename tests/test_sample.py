@@ -10,7 +10,7 @@ from flax import nnx
 from jaxllm import model as model_lib
 from jaxllm import sample
 from jaxllm import sharding
-from jaxllm import train
+from jaxllm import trainer as trainer_lib
 from test_model import CFG
 from test_train import small_config
 
@@ -115,7 +115,7 @@ def test_left_pad_buckets_and_pads_rows():
 def test_sharded_generation_equals_unsharded():
   """Parameters and cache sharded over a (2, 2, 2) mesh give the tokens of one device."""
   mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
-  trainer = train.make_trainer(small_config(), mesh)
+  trainer = trainer_lib.make_trainer(small_config(), mesh)
   params = trainer.init_state()['params']
   tokens, starts = sample.left_pad(prompts(4, 11), rows=4)
   kw = dict(max_new_tokens=N, temperature=0.0)

@@ -12,6 +12,7 @@ from jaxllm import config as config_lib
 from jaxllm import loss as loss_lib
 from jaxllm import sharding
 from jaxllm import train
+from jaxllm import trainer as trainer_lib
 from test_config import load
 
 SEQ, BATCH, STEPS = 32, 8, 3
@@ -57,7 +58,7 @@ def run_steps(mesh_shape, microbatches=1, devices=None, loss_chunk=0, *, with_tr
   with config.unlocked():
     config.model.update(model)
   config_lib.validate(config, mesh_shape)
-  trainer = train.make_trainer(config, sharding.make_mesh(mesh_shape, devices))
+  trainer = trainer_lib.make_trainer(config, sharding.make_mesh(mesh_shape, devices))
   state = trainer.init_state()
   losses = []
   with sharding.activate(trainer.mesh, trainer.rules):
@@ -119,7 +120,7 @@ def test_skipped_step_keeps_the_state_and_a_good_step_updates_it():
     config.optim.skip_nonfinite = 1
     config.optim.warmup_steps = 0  # step 0 then has a learning rate above 0
   mesh_shape = {'data': 1, 'fsdp': 1, 'tensor': 1}
-  trainer = train.make_trainer(config, sharding.make_mesh(mesh_shape, jax.devices()[:1]))
+  trainer = trainer_lib.make_trainer(config, sharding.make_mesh(mesh_shape, jax.devices()[:1]))
   state = jax.device_get(trainer.init_state())
   first = jax.tree_util.tree_flatten_with_path(state['params'])[0][0][0]
   poisoned = {**state, 'params': jax.tree_util.tree_map_with_path(
@@ -170,7 +171,7 @@ def test_fused_head_loss_matches_logits_then_loss(chunk):
 
 def test_train_and_eval_steps_pass_the_trainers_compiler_options_to_xla():
   config = small_config()
-  trainer = train.make_trainer(config, sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1},
+  trainer = trainer_lib.make_trainer(config, sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1},
                                                         jax.devices()[:1]))
   on_cpu = jax.devices()[0].platform == 'cpu'
   assert trainer.compiler_options == ({'xla_cpu_use_fusion_emitters': False} if on_cpu else None)
@@ -187,7 +188,7 @@ def test_weights_select_the_targets_that_carry_loss():
   """A batch's `weights` (conversations: assistant targets only) split the loss and the token
   count: the weighted half and the other half add up to the unweighted batch, and neither
   equals the whole."""
-  trainer = train.make_trainer(small_config(), sharding.make_mesh(
+  trainer = trainer_lib.make_trainer(small_config(), sharding.make_mesh(
       {'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1]))
   params = trainer.init_state()['params']
   batch = synthetic_batches()[0]

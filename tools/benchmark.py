@@ -28,6 +28,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxllm import attention, cli, data, metrics, model, runtime, sharding, sources, train
+from jaxllm import trainer as trainer_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps.')
@@ -99,7 +100,7 @@ def run(config, steps: int, warmup: int, *, packed: bool = False,
   trainer = train.setup(config)
   batch, seq = config.train.global_batch_size, config.data.seq_len
   start = time.perf_counter()
-  keys = train.BATCH_KEYS if packed else ('inputs', 'targets')
+  keys = trainer_lib.BATCH_KEYS if packed else ('inputs', 'targets')
   compiled = trainer.compile_train_step(batch, seq, keys=keys)
   compile_s = time.perf_counter() - start
   state = trainer.init_state()
