@@ -47,6 +47,22 @@ DEFAULT_RULES = (
 )
 
 
+# Keys that may be 'auto': resolved at the start of a training run by the planner (jaxllm/aot.py,
+# `resolve_auto`) to the largest per-device batch and cheapest remat whose compiled step fits
+# train.hbm_gib, and written resolved into the run's config.json (a resume reuses them).
+AUTO = 'auto'
+AUTO_KEYS = ('train.global_batch_size', 'train.microbatches', 'model.remat')
+
+
+def _int_or_auto(value: int) -> ml_collections.FieldReference:
+  return ml_collections.FieldReference(value, field_type=object)
+
+
+def auto_keys(config: ml_collections.ConfigDict) -> list[str]:
+  """The AUTO_KEYS set to 'auto' in `config`."""
+  return [key for key in AUTO_KEYS if config[key.split('.')[0]][key.split('.')[1]] == AUTO]
+
+
 def base_config() -> ml_collections.ConfigDict:
   """All keys with their defaults; each line says what the key means and its unit."""
   c = ml_collections.ConfigDict()
@@ -67,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02  # std of the normal init of every matrix
   m.param_dtype = 'float32'  # parameter (and optimizer moment) storage dtype
   m.dtype = 'float32'  # compute dtype: 'bfloat16' on accelerators; logits and loss stay float32
-  m.remat = 'none'  # activation recompute: none | full | save_dots | save_all_dots
+  m.remat = 'none'  # activation recompute: none | full | save_dots | save_all_dots | auto (AUTO_KEYS)
   m.scan_layers = True  # scan over stacked layers (compile time independent of depth)
   m.attention = 'xla'  # kernel: xla | cudnn | pallas | auto (cuDNN on bf16 GPUs); jaxllm/attention.py
   m.attention_max_segments = 0  # packed cuDNN: segments per row planned for; 0 = max(16, seq_len/256)
@@ -105,8 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.seed = 0  # shuffling seed
 
   c.train = t = ml_collections.ConfigDict()
-  t.global_batch_size = 16  # rows per optimizer step, summed over all devices and micro-batches
-  t.microbatches = 1  # gradient accumulation: the step's batch is split into this many parts
+  # These two may also be 'auto' (AUTO_KEYS): typed `object` so a flag can say either.
+  t.global_batch_size = _int_or_auto(16)  # rows per optimizer step, over all devices and micro-batches
+  t.microbatches = _int_or_auto(1)  # gradient accumulation: the step's batch is split into this many
+  t.hbm_gib = 0.0  # per-device memory budget of 'auto' settings and jaxllm.tune; 0 = the devices' own
   t.loss_chunk = 0  # > 0: head + loss fused over this many positions at a time (no full logits)
   t.num_steps = 300  # optimizer steps
   t.log_every = 25  # steps between console/TensorBoard lines
@@ -203,7 +221,7 @@ MINIMUMS = {
     'optim.weight_decay': 0, 'optim.clip_norm': 0, 'optim.skip_nonfinite': 0,
     'checkpoint.every': 0, 'checkpoint.keep_latest': 1, 'checkpoint.keep_every': 0,
     'mesh.dcn_data': 1, 'mesh.dcn_fsdp': 1,
-    'monitor.prometheus_port': 0, 'monitor.goodput_flush_seconds': 0,
+    'monitor.prometheus_port': 0, 'monitor.goodput_flush_seconds': 0, 'train.hbm_gib': 0,
 }
 
 
@@ -211,12 +229,19 @@ MINIMUMS = {
 CHOICES = {'data.loss_on': ('assistant', 'all'), 'data.chat_overflow': ('drop', 'truncate')}
 
 
+def _unresolved(key: str) -> str:
+  return (f"{key}='auto' is resolved only when a training run starts (jaxllm.main, jaxllm.tune; "
+          "tools/aot_compile.py --plan prints the choice): set a value here")
+
+
 def _below_minimum(config: ml_collections.ConfigDict) -> list[str]:
   errors = []
   for key, least in MINIMUMS.items():
     section, name = key.split('.')
     value = config[section][name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if value == AUTO and key in AUTO_KEYS:
+      errors.append(_unresolved(key))
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
       errors.append(f'{key}={value!r} must be a number')
     elif value < least:
       errors.append(f'{key}={value} must be >= {least}')
@@ -233,6 +258,8 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> N
   """Cross-field checks; each error names the keys to change. `mesh_shape` is resolved."""
   m, t = config.model, config.train
   errors = _below_minimum(config)
+  if m.remat == AUTO:
+    errors.append(_unresolved('model.remat'))
   if not config.data.eval_source and config.data.eval_files < 1 and not config.data.eval_fraction:
     errors.append('data.eval_files=0 leaves no held-out split: set it >= 1, or set '
                   'data.eval_fraction or data.eval_source')

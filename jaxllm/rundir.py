@@ -173,3 +173,94 @@ class RunDir:
       raise self.mesh_error(config, mesh, e) from None
     params, step = self.restore_params(config, trainer.abstract_state['params'], step)
     return config, trainer, params, step
+
+
+_CONFIG_PY = '''"""{doc}"""
+
+from jaxllm import config as config_lib
+
+# Every key that differs from jaxllm.config.base_config(), so this file stands alone.
+CHANGES = {{
+{changes}}}
+
+
+def get_config():
+  c = config_lib.base_config()
+  for key, value in CHANGES.items():
+    *sections, name = key.split('.')
+    node = c
+    for section in sections:
+      node = node[section]
+    node[name] = value
+  return c
+'''
+
+
+def write_config_py(path: str, config: ml_collections.ConfigDict, *, doc: str) -> None:
+  """A config file for `jaxllm.main --config=path` that gives back `config` (its keys that differ
+  from base_config(), as Python literals) under the docstring `doc`; written whole or not at all."""
+  def flat(c, prefix=''):
+    out = {}
+    for key, value in c.items():
+      out.update(flat(value, f'{prefix}{key}.') if isinstance(value, ml_collections.ConfigDict)
+                 else {f'{prefix}{key}': value})
+    return out
+  base = flat(config_lib.base_config())
+  changes = ''.join(f'    {k!r}: {v!r},\n' for k, v in sorted(flat(config).items()) if base.get(k) != v)
+  text = _CONFIG_PY.format(doc=doc.replace('\\', '\\\\').replace('"""', '\\"""'), changes=changes)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+# A tuning study's directory (jaxllm.tune): each trial is an ordinary workdir inside it.
+STUDY_JOURNAL = 'study.journal'  # Optuna's journal: every trial, its values and state
+TRIAL_PREFIX = 'trial_'
+TRIAL_LOGS = 'logs'  # one console log per trial
+WORKERS = 'workers'  # one heartbeat file per worker process
+TRIALS_MD, TRIALS_CSV = 'trials.md', 'trials.csv'
+BEST_CONFIG = 'best_config.py'  # the best trial's config, for `jaxllm.main --config`
+PLOTS = 'plots'
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyDir:
+  """Paths of one study directory (`jaxllm.tune --workdir`); URLs are refused (`local`)."""
+
+  workdir: str
+
+  def __post_init__(self):
+    local(self.workdir, '--workdir')
+
+  def path(self, *names: str) -> str:
+    return os.path.join(self.workdir, *names)
+
+  @property
+  def journal(self) -> str:
+    return self.path(STUDY_JOURNAL)
+
+  def trial(self, number: int) -> RunDir:
+    return RunDir(self.path(f'{TRIAL_PREFIX}{number}'))
+
+  def log(self, number: int) -> str:
+    return self.path(TRIAL_LOGS, f'{TRIAL_PREFIX}{number}.log')
+
+  def heartbeat(self, worker: str) -> str:
+    return self.path(WORKERS, worker.replace(os.sep, '_'))
+
+  @property
+  def trials_md(self) -> str:
+    return self.path(TRIALS_MD)
+
+  @property
+  def trials_csv(self) -> str:
+    return self.path(TRIALS_CSV)
+
+  @property
+  def best_config(self) -> str:
+    return self.path(BEST_CONFIG)
+
+  def plot(self, name: str) -> str:
+    return self.path(PLOTS, f'{name}.png')

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from jaxllm import aot
 from jaxllm import chat
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
@@ -87,14 +88,14 @@ def make_pipeline(config: ml_collections.ConfigDict, workdir: str, batch_size: i
       encode_chat=chat.encode_chat, eval_fraction=d.eval_fraction)
 
 
-def setup(config: ml_collections.ConfigDict, devices=None) -> trainer_lib.Trainer:
-  """Resolves and validates the config against `devices` (default: the devices present; the
-  AOT planner passes a TPU topology's), and builds the trainer."""
+def setup(config: ml_collections.ConfigDict, devices=None, *,
+          saved: Mapping | None = None) -> trainer_lib.Trainer:
+  """Resolves the config's 'auto' settings (aot.resolve_auto: `saved`'s, the config of the run
+  being resumed, else the planner's), validates it against `devices` (default: the devices
+  present) and builds the trainer."""
   devices = jax.devices() if devices is None else list(devices)
-  shape = sharding.resolve_mesh_shape(config.mesh, len(devices))
-  config_lib.validate(config, shape)
-  return trainer_lib.make_trainer(config, sharding.make_mesh(shape, devices,
-                                                 dcn=sharding.dcn_shape(config.mesh)))
+  aot.resolve_auto(config, devices, saved=saved)
+  return aot.build_trainer(config, devices)
 
 
 def make_checkpointer(config: ml_collections.ConfigDict,
@@ -162,7 +163,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   d = config.distributed
   sharding.initialize_distributed(initialize=d.initialize, coordinator_address=d.coordinator_address,
                                   num_processes=d.num_processes, process_id=d.process_id)
-  trainer = setup(config)  # validates the config: a bad one leaves no workdir behind
+  run = rundir.RunDir(workdir)
+  saved = run.load_config() if os.path.exists(run.config_json) else None  # 'auto' as it started
+  trainer = setup(config, saved=saved)  # validates the config: a bad one leaves no workdir behind
   os.makedirs(rundir.RunDir(workdir).workdir, exist_ok=True)  # RunDir refuses a URL first
   t = config.train
   pipeline = make_pipeline(config, workdir,

@@ -10,7 +10,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).parent.parent
 PACKAGE = REPO / 'jaxllm'
-ENTRY_POINTS = {'jaxllm.main', 'jaxllm.evaluate', 'jaxllm.sample.__main__'}
+ENTRY_POINTS = {'jaxllm.main', 'jaxllm.evaluate', 'jaxllm.sample.__main__', 'jaxllm.tune'}
 WIRING = {'jaxllm.train', 'jaxllm.trainer', 'jaxllm.aot'}  # the loop, its compiled step, the planner
 MAX_LINES = 500
 

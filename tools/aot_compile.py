@@ -21,10 +21,12 @@ _HBM_GIB = flags.DEFINE_float('hbm_gib', 80.0, 'Memory budget per device, GiB.')
 _PLAN = flags.DEFINE_bool('plan', False, 'Search per-device batch and remat for the best fit.')
 _TOPOLOGY = flags.DEFINE_string('topology', '', 'Compile for this TPU slice (v5p-128, v6e-256, '
                                 'v5p:4x4x4) through libtpu instead of --devices fake CPUs.')
+# The defaults are aot.PLAN_BATCHES and aot.PLAN_REMATS (what 'auto' settings try); this tool
+# must not import jaxllm before main() has set the devices up.
 _BATCHES = flags.DEFINE_list('plan_batches', ['1', '2', '4', '8', '16'],
-                             'Per-device batch sizes the planner tries.')
+                             "Per-device batch sizes the planner tries (as 'auto' does).")
 _REMATS = flags.DEFINE_list('plan_remat', ['none', 'save_dots', 'full'],
-                            'Remat policies the planner tries.')
+                            "Remat policies the planner tries (as 'auto' does).")
 flags.mark_flags_as_required(['config'])
 
 
@@ -41,11 +43,16 @@ def main(argv):
         f'({devices[0].device_kind})')
   print(aot.HEADER)
   if not _PLAN.value:
-    ways = aot.batch_ways(config, devices)
-    if config.train.global_batch_size % ways:
+    with config.unlocked():
+      config.train.hbm_gib = budget
+    aot.resolve_auto(config, devices)  # 'auto' settings: the planner's choice (logged)
+    ways, micro = aot.batch_ways(config, devices), config.train.microbatches
+    if config.train.global_batch_size % (ways * micro):
       raise SystemExit(f'train.global_batch_size={config.train.global_batch_size} does not divide '
-                       f'into the {ways} batch shards of this mesh; use a multiple of {ways}')
-    est = aot.estimate(config, config.train.global_batch_size // ways, config.model.remat, devices)
+                       f'into the {ways} batch shards of this mesh x train.microbatches={micro}; '
+                       f'use a multiple of {ways * micro}')
+    est = aot.estimate(config, config.train.global_batch_size // ways // micro, config.model.remat,
+                       devices, microbatches=micro)
     print(aot.row(est, budget))
     print('collectives per device and step (HLO):\n' + collectives.summary(est.collective_bytes))
     print(json.dumps({**dataclasses.asdict(est), 'fits': est.fits(budget)}))
