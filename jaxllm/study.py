@@ -317,6 +317,7 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, config: ml_collections.
                f' (resuming lost trial {trial.user_attrs["retry_of"]})' if retry else '')
   log_path = study_dir.log(trial.number)
   proc = _launch(run, log_path)
+  trial.set_user_attr('pid', proc.pid)
   try:
     outcome, detail = _watch(trial, proc, run, cfg.train.num_steps, worker, o.poll_s)
     if outcome == 'failed':
