@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -366,9 +367,13 @@ def _launch(run: rundir.RunDir, log_path: str) -> subprocess.Popen:
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [root, os.environ.get('PYTHONPATH')]))
   cmd = [sys.executable, '-m', 'jaxllm.main', f'--config={run.config_py}', f'--workdir={run.workdir}']
   os.makedirs(os.path.dirname(log_path), exist_ok=True)
-  with open(log_path, 'a', encoding='utf-8') as log:
+  with open(log_path, 'a', encoding='utf-8') as log, warnings.catch_warnings():
     log.write(f'$ {" ".join(cmd)}\n')
     log.flush()
+    # A preexec_fn makes subprocess fork (not spawn), and JAX warns that forking a threaded
+    # process may deadlock: a child that touches locks other threads held could. This one makes
+    # one system call and execs.
+    warnings.filterwarnings('ignore', 'os.fork', RuntimeWarning)
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                             preexec_fn=_die_with_worker if _PRCTL else None)
 

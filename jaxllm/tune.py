@@ -17,7 +17,13 @@ from absl import app, flags
 from ml_collections import config_flags
 from tensorboard.util import tb_logging
 
-from jaxllm import cli, study as study_lib, study_report
+try:
+  import optuna  # noqa: F401  (jaxllm/study.py is built on it; an optional dependency)
+except ImportError:
+  raise SystemExit("error: jaxllm.tune needs Optuna: pip install -e '.[tune]' (or pip install "
+                   "optuna)") from None
+
+from jaxllm import cli, study as study_lib, study_report  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Base config file (configs/*.py).',
                                           lock_config=True)
