@@ -263,8 +263,9 @@ def run(config: ml_collections.ConfigDict, *, space: Space, workdir: str, option
         on_trial: Callable[[optuna.Study], None] | None = None) -> optuna.Study:
   """Runs trials of the study in `workdir` until it has `options.trials` (or every grid point),
   counting those of other workers and earlier runs, calling `on_trial(study)` after each one it
-  ran; returns the study."""
-  study_dir = rundir.StudyDir(workdir)
+  ran; returns the study. Paths are made absolute: the report and the trials' config files
+  then work from any directory."""
+  study_dir = rundir.StudyDir(os.path.abspath(workdir))
   if not config.train.eval_every and options.pruner != 'none':
     logging.warning('train.eval_every=0: trials are evaluated only at the end, so none is pruned')
   options = dataclasses.replace(

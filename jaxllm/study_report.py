@@ -28,7 +28,7 @@ from jaxllm import study as study_lib  # noqa: E402
 
 def write(study: optuna.Study, workdir: str) -> str:
   """The whole report of the study in `workdir`; returns trials.md's text."""
-  study_dir = rundir.StudyDir(workdir)
+  study_dir = rundir.StudyDir(os.path.abspath(workdir))
   write_tables(study, study_dir)
   write_best_config(study, study_dir)
   write_plots(study, study_dir)
@@ -68,7 +68,7 @@ def rows(study: optuna.Study) -> list[dict]:
     if 'retry_of' in a:
       note = f'resumes trial {a["retry_of"]} ({a.get("retry_reason", "")}) {note}'.strip()
     if 'pruned_at' in a:
-      note = f'pruned at step {a["pruned_at"]}'
+      note = '; '.join(filter(None, [note, f'pruned at step {a["pruned_at"]}']))
     out.append({'trial': t.number, 'status': status(t, retried), 'eval_loss': loss(t),
                 **{k: t.params.get(k) for k in keys}, 'steps': a.get('steps'), 'note': note,
                 'workdir': a.get('workdir', '')})

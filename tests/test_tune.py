@@ -311,3 +311,17 @@ def test_aot_compile_plans_with_the_candidates_auto_uses():
   batches = ','.join(map(str, aot.PLAN_BATCHES))
   remats = ','.join(aot.PLAN_REMATS)
   assert f"(default: '{batches}')" in text and f"(default: '{remats}')" in text
+
+
+def test_tune_command_line_errors_are_one_line_and_write_nothing(tmp_path):
+  for flags, message in (
+      (('--space=nope.py', '--trials=2'), 'error: --space=nope.py does not exist'),
+      ((f'--space={REPO / "configs/spaces/lr_warmup.py"}', '--trials=0'),
+       'error: --trials=0: give at least 1'),
+  ):
+    proc = subprocess.run([sys.executable, '-m', 'jaxllm.tune', '--config=configs/tiny.py',
+                           f'--workdir={tmp_path / "study"}', *flags], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
+    assert not (tmp_path / 'study').exists()
