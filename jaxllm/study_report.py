@@ -47,13 +47,13 @@ def status(trial: optuna.trial.FrozenTrial, retried: set[int]) -> str:
   return trial.state.name.lower()
 
 
-def loss(trial: optuna.trial.FrozenTrial) -> float | None:
-  """The final held-out loss, or the last one reported (pruned and unfinished trials)."""
-  if trial.value is not None:
-    return trial.value
-  if trial.intermediate_values:
-    return trial.intermediate_values[max(trial.intermediate_values)]
-  return None
+def loss(trial: optuna.trial.FrozenTrial) -> tuple[float | None, int | None]:
+  """(held-out loss, its step): the final one, or the last reported (pruned and unfinished
+  trials)."""
+  if not trial.intermediate_values:
+    return trial.value, None
+  step = max(trial.intermediate_values)
+  return trial.intermediate_values[step] if trial.value is None else trial.value, step
 
 
 def rows(study: optuna.Study) -> list[dict]:
@@ -69,17 +69,18 @@ def rows(study: optuna.Study) -> list[dict]:
       note = f'resumes trial {a["retry_of"]} ({a.get("retry_reason", "")}) {note}'.strip()
     if 'pruned_at' in a:
       note = '; '.join(filter(None, [note, f'pruned at step {a["pruned_at"]}']))
-    out.append({'trial': t.number, 'status': status(t, retried), 'eval_loss': loss(t),
+    value, step = loss(t)
+    out.append({'trial': t.number, 'status': status(t, retried), 'eval_loss': value, 'at_step': step,
                 **{k: t.params.get(k) for k in keys}, 'steps': a.get('steps'), 'note': note,
                 'workdir': a.get('workdir', '')})
   return out
 
 
-def _cell(value) -> str:
+def _cell(value, key: str = '') -> str:
   if value is None:
     return ''
   if isinstance(value, float):
-    return f'{value:.4g}' if abs(value) < 1e-2 or abs(value) >= 1e4 else f'{value:.4f}'
+    return f'{value:.4f}' if key == 'eval_loss' else f'{value:.4g}'
   return str(value).replace('|', '\\|').replace('\n', ' ')
 
 
@@ -92,7 +93,7 @@ def write_tables(study: optuna.Study, study_dir: rundir.StudyDir) -> list[dict]:
   header = list(table[0])
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for r in table:
-    cells = [_cell(r[k]) for k in header]
+    cells = [_cell(r[k], k) for k in header]
     if best is not None and r['trial'] == best.number:
       cells = [f'**{c}**' if c else c for c in cells]
     lines.append('| ' + ' | '.join(cells) + ' |')
@@ -196,19 +197,23 @@ def _params(study: optuna.Study, table: list[dict], path: str) -> str:
   return path
 
 
+_NOT_PARAMS = ('trial', 'status', 'eval_loss', 'at_step', 'steps', 'note', 'workdir')
+
+
 def _curves(table: list[dict], path: str, top: int) -> str:
-  ranked = sorted(table, key=lambda r: (r['status'] != 'complete', r['eval_loss']))
+  # Best first: complete trials by loss, then the others by how far they got, then by loss.
+  ranked = sorted(table, key=lambda r: (r['status'] != 'complete', -(r['at_step'] or 0),
+                                        r['eval_loss']))
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for i, r in enumerate(reversed(ranked)):
+  for rank, r in enumerate(ranked):
     logdir = rundir.RunDir(r['workdir']).tensorboard
     steps, values = metrics_lib.read_scalars(logdir).get(study_lib.EVAL_TAG, ([], []))
-    rank = len(ranked) - 1 - i
     if rank < top:
-      params = ', '.join(f'{k.split(".")[-1]}={_cell(r[k])}' for k in r
-                         if k not in ('trial', 'status', 'eval_loss', 'steps', 'note', 'workdir'))
-      ax.plot(steps, values, '-o', markersize=3, label=f'trial {r["trial"]}: {params}', zorder=3)
+      params = ', '.join(f'{k.split(".")[-1]}={_cell(r[k])}' for k in r if k not in _NOT_PARAMS)
+      ax.plot(steps, values, '-o', markersize=3, label=f'trial {r["trial"]}: {params}',
+              zorder=3 + top - rank)
     else:
-      ax.plot(steps, values, '-', color='0.75', linewidth=1, zorder=1)
+      ax.plot(steps, values, '-o', markersize=2, color='0.75', linewidth=1, zorder=1)
   ax.set(xlabel='step', ylabel='held-out loss',
          title=f'held-out loss of the {min(top, len(ranked))} best trials (others grey)')
   ax.legend(fontsize=8)
