@@ -64,10 +64,10 @@ class Options:
   trials: int  # trials in the study, over all workers and restarts
   pruner: str = 'asha'  # asha (successive halving) | hyperband | none
   min_resource: int = 0  # steps before a trial can first be pruned; 0 = train.eval_every
-  reduction_factor: int = 3  # one in this many trials goes on at each rung
+  reduction_factor: int = 4  # one in this many trials goes on at each rung (Optuna's default)
   startup_trials: int = 8  # random trials before TPE models the results
   seed: int = 0  # sampler seed (offset by the trials already there, so a restart samples anew)
-  poll_s: float = 1.0  # seconds between reads of a running trial's events
+  poll_s: float = 0.5  # seconds between looks at a running trial's events (reread when they grow)
   stale_s: float = 600.0  # a worker silent this long is presumed dead
 
 

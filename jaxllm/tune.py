@@ -35,7 +35,7 @@ _PRUNER = flags.DEFINE_enum('pruner', 'asha', study_lib.PRUNERS,
                             'asha: successive halving; hyperband; none.')
 _MIN_RESOURCE = flags.DEFINE_integer('min_resource', 0, 'Steps before a trial may first be '
                                      'pruned; 0 = train.eval_every (its first evaluation).')
-_REDUCTION = flags.DEFINE_integer('reduction_factor', 3, 'One trial in this many goes on at '
+_REDUCTION = flags.DEFINE_integer('reduction_factor', 4, 'One trial in this many goes on at '
                                   'each pruning rung.')
 _STARTUP = flags.DEFINE_integer('startup_trials', 8, 'Random trials before TPE takes over.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampler seed.')
