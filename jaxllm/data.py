@@ -265,7 +265,7 @@ def make_pipeline(*, source_dir: str | None = None, cache_dir: str, tokenizer_pa
   with _file_lock(Path(cache_dir) / '.lock'):
     found = open_sources(specs, cache_dir=cache_dir, eval_files=eval_files, eval_source=eval_source,
                          text_field=text_field, tfds_data_dir=tfds_data_dir, skip_bad_records=skip_bad_records)
-    if not Path(tokenizer_path).exists():
+    if not tokenizer_lib.exists(tokenizer_path):
       if not train_missing_tokenizer:  # a typo or unmounted volume must not get a new tokenizer
         raise FileNotFoundError(f'data.tokenizer={tokenizer_path} does not exist: fix the path, or '
                                 'leave data.tokenizer empty to train one into the workdir')

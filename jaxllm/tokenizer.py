@@ -14,7 +14,6 @@ import hashlib
 import io
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
@@ -105,8 +104,8 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, path: str):
     self.path = str(path)
-    try:
-      self.sp = spm.SentencePieceProcessor(model_file=self.path)
+    try:  # from the bytes: sentencepiece opens only local files, the path may be a gs:// URL
+      self.sp = spm.SentencePieceProcessor(model_proto=files.read_bytes(self.path))
     except (RuntimeError, OSError) as e:  # sentencepiece's C++ status, e.g. a truncated file
       raise ValueError(f'tokenizer {self.path} is not a sentencepiece model ({e}); point '
                        'data.tokenizer at the .model file sentencepiece wrote') from None
@@ -145,9 +144,14 @@ class SentencePieceTokenizer(Tokenizer):
     return int(self.sp.encode_as_pieces('a')[0].startswith('\u2581'))
 
 
+def exists(path: str) -> bool:
+  """A tokenizer file is at `path` (a local path or a gs:// URL)."""
+  return files.isfile(path)
+
+
 def open_tokenizer(path: str) -> Tokenizer:
-  """The tokenizer stored at `path` (a sentencepiece `.model` file)."""
-  if not os.path.isfile(path):
+  """The tokenizer stored at `path` (a sentencepiece `.model` file, local or gs://)."""
+  if not exists(path):
     raise FileNotFoundError(f'tokenizer {path} does not exist')
   return SentencePieceTokenizer(path)
 
@@ -177,6 +181,6 @@ def train_sentencepiece(path: str, texts: Sequence[str], vocab_size: int, *,
 
 def write_replacing(path: str, contents: bytes) -> None:
   """`contents` as the file `path`, whole or not at all (jaxllm.files.replacing)."""
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  files.makedirs(os.path.dirname(path) or '.')
   with files.replacing(path, 'wb') as f:
     f.write(contents)

@@ -100,7 +100,7 @@ def export_run(workdir: str, out: str, *, step: int = -1, dtype: str = 'float32'
     like = hf.abstract_params(cfg)
     checkpoint_lib.check_shapes(ckpt.params_metadata(step), like, where=ckpt.step_dir(step))
     read = lambda path: ckpt.read_param(step, path, hf.at_path(like, path))
-    has_tokenizer = os.path.isfile(run.tokenizer_path(config))
+    has_tokenizer = run.has_tokenizer(config)
     export(read, saved['model'], out, dtype=dtype, family=family,
            tokenizer=run.tokenizer(config) if has_tokenizer else None,
            max_position_embeddings=(max_position_embeddings
