@@ -8,7 +8,9 @@ while the sources are unchanged (else the saved position would replay another or
 mismatch is an error that names it, unless the caller restores without the data position.
 Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed mid-save leaves the previous step as the latest; leftover temporary directories are never
-listed as steps. This module never decides when to save: the train loop does.
+listed as steps (on a gs:// bucket, which has no rename, Orbax marks a step complete with a
+commit file instead). `directory` may be a gs:// URL: Orbax writes it through epath and
+TensorStore's GCS driver. This module never decides when to save: the train loop does.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from absl import logging
+
+from jaxllm import files
 
 _policies = ocp.checkpoint_managers
 
@@ -94,7 +98,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep_latest: int = 3, keep_every: int = 0,
                async_save: bool = True, read_only: bool = False,
                data_fingerprint: Mapping[str, Any] | None = None):
-    self.directory = os.path.abspath(directory)
+    self.directory = directory if files.is_url(directory) else os.path.abspath(directory)
     self.data_fingerprint, self.data_restart_step = data_fingerprint, 0
     keep = [_policies.LatestN(keep_latest)]
     if keep_every:
@@ -208,7 +212,7 @@ class Checkpointer:
   def saved_process_count(self, step: int) -> int | None:
     """How many processes wrote the data position of `step` (from grain's file names), or None."""
     data_dir = os.path.join(self.step_dir(step), 'data')
-    names = os.listdir(data_dir) if os.path.isdir(data_dir) else []
+    names = files.listdir(data_dir)
     counts = {int(m.group(1)) for m in map(re.compile(r'process_\d+-of-(\d+)\.json$').match, names) if m}
     return counts.pop() if len(counts) == 1 else None
 
@@ -274,7 +278,7 @@ def open_read_only(path: str, step: int = -1, *, what: str, step_flag: str,
                    ) -> tuple[Checkpointer, int]:
   """A read-only Checkpointer on a checkpoint directory and the step to read (-1: the latest).
   Errors name `what` (the flag or key that gave `path`) and `step_flag` (the one that gave `step`)."""
-  if not os.path.isdir(path):
+  if not files.isdir(path):
     raise CheckpointError(f'{what}: checkpoint directory {path} does not exist (no checkpoint was '
                           'saved there yet)')
   ckpt = Checkpointer(path, read_only=True, async_save=False)

@@ -55,6 +55,7 @@ from array_record.python import array_record_module
 import grain
 import numpy as np
 
+from jaxllm import files
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.documents import Documents, Sources, open_sources
 from jaxllm.sources import MAX_DOC_CHARS, builtin_source, resolve_specs
@@ -123,6 +124,7 @@ def build_token_cache(docs: Documents, tokenizer: tokenizer_lib.Tokenizer, path:
                       progress: Progress = _quiet) -> None:
   """Encodes every document of `docs` once into `path` (written to a temporary dir, then renamed)."""
   dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+  files.remove_stale_temps(str(path))  # a killed build's (the caller holds the cache's lock)
   tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
@@ -173,6 +175,7 @@ def build_chat_cache(docs: Documents, tokenizer: tokenizer_lib.Tokenizer, path: 
                      progress: Progress = _quiet) -> None:
   """Renders every conversation of `docs` once into `path` (module doc), counting what it leaves."""
   dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+  files.remove_stale_temps(str(path))  # a killed build's (the caller holds the cache's lock)
   tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
@@ -405,7 +408,7 @@ def make_pipeline(*, source_dir: str | None = None, cache_dir: str, tokenizer_pa
     found = open_sources(specs, cache_dir=cache_dir, eval_files=eval_files, eval_source=eval_source,
                          eval_fraction=eval_fraction,
                          text_field=text_field, tfds_data_dir=tfds_data_dir, skip_bad_records=skip_bad_records)
-    if not Path(tokenizer_path).exists():
+    if not tokenizer_lib.exists(tokenizer_path):
       if not train_missing_tokenizer:  # a typo or unmounted volume must not get a new tokenizer
         raise FileNotFoundError(f'data.tokenizer={tokenizer_path} does not exist: fix the path, or '
                                 'leave data.tokenizer empty to train one into the workdir')

@@ -6,7 +6,6 @@ compiled step). With trainer.py, the only modules that import many others.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 
@@ -163,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.initialize_distributed(initialize=d.initialize, coordinator_address=d.coordinator_address,
                                   num_processes=d.num_processes, process_id=d.process_id)
   trainer = setup(config)  # validates the config: a bad one leaves no workdir behind
-  os.makedirs(rundir.RunDir(workdir).workdir, exist_ok=True)  # RunDir refuses a URL first
+  rundir.RunDir(workdir).create()  # storage jaxllm cannot write is refused first
   t = config.train
   pipeline = make_pipeline(config, workdir,
                            trainer.process_batch_size(t.global_batch_size, config.data.seq_len))

@@ -12,8 +12,10 @@ policies by tokens per step that fit (jaxllm/aot.py says which figures are measu
 import dataclasses
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from jaxllm import cli  # imports jax, whose backends start only on first use
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _DEVICES = flags.DEFINE_integer('devices', 8, 'Fake CPU devices to compile for.')
@@ -43,7 +45,7 @@ def main(argv):
   if not _PLAN.value:
     ways = aot.batch_ways(config, devices)
     if config.train.global_batch_size % ways:
-      raise SystemExit(f'train.global_batch_size={config.train.global_batch_size} does not divide '
+      raise ValueError(f'train.global_batch_size={config.train.global_batch_size} does not divide '
                        f'into the {ways} batch shards of this mesh; use a multiple of {ways}')
     est = aot.estimate(config, config.train.global_batch_size // ways, config.model.remat, devices)
     print(aot.row(est, budget))
@@ -62,4 +64,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

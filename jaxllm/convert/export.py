@@ -156,7 +156,8 @@ def export_run(workdir: str, out: str, *, step: int = -1, dtype: str = 'float32'
     read = lambda path: ckpt.read_param(step, path, hf.at_path(like, path))
     path = run.tokenizer_path(config)
     folder = path if os.path.isfile(os.path.join(path, hf_tokenizer.TOKENIZER_JSON)) else None
-    sentencepiece = run.tokenizer(config) if folder is None and os.path.isfile(path) else None
+    sentencepiece = (run.tokenizer(config) if folder is None and run.has_tokenizer(config)
+                     else None)
     export(read, saved['model'], out, dtype=dtype, family=family, tokenizer=sentencepiece,
            tokenizer_folder=folder, chat_template=template,
            max_position_embeddings=max_position_embeddings or context_length(config, saved),
