@@ -6,6 +6,7 @@ its CLI; the pieces are `prune.prune` (the cut), `trainer` (distillation: config
     OUT/pruned/      a run directory: config.json (the smaller model section) + step 0 (params)
     OUT/distilled/   a jaxllm.main run from OUT/pruned's parameters, distilled from the teacher
     OUT/hf/          the distilled model as a transformers folder
+    OUT/int8/, OUT/int4/  with Recipe.quantize: the final model quantized (ptq.py), run directories
     OUT/report.json  parameters, bytes, held-out loss / bits per byte and eval tokens/s per stage
 
 Every run here is an ordinary run directory: `jaxllm.evaluate`, `jaxllm.sample` and
@@ -17,6 +18,7 @@ the converters.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -29,7 +31,9 @@ import jax
 import ml_collections
 
 from jaxllm import prune as prune_lib
+from jaxllm import ptq
 from jaxllm import rundir
+from jaxllm import sharding
 from jaxllm import train
 from jaxllm.convert import check_out, export, import_, replacing
 
@@ -50,6 +54,8 @@ class Recipe:
   teacher_dtype: str = 'bfloat16'  # distill.teacher_dtype
   eval_batches: int = 0  # held-out batches per evaluation; 0 = the whole eval split
   export_dtype: str = 'float32'
+  quantize: tuple[str, ...] = ()  # also quantize the final model: 'int8', 'int4' (ptq.py)
+  group_size: int = 64  # int4 group size
 
 
 def prune_run(teacher: str, out: str, recipe: Recipe, *, step: int = -1) -> dict[str, Any]:
@@ -67,24 +73,49 @@ def prune_run(teacher: str, out: str, recipe: Recipe, *, step: int = -1) -> dict
   finally:
     if hasattr(batches, 'close'):
       batches.close()
-  source = rundir.RunDir(teacher)
-  run = rundir.RunDir(out)
-  os.makedirs(out, exist_ok=True)
-  new = config.copy_and_resolve_references()
-  with new.unlocked():
-    new.name = f'{config.name}-pruned'
-    new.model.update(section)
-    # The teacher's tokenizer travels with the run; its dataset cache is shared, not rebuilt.
-    new.data.tokenizer = import_.copy_tokenizer(source.tokenizer_path(config), run)
-    new.data.cache_dir = os.path.abspath(source.data_cache(config))
-    new.checkpoint.init_from = ''
-  saved = json.loads(new.to_json_best_effort())
-  import_.write_checkpoint(pruned, saved, run.checkpoints())
-  run.write_config(new)
+  smaller = config.copy_and_resolve_references()
+  with smaller.unlocked():
+    smaller.model.update(section)
+  new = _derived_run(teacher, smaller, out, f'{config.name}-pruned', pruned)
   with replacing(os.path.join(out, 'importance.json')) as f:
     json.dump({'from_step': step, 'tokens': scores.tokens, 'layers': scores.layers.tolist(),
                'heads': scores.heads.tolist()}, f, indent=1)
-  return saved
+  return json.loads(new.to_json_best_effort())
+
+
+def _derived_run(source: str, config: ml_collections.ConfigDict, out: str, name: str,
+                 params: dict) -> ml_collections.ConfigDict:
+  """`out` as a run directory: `config` (named `name`, the source's tokenizer copied in, its
+  dataset cache shared) and `params` as checkpoint step 0; returns the config written."""
+  src, run = rundir.RunDir(source), rundir.RunDir(out)
+  os.makedirs(out, exist_ok=True)
+  new = config.copy_and_resolve_references()
+  with new.unlocked():
+    new.name = name
+    new.data.tokenizer = import_.copy_tokenizer(src.tokenizer_path(config), run)
+    new.data.cache_dir = os.path.abspath(src.data_cache(config))
+    new.checkpoint.init_from = ''
+  import_.write_checkpoint(params, json.loads(new.to_json_best_effort()), run.checkpoints())
+  run.write_config(new)
+  return new
+
+
+def quantize_run(workdir: str, out: str, *, fmt: str, group_size: int = 64,
+                 step: int = -1) -> ml_collections.ConfigDict:
+  """OUT = `out`: the run's checkpoint `step` with its matrices quantized (ptq.py), as a run
+  directory with `ptq.format` set, which jaxllm.evaluate and jaxllm.sample read as they read any
+  run; returns its config."""
+  config, trainer, params, _ = rundir.RunDir(workdir).reopen(train.setup, step=step)
+  qconfig = config.copy_and_resolve_references()
+  with qconfig.unlocked():
+    qconfig.ptq.update(format=fmt, group_size=group_size)
+  qtrainer = train.setup(qconfig)
+  quantize = jax.jit(functools.partial(ptq.quantize_params, trainer.graphdef, fmt=fmt,
+                                       group_size=group_size),
+                     out_shardings=qtrainer.state_shardings['params'])
+  with sharding.activate(trainer.mesh, trainer.rules):
+    qparams = quantize(params)
+  return _derived_run(workdir, qconfig, out, f'{config.name}-{fmt}', qparams)
 
 
 def distill_config(pruned: str, teacher: str, recipe: Recipe) -> ml_collections.ConfigDict:
@@ -146,10 +177,15 @@ def compress(teacher: str, out: str, recipe: Recipe, *, overwrite: bool = False)
   if recipe.steps:
     train.train_and_evaluate(distill_config(paths['pruned'], teacher, recipe), paths['distilled'])
     stages['distilled'] = paths['distilled']
+  final = stages.get('distilled', paths['pruned'])
+  for fmt in recipe.quantize:
+    stages[fmt] = os.path.join(out, fmt)
+    if os.path.isdir(stages[fmt]):
+      shutil.rmtree(stages[fmt])
+    quantize_run(final, stages[fmt], fmt=fmt, group_size=recipe.group_size)
   report = {'recipe': dataclasses.asdict(recipe),
             'stages': {name: measure(path, eval_batches=recipe.eval_batches)
                        for name, path in stages.items()}}
-  final = stages.get('distilled', paths['pruned'])
   export.export_run(final, paths['hf'], dtype=recipe.export_dtype, overwrite=overwrite)
   report['hf'] = paths['hf']
   s = report['stages']

@@ -148,6 +148,10 @@ def base_config() -> ml_collections.ConfigDict:
   ds.temperature = 1.0  # softmax temperature T of both models in the KL term (> 0)
   ds.teacher_dtype = 'bfloat16'  # the teacher's parameter and compute dtype: bfloat16 | float32
 
+  c.ptq = q = ml_collections.ConfigDict()  # post-training weight quantization (jaxllm/ptq.py)
+  q.format = ''  # '' = float; int8 (per output channel) | int4 (per group): a quantized run, not trained
+  q.group_size = 64  # int4: input rows per scale (must divide every matrix's input width)
+
   c.monitor = mon = ml_collections.ConfigDict()  # jaxllm/monitor.py; keys are Monitor's arguments
   mon.prometheus_port = 0  # serve Prometheus /metrics on this port (process i: port + i); 0 = off
   mon.prometheus_host = '127.0.0.1'  # interface the endpoint binds; '0.0.0.0' = every interface
@@ -216,7 +220,7 @@ MINIMUMS = {
 
 # Keys whose value is one of a few names.
 CHOICES = {'data.loss_on': ('assistant', 'all'), 'data.chat_overflow': ('drop', 'truncate'),
-           'distill.teacher_dtype': ('bfloat16', 'float32')}
+           'distill.teacher_dtype': ('bfloat16', 'float32'), 'ptq.format': ('', 'int8', 'int4')}
 
 
 def _below_minimum(config: ml_collections.ConfigDict) -> list[str]:

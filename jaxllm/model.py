@@ -194,6 +194,8 @@ def _weight(param: nnx.Param, cfg: ModelConfig):
   parameter's own (FSDP-sharded) layout, so the all-gather before its matmul moves compute-dtype
   bytes: half of float32's for bfloat16. The same values either way (a cast commutes with a
   gather); without the pin XLA gathers the float32 shards and casts after."""
+  if hasattr(param, 'dequantize'):  # a frozen quantized base (jaxllm/quant.py QuantizedWeight)
+    return param.dequantize(jnp.dtype(cfg.dtype))
   w = param[...].astype(jnp.dtype(cfg.dtype))
   if cfg.gather_in_compute_dtype and w.dtype != param.dtype:
     w = sharding.constrain(w, param.get_metadata()['out_sharding'])

@@ -170,6 +170,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.initialize_distributed(initialize=d.initialize, coordinator_address=d.coordinator_address,
                                   num_processes=d.num_processes, process_id=d.process_id)
   trainer = setup(config)  # validates the config: a bad one leaves no workdir behind
+  if config.ptq.format:
+    raise ValueError(f'ptq.format={config.ptq.format!r} marks a quantized run for evaluation and '
+                     'sampling; train the float model (ptq.format=\'\') and quantize it after')
   os.makedirs(rundir.RunDir(workdir).workdir, exist_ok=True)  # RunDir refuses a URL first
   t = config.train
   pipeline = make_pipeline(config, workdir,

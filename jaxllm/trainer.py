@@ -30,6 +30,7 @@ from jaxllm import loss as loss_lib
 from jaxllm import metrics as metrics_lib
 from jaxllm import model as model_lib
 from jaxllm import optim
+from jaxllm import ptq
 from jaxllm import rundir
 from jaxllm import runtime
 from jaxllm import sharding
@@ -130,8 +131,13 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
   """Abstract model and optimizer state, and their shardings on `mesh`."""
   model_cfg = model_lib.ModelConfig.from_section(config.model)
   rules = tuple(tuple(r) for r in config.sharding.rules)
-  graphdef, abs_params = nnx.split(
-      nnx.eval_shape(lambda: model_lib.Llama(model_cfg, rngs=nnx.Rngs(0))))
+  def build():  # with ptq.format set, the model of a quantized run (evaluation and sampling)
+    model = model_lib.Llama(model_cfg, rngs=nnx.Rngs(0))
+    if config.ptq.format:
+      ptq.quantize_model(model, fmt=config.ptq.format, group_size=config.ptq.group_size)
+    return model
+
+  graphdef, abs_params = nnx.split(nnx.eval_shape(build))
   param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abs_params))
   abs_params = nnx.to_pure_dict(abs_params)
   o = config.optim

@@ -6,7 +6,7 @@
 Prunes the teacher run's latest checkpoint (depth by block importance, MLP channels and kv groups
 by activation importance, on --calibration_batches train batches), distills the pruned model from
 the teacher for --steps steps, evaluates teacher, pruned and distilled models on the held-out
-split and exports the distilled one to OUT/hf. Prints OUT/report.json. The work is
+split, exports the distilled one to OUT/hf and, with --quantize=int8,int4, quantizes it. Prints OUT/report.json. The work is
 jaxllm/compress.py's `compress`.
 """
 
@@ -35,6 +35,8 @@ _TEACHER_DTYPE = flags.DEFINE_enum('teacher_dtype', _D.teacher_dtype, ['bfloat16
 _EVAL_BATCHES = flags.DEFINE_integer('eval_batches', 0, 'held-out batches; 0 = the whole split')
 _DTYPE = flags.DEFINE_enum('dtype', _D.export_dtype, ['float32', 'bfloat16'],
                            'dtype of the exported tensors')
+_QUANTIZE = flags.DEFINE_list('quantize', [], 'also quantize the final model: int8, int4')
+_GROUP = flags.DEFINE_integer('group_size', _D.group_size, 'int4: input rows per scale')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'replace what an earlier run wrote into --out')
 flags.mark_flags_as_required(['teacher', 'out'])
 
@@ -46,7 +48,7 @@ def main(argv) -> None:
       calibration_batches=_CALIBRATION.value, steps=_STEPS.value, peak_lr=_LR.value,
       warmup_steps=_WARMUP.value, alpha=_ALPHA.value, temperature=_TEMPERATURE.value,
       teacher_dtype=_TEACHER_DTYPE.value, eval_batches=_EVAL_BATCHES.value,
-      export_dtype=_DTYPE.value)
+      export_dtype=_DTYPE.value, quantize=tuple(_QUANTIZE.value), group_size=_GROUP.value)
   report = compress.compress(_TEACHER.value, _OUT.value, recipe, overwrite=_OVERWRITE.value)
   print(json.dumps(report, indent=2))
 
