@@ -183,7 +183,7 @@ def compress(teacher: str, out: str, recipe: Recipe, *, overwrite: bool = False)
     if os.path.isdir(stages[fmt]):
       shutil.rmtree(stages[fmt])
     quantize_run(final, stages[fmt], fmt=fmt, group_size=recipe.group_size)
-  report = {'recipe': dataclasses.asdict(recipe),
+  report = {'recipe': {**dataclasses.asdict(recipe), 'quantize': list(recipe.quantize)},
             'stages': {name: measure(path, eval_batches=recipe.eval_batches)
                        for name, path in stages.items()}}
   export.export_run(final, paths['hf'], dtype=recipe.export_dtype, overwrite=overwrite)

@@ -202,7 +202,7 @@ def teacher_run(tmp_path_factory):
 @pytest.fixture(scope='module')
 def recipe_out(teacher_run):
   recipe = compress.Recipe(n_layers=2, n_kv_heads=1, mlp_dim=48, calibration_batches=2, steps=3,
-                           eval_batches=1)
+                           eval_batches=1, quantize=('int4',), group_size=16)
   out = teacher_run / 'small'
   return out, compress.compress(str(teacher_run / 'teacher'), str(out), recipe)
 
@@ -211,7 +211,8 @@ def test_recipe_prunes_distills_evaluates_and_exports(recipe_out):
   out, report = recipe_out
   assert json.loads((out / 'report.json').read_text()) == report
   stages = report['stages']
-  assert set(stages) == {'teacher', 'pruned', 'distilled'}
+  assert set(stages) == {'teacher', 'pruned', 'distilled', 'int4'}
+  assert stages['int4']['device_bytes'] < 0.25 * stages['distilled']['device_bytes']
   assert stages['pruned']['params'] < stages['teacher']['params']
   assert stages['distilled']['params'] == stages['pruned']['params']
   assert stages['distilled']['step'] == 3
