@@ -141,6 +141,17 @@ def base_config() -> ml_collections.ConfigDict:
   k.init_from_step = -1  # the step of checkpoint.init_from to read; -1 = its latest
   k.restore_data = True  # resume the data position too; False: state only, data order restarted at the step
 
+  c.distill = ds = ml_collections.ConfigDict()  # knowledge distillation (jaxllm/loss.py kd_sum)
+  ds.teacher = ''  # a frozen teacher's run directory (a jaxllm.main --workdir or an HF import); '' = off
+  ds.teacher_step = -1  # the teacher checkpoint step to read; -1 = its latest
+  ds.alpha = 0.5  # loss = alpha T^2 KL(teacher || student, at T) + (1 - alpha) cross entropy
+  ds.temperature = 1.0  # softmax temperature T of both models in the KL term (> 0)
+  ds.teacher_dtype = 'bfloat16'  # the teacher's parameter and compute dtype: bfloat16 | float32
+
+  c.ptq = q = ml_collections.ConfigDict()  # post-training weight quantization (jaxllm/ptq.py)
+  q.format = ''  # '' = float; int8 (per output channel) | int4 (per group): a quantized run, not trained
+  q.group_size = 64  # int4: input rows per scale (must divide every matrix's input width)
+
   c.monitor = mon = ml_collections.ConfigDict()  # jaxllm/monitor.py; keys are Monitor's arguments
   mon.prometheus_port = 0  # serve Prometheus /metrics on this port (process i: port + i); 0 = off
   mon.prometheus_host = '127.0.0.1'  # interface the endpoint binds; '0.0.0.0' = every interface
@@ -208,7 +219,8 @@ MINIMUMS = {
 
 
 # Keys whose value is one of a few names.
-CHOICES = {'data.loss_on': ('assistant', 'all'), 'data.chat_overflow': ('drop', 'truncate')}
+CHOICES = {'data.loss_on': ('assistant', 'all'), 'data.chat_overflow': ('drop', 'truncate'),
+           'distill.teacher_dtype': ('bfloat16', 'float32'), 'ptq.format': ('', 'int8', 'int4')}
 
 
 def _below_minimum(config: ml_collections.ConfigDict) -> list[str]:
@@ -236,6 +248,9 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> N
   if not config.data.eval_source and config.data.eval_files < 1 and not config.data.eval_fraction:
     errors.append('data.eval_files=0 leaves no held-out split: set it >= 1, or set '
                   'data.eval_fraction or data.eval_source')
+  if not 0 <= config.distill.alpha <= 1 or not config.distill.temperature > 0:
+    errors.append(f'distill.alpha={config.distill.alpha} must be in [0, 1] and distill.temperature='
+                  f'{config.distill.temperature} > 0')
   if not 0 <= config.data.eval_fraction < 1:
     errors.append(f'data.eval_fraction={config.data.eval_fraction} must be in [0, 1)')
   for key, allowed in CHOICES.items():

@@ -194,6 +194,8 @@ def _weight(param: nnx.Param, cfg: ModelConfig):
   parameter's own (FSDP-sharded) layout, so the all-gather before its matmul moves compute-dtype
   bytes: half of float32's for bfloat16. The same values either way (a cast commutes with a
   gather); without the pin XLA gathers the float32 shards and casts after."""
+  if hasattr(param, 'dequantize'):  # a frozen quantized base (jaxllm/quant.py QuantizedWeight)
+    return param.dequantize(jnp.dtype(cfg.dtype))
   w = param[...].astype(jnp.dtype(cfg.dtype))
   if cfg.gather_in_compute_dtype and w.dtype != param.dtype:
     w = sharding.constrain(w, param.get_metadata()['out_sharding'])
@@ -269,12 +271,15 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL):
     """`segment_ids_BL`: packed documents (0 = padding), or None for one document per row."""
+    return self._output(self.heads(x_BLD, positions_BL, segment_ids_BL))
+
+  def heads(self, x_BLD, positions_BL, segment_ids_BL):
+    """Every head's output [B, L, H, Dh], before o_proj mixes them (pruning reads its norms)."""
     cfg = self.cfg
     q, k, v = self._qkv(x_BLD, positions_BL)
-    out_BLHDh = attention_lib.attend(q, k, v, segment_ids_BL, implementation=cfg.attention,
-                                     dtype=cfg.dtype, sliding_window=cfg.sliding_window,
-                                     max_segments_per_row=cfg.attention_max_segments)
-    return self._output(out_BLHDh)
+    return attention_lib.attend(q, k, v, segment_ids_BL, implementation=cfg.attention,
+                                dtype=cfg.dtype, sliding_window=cfg.sliding_window,
+                                max_segments_per_row=cfg.attention_max_segments)
 
   def decode(self, x_BTD, positions_BT, mask_B1TS, k_BSKDh, v_BSKDh, index):
     """T new tokens at cache slots [index, index + T): writes their keys and values into the
@@ -301,11 +306,14 @@ class MLP(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x_BLD):
+    return _dense(self.hidden(x_BLD), _weight(self.down_proj, self.cfg), fp8=self.cfg.fp8)
+
+  def hidden(self, x_BLD):
+    """silu(x @ gate) * (x @ up) [B, L, F]: down_proj's input (pruning reads its channels)."""
     fp8 = self.cfg.fp8
     gate_BLF = _dense(x_BLD, _weight(self.gate_proj, self.cfg), fp8=fp8)
     up_BLF = _dense(x_BLD, _weight(self.up_proj, self.cfg), fp8=fp8)
-    h_BLF = sharding.constrain(jax.nn.silu(gate_BLF) * up_BLF, ('batch', 'length', 'mlp'))
-    return _dense(h_BLF, _weight(self.down_proj, self.cfg), fp8=fp8)
+    return sharding.constrain(jax.nn.silu(gate_BLF) * up_BLF, ('batch', 'length', 'mlp'))
 
 
 class DecoderLayer(nnx.Module):

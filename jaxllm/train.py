@@ -108,7 +108,14 @@ def initial_state(trainer: trainer_lib.Trainer, ckpt: checkpoint_lib.Checkpointe
                   config: ml_collections.ConfigDict, pipeline) -> tuple[dict, Iterator]:
   """(state, train iterator): the latest checkpoint of this run with its data position (or, with
   checkpoint.restore_data=False, a data order restarted from its step), else
-  `checkpoint.init_from`'s parameters with a fresh optimizer, else a random init."""
+  `checkpoint.init_from`'s parameters with a fresh optimizer, else a random init; with the frozen
+  teacher of a distillation beside them (trainer.with_teacher)."""
+  state, train_iter = _trained_state(trainer, ckpt, config, pipeline)
+  return trainer.with_teacher(state), train_iter
+
+
+def _trained_state(trainer: trainer_lib.Trainer, ckpt: checkpoint_lib.Checkpointer,
+                   config: ml_collections.ConfigDict, pipeline) -> tuple[dict, Iterator]:
   ckpt.data_fingerprint = pipeline.sources.fingerprint()  # saved with each step, compared here
   latest = ckpt.latest_step()
   if latest is None:
@@ -162,10 +169,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.initialize_distributed(initialize=d.initialize, coordinator_address=d.coordinator_address,
                                   num_processes=d.num_processes, process_id=d.process_id)
   trainer = setup(config)  # validates the config: a bad one leaves no workdir behind
+  if config.ptq.format:
+    raise ValueError(f'ptq.format={config.ptq.format!r} marks a quantized run for evaluation and '
+                     'sampling; train the float model (ptq.format=\'\') and quantize it after')
   rundir.RunDir(workdir).create()  # storage jaxllm cannot write is refused first
   t = config.train
   pipeline = make_pipeline(config, workdir,
                            trainer.process_batch_size(t.global_batch_size, config.data.seq_len))
+  trainer_lib.check_teacher_tokenizer(config, pipeline.tokenizer)
   ckpt = make_checkpointer(config, workdir)
   train_iter = None
   monitor = monitor_lib.Monitor(goodput_path=rundir.RunDir(workdir).goodput, started=started,

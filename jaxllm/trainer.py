@@ -5,7 +5,9 @@ quantized weights, a teacher) extend.
 
 The train state is a plain dict `{'step', 'params', 'opt_state'}` of jax.Arrays; `params` is the
 pure-dict form of the NNX model state (`nnx.merge(graphdef, params)` rebuilds the module inside the
-step). Shardings come from abstract shapes, so no device ever holds the full model.
+step). A distillation adds `'teacher'`: the frozen teacher's parameters, which the step hands back
+as they came (donated in, aliased out: no copy) and the checkpointer never saves; in the state
+rather than beside it, the loop stays as it is and the AOT planner counts the teacher's bytes. Shardings come from abstract shapes, so no device ever holds the full model.
 """
 
 from __future__ import annotations
@@ -28,12 +30,28 @@ from jaxllm import loss as loss_lib
 from jaxllm import metrics as metrics_lib
 from jaxllm import model as model_lib
 from jaxllm import optim
+from jaxllm import ptq
+from jaxllm import rundir
 from jaxllm import runtime
 from jaxllm import sharding
 
 
 # What the data pipeline yields per step: int32 [batch, seq_len] arrays.
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions')
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """The frozen model of distillation (config `distill`): its parameters, in `model_cfg`'s
+  dtype on the student's mesh, ride in the train state as `state['teacher']` (handed through
+  each step unchanged, never saved, no optimizer state)."""
+
+  graphdef: nnx.GraphDef
+  model_cfg: model_lib.ModelConfig
+  workdir: str  # distill.teacher: a run directory
+  step: int  # distill.teacher_step; -1 = the latest
+  alpha: float
+  temperature: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +72,7 @@ class Trainer:
   loss_chunk: int = 0  # see loss.head_nll_sum; 0 = logits then nll_sum
   skip_nonfinite: bool = False  # keep the old params and optimizer state when a step is not finite
   compiler_options: dict | None = None  # XLA options for init, train and eval steps (runtime.py)
+  teacher: Teacher | None = None  # distillation: state['teacher'] holds its parameters
 
   def init_state(self) -> dict:
     """Random init, each device computing only its own shards."""
@@ -62,9 +81,19 @@ class Trainer:
           model_lib.Llama(self.model_cfg, rngs=nnx.Rngs(self.seed))))
       return {'step': jnp.zeros((), jnp.int32), 'params': params,
               'opt_state': self.tx.init(params)}
+    trained = {k: s for k, s in self.state_shardings.items() if k != 'teacher'}
     with sharding.activate(self.mesh, self.rules):
-      return jax.jit(init, out_shardings=self.state_shardings,
-                     compiler_options=self.compiler_options)()
+      return jax.jit(init, out_shardings=trained, compiler_options=self.compiler_options)()
+
+  def with_teacher(self, state: dict) -> dict:
+    """`state` with the teacher's parameters read from distill.teacher (when distilling),
+    cast to its dtype and laid out on this mesh as the student's are."""
+    if self.teacher is None:
+      return state
+    run = rundir.RunDir(self.teacher.workdir)
+    params, _ = run.restore_params(run.load_config(), self.abstract_state['teacher'],
+                                   self.teacher.step)
+    return {**state, 'teacher': params}
 
   @functools.cached_property
   def train_step(self):
@@ -102,8 +131,13 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
   """Abstract model and optimizer state, and their shardings on `mesh`."""
   model_cfg = model_lib.ModelConfig.from_section(config.model)
   rules = tuple(tuple(r) for r in config.sharding.rules)
-  graphdef, abs_params = nnx.split(
-      nnx.eval_shape(lambda: model_lib.Llama(model_cfg, rngs=nnx.Rngs(0))))
+  def build():  # with ptq.format set, the model of a quantized run (evaluation and sampling)
+    model = model_lib.Llama(model_cfg, rngs=nnx.Rngs(0))
+    if config.ptq.format:
+      ptq.quantize_model(model, fmt=config.ptq.format, group_size=config.ptq.group_size)
+    return model
+
+  graphdef, abs_params = nnx.split(nnx.eval_shape(build))
   param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abs_params))
   abs_params = nnx.to_pure_dict(abs_params)
   o = config.optim
@@ -119,24 +153,72 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
                                     transform_non_params=lambda _: P(),
                                     is_leaf=lambda x: isinstance(x, P))
   specs = {'step': P(), 'params': param_specs, 'opt_state': opt_specs}
+  abstract = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abs_params,
+              'opt_state': abs_opt}
+  teacher, d = None, config.distill
+  if teacher_cfg := teacher_model(config, model_cfg):
+    teacher_graphdef, teacher_abs = nnx.split(
+        nnx.eval_shape(lambda: model_lib.Llama(teacher_cfg, rngs=nnx.Rngs(0))))
+    specs['teacher'] = nnx.to_pure_dict(nnx.get_partition_spec(teacher_abs))
+    abstract['teacher'] = nnx.to_pure_dict(teacher_abs)
+    teacher = Teacher(graphdef=teacher_graphdef, model_cfg=teacher_cfg, workdir=d.teacher,
+                      step=d.teacher_step, alpha=d.alpha, temperature=d.temperature)
   shardings = sharding.named_shardings(specs, mesh, rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abs_params,
-                           'opt_state': abs_opt}, shardings)
+                          abstract, shardings)
   return Trainer(mesh=mesh, rules=rules, model_cfg=model_cfg, graphdef=graphdef, tx=tx,
                  schedule=schedule, abstract_state=abstract, state_shardings=shardings,
                  batch_sharding=sharding.batch_sharding(mesh, rules),
                  microbatches=config.train.microbatches, seed=config.seed,
                  loss_chunk=config.train.loss_chunk,
-                 skip_nonfinite=config.optim.skip_nonfinite > 0,
+                 skip_nonfinite=config.optim.skip_nonfinite > 0, teacher=teacher,
                  compiler_options=runtime.cpu_compiler_options(
                      fusion_emitters=config.train.cpu_fusion_emitters,
                      platform=mesh.devices.flat[0].platform))
 
 
-def _loss_sums(trainer: Trainer, params, batch):
+def teacher_model(config: ml_collections.ConfigDict,
+                  student: model_lib.ModelConfig) -> model_lib.ModelConfig | None:
+  """The teacher's model (None unless distill.teacher is set): the shape its run was saved
+  with, parameters and compute in distill.teacher_dtype, the student's attention kernel and
+  layer scan, no remat (it is never differentiated)."""
+  d = config.distill
+  if not d.teacher:
+    return None
+  try:
+    saved = rundir.RunDir(d.teacher).load_config()
+  except FileNotFoundError:
+    raise FileNotFoundError(f'distill.teacher={d.teacher!r} has no config.json: pass the --workdir '
+                            'of a jaxllm.main run or the --out of tools/convert_from_hf.py') from None
+  cfg = dataclasses.replace(
+      model_lib.ModelConfig.from_section(saved.model), param_dtype=d.teacher_dtype,
+      dtype=d.teacher_dtype, remat='none', attention=student.attention,
+      attention_max_segments=student.attention_max_segments, scan_layers=student.scan_layers,
+      fp8=False, gather_in_compute_dtype=False)
+  if cfg.vocab_size != student.vocab_size:
+    raise ValueError(f'distill.teacher={d.teacher!r} has model.vocab_size={cfg.vocab_size} but the '
+                     f'student has {student.vocab_size}: a teacher must share the tokenizer (set '
+                     'model.vocab_size and data.tokenizer as the teacher run has them)')
+  return cfg
+
+
+def check_teacher_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> None:
+  """Refuses a teacher whose run tokenizes otherwise than the student's `tokenizer`: its logits
+  would be over other ids."""
+  if not config.distill.teacher:
+    return
+  run = rundir.RunDir(config.distill.teacher)
+  theirs = run.tokenizer(run.load_config())
+  if theirs.fingerprint() != tokenizer.fingerprint():
+    raise ValueError(f'distill.teacher={config.distill.teacher!r} was trained with the tokenizer '
+                     f'{theirs.path}, which differs from this run\'s {tokenizer.path}: set '
+                     f'--config.data.tokenizer={theirs.path}')
+
+
+def _loss_sums(trainer: Trainer, params, batch, teacher_params=None):
   """Summed next-token NLL over real (non-padding) targets, and their count; a batch with
-  `weights` (conversations) counts only the targets weighted 1.
+  `weights` (conversations) counts only the targets weighted 1. With `teacher_params` (the train
+  step of a distillation) the sum is of the distillation objective instead (loss.kd_sum).
 
   A batch without `segment_ids` and `positions` holds one document per row and no padding
   (benchmarks): attention then needs no mask, which lets cuDNN run its fastest causal kernel.
@@ -149,7 +231,18 @@ def _loss_sums(trainer: Trainer, params, batch):
     mask_BL = mask_BL & (batch['weights'] > 0)
   weights_BL = mask_BL.astype(jnp.float32)
   kwargs = dict(positions_BL=batch.get('positions'), segment_ids_BL=segment_ids_BL)
-  if trainer.loss_chunk:
+  if teacher_params is not None:
+    t, teacher = trainer.teacher, nnx.merge(trainer.teacher.graphdef, teacher_params)
+    teacher_x_BLD = jax.lax.stop_gradient(teacher.hidden(batch['inputs'], **kwargs))
+    kd = dict(alpha=t.alpha, temperature=t.temperature)
+    if trainer.loss_chunk:
+      loss_sum = loss_lib.head_kd_sum(
+          model.hidden(batch['inputs'], **kwargs), model.head_DV(), teacher_x_BLD,
+          teacher.head_DV(), batch['targets'], weights_BL, trainer.loss_chunk, **kd)[0]
+    else:
+      loss_sum = loss_lib.kd_sum(model(batch['inputs'], **kwargs), teacher.logits(teacher_x_BLD),
+                                 batch['targets'], weights_BL, **kd)[0]
+  elif trainer.loss_chunk:
     loss_sum = loss_lib.head_nll_sum(model.hidden(batch['inputs'], **kwargs), model.head_DV(),
                                      batch['targets'], weights_BL, trainer.loss_chunk)
   else:
@@ -158,7 +251,8 @@ def _loss_sums(trainer: Trainer, params, batch):
 
 
 def _train_step(trainer: Trainer, state, batch):
-  grad_fn = jax.value_and_grad(functools.partial(_loss_sums, trainer), has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(_loss_sums, trainer,
+                                                teacher_params=state.get('teacher')), has_aux=True)
   params, m = state['params'], trainer.microbatches
   if m == 1:
     (loss_sum, tokens), grads = grad_fn(params, batch)
@@ -189,7 +283,8 @@ def _train_step(trainer: Trainer, state, batch):
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm']) & params_finite
     new_params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                          (new_params, opt_state), (params, state['opt_state']))
-  return {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state}, metrics
+  frozen = {'teacher': state['teacher']} if 'teacher' in state else {}  # returned as it came
+  return {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state, **frozen}, metrics
 
 
 def _eval_step(trainer: Trainer, params, batch):

@@ -11,7 +11,8 @@ import pytest
 REPO = pathlib.Path(__file__).parent.parent
 PACKAGE = REPO / 'jaxllm'
 ENTRY_POINTS = {'jaxllm.main', 'jaxllm.evaluate', 'jaxllm.sample.__main__'}
-WIRING = {'jaxllm.train', 'jaxllm.trainer', 'jaxllm.aot'}  # the loop, its compiled step, the planner
+WIRING = {'jaxllm.train', 'jaxllm.trainer', 'jaxllm.aot', 'jaxllm.compress'}  # the loop, its compiled
+# step, the planner, the compression recipe
 MAX_LINES = 500
 
 
