@@ -27,6 +27,7 @@ from jaxllm import runtime
 from jaxllm import sample as sample_lib
 from jaxllm import sharding
 from jaxllm import trainer as trainer_lib
+from jaxllm.convert import peft
 
 
 class NonFiniteGuard:
@@ -113,6 +114,8 @@ def initial_state(trainer: trainer_lib.Trainer, ckpt: checkpoint_lib.Checkpointe
   ckpt.data_fingerprint = pipeline.sources.fingerprint()  # saved with each step, compared here
   latest = ckpt.latest_step()
   if latest is None:
+    if trainer.lora:
+      return _initial_lora_state(trainer, ckpt, config), pipeline.train_iter()
     state = trainer.init_state()
     if config.checkpoint.init_from:
       source, step = checkpoint_lib.open_for_init(config.checkpoint.init_from,
@@ -133,6 +136,10 @@ def initial_state(trainer: trainer_lib.Trainer, ckpt: checkpoint_lib.Checkpointe
     if hasattr(train_iter, 'close'):
       train_iter.close()  # stops grain's worker processes, if any
     raise
+  if trainer.lora:  # the base this checkpoint's adapters were trained on, unchanged
+    saved = ckpt.saved_meta(latest).get('base') or {}
+    state['base'], ckpt.base = trainer.load_base(
+        config.checkpoint.init_from or saved.get('path', ''), saved.get('step', -1), expect=saved)
   if not restore_data:
     logging.warning('checkpoint.restore_data=False: the data position of step %d is not restored; '
                     'the data order restarts there with a fresh shuffle (seed %d, from data.seed and '
@@ -140,6 +147,22 @@ def initial_state(trainer: trainer_lib.Trainer, ckpt: checkpoint_lib.Checkpointe
                     pipeline.restart_seed(latest))
   _log_config_changes(ckpt.saved_config(latest), config)
   return state, train_iter
+
+
+def _initial_lora_state(trainer: trainer_lib.Trainer, ckpt: checkpoint_lib.Checkpointer,
+                        config: ml_collections.ConfigDict) -> dict:
+  """Fresh adapters (or lora.adapter's, a PEFT folder) on checkpoint.init_from's base."""
+  k = config.checkpoint
+  if not k.init_from:
+    raise ValueError(f'lora.rank={config.lora.rank} trains adapters on a base model: set '
+                     'checkpoint.init_from to its checkpoint directory (tools/convert_from_hf.py '
+                     'writes one, and a config.py that sets it)')
+  state = trainer.init_state(with_base=False)
+  state['base'], ckpt.base = trainer.load_base(k.init_from, k.init_from_step)
+  if config.lora.adapter:
+    state['params'] = peft.read_adapter(config.lora.adapter, trainer.abstract_state['params'],
+                                        lcfg=trainer.lora, what='lora.adapter')
+  return state
 
 
 def _log_config_changes(saved: Mapping, config: ml_collections.ConfigDict) -> None:
@@ -272,7 +295,7 @@ def evaluate_split(trainer: trainer_lib.Trainer, params, pipeline: data_lib.Pipe
 def _run_eval(config, trainer, state, pipeline, step, writer) -> dict:
   """Held-out loss, perplexity and bits per byte, and samples from train.sample_prompts."""
   t, start = config.train, time.perf_counter()
-  out = evaluate_split(trainer, state['params'], pipeline, t.eval_batches or None)
+  out = evaluate_split(trainer, trainer.model_params(state), pipeline, t.eval_batches or None)
   writer.write_scalars(step, {'eval/loss': out['eval_loss'],
                               'eval/perplexity': out['eval_perplexity'],
                               'eval/bits_per_byte': out['eval_bits_per_byte']})
@@ -281,7 +304,7 @@ def _run_eval(config, trainer, state, pipeline, step, writer) -> dict:
                out['eval_bits_per_byte'], out['eval_tokens'], time.perf_counter() - start)
   if t.sample_tokens and t.sample_prompts:
     texts = sample_lib.sample_texts(
-        trainer.graphdef, state['params'], pipeline.tokenizer, t.sample_prompts,
+        trainer.graphdef, trainer.model_params(state), pipeline.tokenizer, t.sample_prompts,
         mesh=trainer.mesh, rules=trainer.rules, max_new_tokens=t.sample_tokens,
         temperature=t.sample_temperature, seed=config.seed)
     # Fenced as code: markdown would fold the play's line breaks into one paragraph.
