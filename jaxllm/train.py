@@ -85,7 +85,7 @@ def make_pipeline(config: ml_collections.ConfigDict, workdir: str, batch_size: i
       text_field=d.text_field, tfds_data_dir=d.tfds_data_dir or None,
       skip_bad_records=d.skip_bad_records, pretokenize=d.pretokenize, worker_count=d.worker_count,
       chat_template=d.chat_template, loss_on=d.loss_on, chat_overflow=d.chat_overflow,
-      encode_chat=chat.encode_chat, eval_fraction=d.eval_fraction)
+      encode_chat=chat.encode_chat, eval_fraction=d.eval_fraction, progress=metrics_lib.progress)
 
 
 def setup(config: ml_collections.ConfigDict, devices=None) -> trainer_lib.Trainer:
