@@ -6,6 +6,9 @@ iterator state per process, `process_<i>-of-<n>.json`). Parameters and optimizer
 any mesh and process count; the data position only onto as many processes as wrote it, and only
 while the sources are unchanged (else the saved position would replay another order): either
 mismatch is an error that names it, unless the caller restores without the data position.
+A LoRA run's checkpoint holds only the adapters (`params`) and their optimizer state, and its
+`meta` names the base checkpoint they apply to (`base`: path, step, `params_fingerprint`), which
+the trainer reads back and compares (jaxllm/trainer.py).
 Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed mid-save leaves the previous step as the latest; leftover temporary directories are never
 listed as steps (on a gs:// bucket, which has no rename, Orbax marks a step complete with a
@@ -15,6 +18,7 @@ TensorStore's GCS driver. This module never decides when to save: the train loop
 
 from __future__ import annotations
 
+import hashlib
 import logging as py_logging
 import os
 import re
@@ -100,6 +104,7 @@ class Checkpointer:
                data_fingerprint: Mapping[str, Any] | None = None):
     self.directory = directory if files.is_url(directory) else os.path.abspath(directory)
     self.data_fingerprint, self.data_restart_step = data_fingerprint, 0
+    self.base: Mapping[str, Any] | None = None  # a LoRA run's base reference, saved in meta
     keep = [_policies.LatestN(keep_latest)]
     if keep_every:
       keep.append(_policies.EveryNSteps(keep_every))
@@ -126,7 +131,8 @@ class Checkpointer:
         opt_state=ocp.args.StandardSave(state['opt_state']),
         meta=ocp.args.JsonSave({'step': step, 'config': dict(config),
                                 'data_fingerprint': self.data_fingerprint,
-                                'data_restart_step': self.data_restart_step}),
+                                'data_restart_step': self.data_restart_step,
+                                **({'base': dict(self.base)} if self.base else {})}),
         data=grain.checkpoint.CheckpointSave(data_iter))
     started = self._manager.save(step, args=args)
     if started:
@@ -138,10 +144,26 @@ class Checkpointer:
     reads it with restore_params); waits until committed."""
     saved = self._manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
-        meta=ocp.args.JsonSave({'step': step, 'config': dict(config)})))
+        meta=ocp.args.JsonSave({'step': step, 'config': dict(config),
+                                **({'base': dict(self.base)} if self.base else {})})))
     self.wait()
     if not saved:  # Orbax declines to overwrite a step: the old parameters would stay
       raise CheckpointError(f'{self.step_dir(step)} already exists and was not overwritten')
+
+  def params_fingerprint(self, step: int) -> str:
+    """A hash of the names and sizes of every file of `step`'s parameters: Orbax names its data
+    files afresh on each write, so a base rewritten since (even in place) hashes differently,
+    while a copy or move keeps it; nothing is read but the directory listing."""
+    root = os.path.join(self.step_dir(step), 'params')
+    if not os.path.isdir(root):
+      raise CheckpointError(f'{self.step_dir(step)} has no parameters')
+    h = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(root)):
+      dirs.sort()
+      for name in sorted(files):
+        path = os.path.join(folder, name)
+        h.update(f'{os.path.relpath(path, root)}:{os.path.getsize(path)}\n'.encode())
+    return h.hexdigest()[:16]
 
   def params_metadata(self, step: int):
     """Saved parameter shapes, read from metadata only."""

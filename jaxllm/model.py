@@ -202,6 +202,13 @@ def _weight(param: nnx.Param, cfg: ModelConfig):
   return w
 
 
+def _adapted(module: nnx.Module, name: str, x, y, n_in: int = 1):
+  """`y` (= x @ module.{name}) plus the low-rank update of the adapter jaxllm/lora.py attaches as
+  `{name}_lora`, if there is one; the base weight is used as it is, never copied."""
+  adapter = getattr(module, f'{name}_lora', None)
+  return y if adapter is None else y + adapter(x, n_in=n_in).astype(y.dtype)
+
+
 def _dense(x, w, n_in: int = 1, *, fp8: bool = False, **kwargs):
   """Contracts the last `n_in` dims of `x` with the first `n_in` of `w`, as one 2-D matrix
   product: [tokens, in] @ [in, out]. Same math as the einsum; XLA's CPU backend runs the backward
@@ -245,6 +252,7 @@ class Attention(nnx.Module):
     """x @ {name}_proj (+ its bias), [B, L, heads, Dh] in the compute dtype."""
     dt = jnp.dtype(self.cfg.dtype)
     y = _dense(x_BLD, _weight(getattr(self, f'{name}_proj'), self.cfg), fp8=self.cfg.fp8)
+    y = _adapted(self, f'{name}_proj', x_BLD, y)
     if self.cfg.qkv_bias:
       y = y + getattr(self, f'{name}_bias')[...].astype(dt)[None, None]  # [1, 1, heads, Dh]
     return y
@@ -265,6 +273,7 @@ class Attention(nnx.Module):
   def _output(self, out_BLHDh):
     dt = jnp.dtype(self.cfg.dtype)
     out_BLD = _dense(out_BLHDh, _weight(self.o_proj, self.cfg), n_in=2, fp8=self.cfg.fp8)
+    out_BLD = _adapted(self, 'o_proj', out_BLHDh, out_BLD, n_in=2)
     if self.cfg.o_bias:
       out_BLD = out_BLD + self.o_bias[...].astype(dt)[None, None]  # [1, 1, D]
     return out_BLD
@@ -306,13 +315,17 @@ class MLP(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x_BLD):
-    return _dense(self.hidden(x_BLD), _weight(self.down_proj, self.cfg), fp8=self.cfg.fp8)
+    h_BLF = self.hidden(x_BLD)
+    return _adapted(self, 'down_proj', h_BLF,
+                    _dense(h_BLF, _weight(self.down_proj, self.cfg), fp8=self.cfg.fp8))
 
   def hidden(self, x_BLD):
     """silu(x @ gate) * (x @ up) [B, L, F]: down_proj's input (pruning reads its channels)."""
     fp8 = self.cfg.fp8
-    gate_BLF = _dense(x_BLD, _weight(self.gate_proj, self.cfg), fp8=fp8)
-    up_BLF = _dense(x_BLD, _weight(self.up_proj, self.cfg), fp8=fp8)
+    gate_BLF = _adapted(self, 'gate_proj', x_BLD,
+                        _dense(x_BLD, _weight(self.gate_proj, self.cfg), fp8=fp8))
+    up_BLF = _adapted(self, 'up_proj', x_BLD,
+                      _dense(x_BLD, _weight(self.up_proj, self.cfg), fp8=fp8))
     return sharding.constrain(jax.nn.silu(gate_BLF) * up_BLF, ('batch', 'length', 'mlp'))
 
 

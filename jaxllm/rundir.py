@@ -194,5 +194,9 @@ class RunDir:
       if 'mesh' not in str(e):  # ours name mesh.* keys; jax's hybrid mesh says dcn_mesh_shape
         raise
       raise self.mesh_error(config, mesh, e) from None
-    params, step = self.restore_params(config, trainer.abstract_state['params'], step)
+    ckpt, step = self.open_checkpoint(config, step)
+    try:  # the trainer knows what its run's checkpoints hold (a LoRA run's: adapters, a base)
+      params = trainer.restore_params(ckpt, step)
+    finally:
+      ckpt.close()
     return config, trainer, params, step

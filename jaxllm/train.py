@@ -18,6 +18,7 @@ from jaxllm import chat
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
 from jaxllm import data as data_lib
+from jaxllm import distill
 from jaxllm import metrics as metrics_lib
 from jaxllm import model as model_lib
 from jaxllm import monitor as monitor_lib
@@ -26,6 +27,7 @@ from jaxllm import runtime
 from jaxllm import sample as sample_lib
 from jaxllm import sharding
 from jaxllm import trainer as trainer_lib
+from jaxllm.convert import peft
 
 
 class NonFiniteGuard:
@@ -119,6 +121,8 @@ def _trained_state(trainer: trainer_lib.Trainer, ckpt: checkpoint_lib.Checkpoint
   ckpt.data_fingerprint = pipeline.sources.fingerprint()  # saved with each step, compared here
   latest = ckpt.latest_step()
   if latest is None:
+    if trainer.lora:
+      return _initial_lora_state(trainer, ckpt, config), pipeline.train_iter()
     state = trainer.init_state()
     if config.checkpoint.init_from:
       source, step = checkpoint_lib.open_for_init(config.checkpoint.init_from,
@@ -139,6 +143,10 @@ def _trained_state(trainer: trainer_lib.Trainer, ckpt: checkpoint_lib.Checkpoint
     if hasattr(train_iter, 'close'):
       train_iter.close()  # stops grain's worker processes, if any
     raise
+  if trainer.lora:  # the base this checkpoint's adapters were trained on, unchanged
+    saved = ckpt.saved_meta(latest).get('base') or {}
+    state['base'], ckpt.base = trainer.load_base(
+        config.checkpoint.init_from or saved.get('path', ''), saved.get('step', -1), expect=saved)
   if not restore_data:
     logging.warning('checkpoint.restore_data=False: the data position of step %d is not restored; '
                     'the data order restarts there with a fresh shuffle (seed %d, from data.seed and '
@@ -146,6 +154,22 @@ def _trained_state(trainer: trainer_lib.Trainer, ckpt: checkpoint_lib.Checkpoint
                     pipeline.restart_seed(latest))
   _log_config_changes(ckpt.saved_config(latest), config)
   return state, train_iter
+
+
+def _initial_lora_state(trainer: trainer_lib.Trainer, ckpt: checkpoint_lib.Checkpointer,
+                        config: ml_collections.ConfigDict) -> dict:
+  """Fresh adapters (or lora.adapter's, a PEFT folder) on checkpoint.init_from's base."""
+  k = config.checkpoint
+  if not k.init_from:
+    raise ValueError(f'lora.rank={config.lora.rank} trains adapters on a base model: set '
+                     'checkpoint.init_from to its checkpoint directory (tools/convert_from_hf.py '
+                     'writes one, and a config.py that sets it)')
+  state = trainer.init_state(with_base=False)
+  state['base'], ckpt.base = trainer.load_base(k.init_from, k.init_from_step)
+  if config.lora.adapter:
+    state['params'] = peft.read_adapter(config.lora.adapter, trainer.abstract_state['params'],
+                                        lcfg=trainer.lora, what='lora.adapter')
+  return state
 
 
 def _log_config_changes(saved: Mapping, config: ml_collections.ConfigDict) -> None:
@@ -176,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t = config.train
   pipeline = make_pipeline(config, workdir,
                            trainer.process_batch_size(t.global_batch_size, config.data.seq_len))
-  trainer_lib.check_teacher_tokenizer(config, pipeline.tokenizer)
+  distill.check_teacher_tokenizer(config, pipeline.tokenizer)
   ckpt = make_checkpointer(config, workdir)
   train_iter = None
   monitor = monitor_lib.Monitor(goodput_path=rundir.RunDir(workdir).goodput, started=started,
@@ -282,7 +306,7 @@ def evaluate_split(trainer: trainer_lib.Trainer, params, pipeline: data_lib.Pipe
 def _run_eval(config, trainer, state, pipeline, step, writer) -> dict:
   """Held-out loss, perplexity and bits per byte, and samples from train.sample_prompts."""
   t, start = config.train, time.perf_counter()
-  out = evaluate_split(trainer, state['params'], pipeline, t.eval_batches or None)
+  out = evaluate_split(trainer, trainer.model_params(state), pipeline, t.eval_batches or None)
   writer.write_scalars(step, {'eval/loss': out['eval_loss'],
                               'eval/perplexity': out['eval_perplexity'],
                               'eval/bits_per_byte': out['eval_bits_per_byte']})
@@ -291,7 +315,7 @@ def _run_eval(config, trainer, state, pipeline, step, writer) -> dict:
                out['eval_bits_per_byte'], out['eval_tokens'], time.perf_counter() - start)
   if t.sample_tokens and t.sample_prompts:
     texts = sample_lib.sample_texts(
-        trainer.graphdef, state['params'], pipeline.tokenizer, t.sample_prompts,
+        trainer.graphdef, trainer.model_params(state), pipeline.tokenizer, t.sample_prompts,
         mesh=trainer.mesh, rules=trainer.rules, max_new_tokens=t.sample_tokens,
         temperature=t.sample_temperature, seed=config.seed)
     # Fenced as code: markdown would fold the play's line breaks into one paragraph.

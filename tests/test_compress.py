@@ -3,7 +3,6 @@ that removes exactly what does nothing, a pruned model's HF export against trans
 distillation step's memory at the 1B shape, and the recipe end to end on a tiny run."""
 
 import json
-import os
 import re
 
 import jax
@@ -21,7 +20,7 @@ from jaxllm import quant
 from jaxllm import rundir
 from jaxllm import sample as sample_lib
 from jaxllm import train
-from jaxllm import trainer as trainer_lib
+from jaxllm import distill
 from jaxllm.convert import export
 from test_config import load
 from test_evaluate import VOCAB, write_corpus
@@ -256,7 +255,7 @@ def test_distillation_refuses_a_teacher_it_cannot_use(teacher_run, tmp_path):
   with c.unlocked():
     c.distill.temperature = 1.0
   own = rundir.RunDir(str(teacher_run / 'teacher')).tokenizer(c)
-  trainer_lib.check_teacher_tokenizer(c, own)  # the teacher's own: accepted
+  distill.check_teacher_tokenizer(c, own)  # the teacher's own: accepted
 
   class Other:
     path = 'other.model'
@@ -264,7 +263,7 @@ def test_distillation_refuses_a_teacher_it_cannot_use(teacher_run, tmp_path):
 
   with pytest.raises(ValueError, match='differs from this run.s other.model: set '
                                        '--config.data.tokenizer='):
-    trainer_lib.check_teacher_tokenizer(c, Other())
+    distill.check_teacher_tokenizer(c, Other())
 
 
 @pytest.mark.parametrize('fmt,group', [('int8', 64), ('int4', 32), ('int4', 64)])

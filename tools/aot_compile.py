@@ -6,7 +6,9 @@
 From abstract shapes (no weights allocated), on N fake CPU devices or, with --topology and libtpu
 installed, for a TPU slice with the TPU compiler. Prints per-device memory, collective bytes and
 FLOPs per step and whether it fits `--hbm_gib`; `--plan` ranks per-device batch and remat
-policies by tokens per step that fit (jaxllm/aot.py says which figures are measured).
+policies by tokens per step that fit (jaxllm/aot.py says which figures are measured). A LoRA
+config (--config.lora.rank=16, --config.lora.quantize=int4 for QLoRA) is planned the same way:
+params, opt and ~grads are then the adapters', and the frozen base is printed apart.
 """
 
 import dataclasses
@@ -49,6 +51,9 @@ def main(argv):
                        f'into the {ways} batch shards of this mesh; use a multiple of {ways}')
     est = aot.estimate(config, config.train.global_batch_size // ways, config.model.remat, devices)
     print(aot.row(est, budget))
+    if est.base_bytes:
+      print(f'LoRA: frozen base {est.base_bytes / aot.GIB:.2f} GiB per device; params, opt and '
+            '~grads above are the adapters\'')
     print('collectives per device and step (HLO):\n' + collectives.summary(est.collective_bytes))
     print(json.dumps({**dataclasses.asdict(est), 'fits': est.fits(budget)}))
     return
