@@ -7,7 +7,8 @@ kept apart by name:
 - measured by XLA (`compiled.memory_analysis()`, this backend's buffer assignment): argument,
   output, aliased (donated) and temporary bytes per device, and the total they make;
 - read from the compiled HLO (jaxllm/collectives.py): bytes of each collective kind per mesh axis;
-- computed here: the parameters' and optimizer state's shard bytes from their shardings (exact),
+- computed here: the parameters' and optimizer state's shard bytes from their shardings (exact;
+  for a LoRA run the trainable parameters are the adapters, and the frozen base is `base_bytes`),
   the gradients' bytes as an estimate (one gradient per parameter shard, in the parameters'
   dtype: XLA reports gradients only inside the temporaries, not apart), and the analytic model
   FLOPs.
@@ -71,6 +72,9 @@ class Estimate:
   # From the compiled HLO (jaxllm/collectives.py): per device and step, {kind: {mesh axes: bytes}}.
   collective_bytes: dict = dataclasses.field(default_factory=dict)
   microbatches: int = 1  # the step runs per_device_batch rows per shard this many times
+  # A LoRA run (lora.rank > 0): params, opt and grads above are the adapters'; the frozen base's
+  # shards (stored dtype, quantized if so) are counted here, from the shardings.
+  base_bytes: int = 0
 
   @property
   def tokens_per_step(self) -> int:
@@ -128,7 +132,7 @@ def estimate(config: ml_collections.ConfigDict, per_device_batch: int, remat: st
   compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
   params = _shard_bytes(trainer.abstract_state['params'])
-  return Estimate(
+  return Estimate(base_bytes=_shard_bytes(trainer.abstract_state.get('base', {})),
       per_device_batch=per_device_batch, remat=remat, seq_len=seq, params_bytes=params,
       opt_bytes=_shard_bytes(trainer.abstract_state['opt_state']),
       grad_bytes_estimate=params,

@@ -6,13 +6,19 @@ iterator state per process, `process_<i>-of-<n>.json`). Parameters and optimizer
 any mesh and process count; the data position only onto as many processes as wrote it, and only
 while the sources are unchanged (else the saved position would replay another order): either
 mismatch is an error that names it, unless the caller restores without the data position.
+A LoRA run's checkpoint holds only the adapters (`params`) and their optimizer state, and its
+`meta` names the base checkpoint they apply to (`base`: path, step, `params_fingerprint`), which
+the trainer reads back and compares (jaxllm/trainer.py).
 Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed mid-save leaves the previous step as the latest; leftover temporary directories are never
-listed as steps. This module never decides when to save: the train loop does.
+listed as steps (on a gs:// bucket, which has no rename, Orbax marks a step complete with a
+commit file instead). `directory` may be a gs:// URL: Orbax writes it through epath and
+TensorStore's GCS driver. This module never decides when to save: the train loop does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging as py_logging
 import os
 import re
@@ -25,6 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from absl import logging
+
+from jaxllm import files
 
 _policies = ocp.checkpoint_managers
 
@@ -94,8 +102,9 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep_latest: int = 3, keep_every: int = 0,
                async_save: bool = True, read_only: bool = False,
                data_fingerprint: Mapping[str, Any] | None = None):
-    self.directory = os.path.abspath(directory)
+    self.directory = directory if files.is_url(directory) else os.path.abspath(directory)
     self.data_fingerprint, self.data_restart_step = data_fingerprint, 0
+    self.base: Mapping[str, Any] | None = None  # a LoRA run's base reference, saved in meta
     keep = [_policies.LatestN(keep_latest)]
     if keep_every:
       keep.append(_policies.EveryNSteps(keep_every))
@@ -122,7 +131,8 @@ class Checkpointer:
         opt_state=ocp.args.StandardSave(state['opt_state']),
         meta=ocp.args.JsonSave({'step': step, 'config': dict(config),
                                 'data_fingerprint': self.data_fingerprint,
-                                'data_restart_step': self.data_restart_step}),
+                                'data_restart_step': self.data_restart_step,
+                                **({'base': dict(self.base)} if self.base else {})}),
         data=grain.checkpoint.CheckpointSave(data_iter))
     started = self._manager.save(step, args=args)
     if started:
@@ -134,10 +144,26 @@ class Checkpointer:
     reads it with restore_params); waits until committed."""
     saved = self._manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
-        meta=ocp.args.JsonSave({'step': step, 'config': dict(config)})))
+        meta=ocp.args.JsonSave({'step': step, 'config': dict(config),
+                                **({'base': dict(self.base)} if self.base else {})})))
     self.wait()
     if not saved:  # Orbax declines to overwrite a step: the old parameters would stay
       raise CheckpointError(f'{self.step_dir(step)} already exists and was not overwritten')
+
+  def params_fingerprint(self, step: int) -> str:
+    """A hash of the names and sizes of every file of `step`'s parameters: Orbax names its data
+    files afresh on each write, so a base rewritten since (even in place) hashes differently,
+    while a copy or move keeps it; nothing is read but the directory listing."""
+    root = os.path.join(self.step_dir(step), 'params')
+    if not os.path.isdir(root):
+      raise CheckpointError(f'{self.step_dir(step)} has no parameters')
+    h = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(root)):
+      dirs.sort()
+      for name in sorted(files):
+        path = os.path.join(folder, name)
+        h.update(f'{os.path.relpath(path, root)}:{os.path.getsize(path)}\n'.encode())
+    return h.hexdigest()[:16]
 
   def params_metadata(self, step: int):
     """Saved parameter shapes, read from metadata only."""
@@ -208,7 +234,7 @@ class Checkpointer:
   def saved_process_count(self, step: int) -> int | None:
     """How many processes wrote the data position of `step` (from grain's file names), or None."""
     data_dir = os.path.join(self.step_dir(step), 'data')
-    names = os.listdir(data_dir) if os.path.isdir(data_dir) else []
+    names = files.listdir(data_dir)
     counts = {int(m.group(1)) for m in map(re.compile(r'process_\d+-of-(\d+)\.json$').match, names) if m}
     return counts.pop() if len(counts) == 1 else None
 
@@ -274,7 +300,7 @@ def open_read_only(path: str, step: int = -1, *, what: str, step_flag: str,
                    ) -> tuple[Checkpointer, int]:
   """A read-only Checkpointer on a checkpoint directory and the step to read (-1: the latest).
   Errors name `what` (the flag or key that gave `path`) and `step_flag` (the one that gave `step`)."""
-  if not os.path.isdir(path):
+  if not files.isdir(path):
     raise CheckpointError(f'{what}: checkpoint directory {path} does not exist (no checkpoint was '
                           'saved there yet)')
   ckpt = Checkpointer(path, read_only=True, async_save=False)

@@ -159,6 +159,27 @@ def base_config() -> ml_collections.ConfigDict:
   k.init_from_step = -1  # the step of checkpoint.init_from to read; -1 = its latest
   k.restore_data = True  # resume the data position too; False: state only, data order restarted at the step
 
+  c.distill = ds = ml_collections.ConfigDict()  # knowledge distillation (jaxllm/loss.py kd_sum)
+  ds.teacher = ''  # a frozen teacher's run directory (a jaxllm.main --workdir or an HF import); '' = off
+  ds.teacher_step = -1  # the teacher checkpoint step to read; -1 = its latest
+  ds.alpha = 0.5  # loss = alpha T^2 KL(teacher || student, at T) + (1 - alpha) cross entropy
+  ds.temperature = 1.0  # softmax temperature T of both models in the KL term (> 0)
+  ds.teacher_dtype = 'bfloat16'  # the teacher's parameter and compute dtype: bfloat16 | float32
+
+  c.ptq = q = ml_collections.ConfigDict()  # post-training weight quantization (jaxllm/ptq.py)
+  q.format = ''  # '' = float; int8 (per output channel) | int4 (per group): a quantized run, not trained
+  q.group_size = 64  # int4: input rows per scale (must divide every matrix's input width)
+
+  c.lora = lo = ml_collections.ConfigDict()  # jaxllm/lora.py: adapters on a frozen base
+  lo.rank = 0  # adapter rank r; 0 = off (every parameter trains); > 0 needs checkpoint.init_from
+  lo.alpha = 16.0  # the update is (alpha / rank) x (x @ A) @ B, as PEFT scales it
+  lo.dropout = 0.0  # dropout on each adapter's input, in training only
+  lo.targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # projections that get an adapter
+  lo.base_dtype = ''  # storage dtype of the frozen base: float32 | bfloat16; '' = model.param_dtype
+  lo.quantize = 'none'  # the base's seven projections stored as none | int8 | int4 (QLoRA)
+  lo.group_size = 64  # int4: input rows per float scale
+  lo.adapter = ''  # a PEFT adapter folder (adapter_config.json) to start the adapters from
+
   c.monitor = mon = ml_collections.ConfigDict()  # jaxllm/monitor.py; keys are Monitor's arguments
   mon.prometheus_port = 0  # serve Prometheus /metrics on this port (process i: port + i); 0 = off
   mon.prometheus_host = '127.0.0.1'  # interface the endpoint binds; '0.0.0.0' = every interface
@@ -221,12 +242,16 @@ MINIMUMS = {
     'optim.weight_decay': 0, 'optim.clip_norm': 0, 'optim.skip_nonfinite': 0,
     'checkpoint.every': 0, 'checkpoint.keep_latest': 1, 'checkpoint.keep_every': 0,
     'mesh.dcn_data': 1, 'mesh.dcn_fsdp': 1,
+    'lora.rank': 0, 'lora.alpha': 0, 'lora.dropout': 0, 'lora.group_size': 2,
     'monitor.prometheus_port': 0, 'monitor.goodput_flush_seconds': 0, 'train.hbm_gib': 0,
 }
 
 
 # Keys whose value is one of a few names.
-CHOICES = {'data.loss_on': ('assistant', 'all'), 'data.chat_overflow': ('drop', 'truncate')}
+CHOICES = {'data.loss_on': ('assistant', 'all'), 'data.chat_overflow': ('drop', 'truncate'),
+           'distill.teacher_dtype': ('bfloat16', 'float32'), 'ptq.format': ('', 'int8', 'int4'),
+           'lora.quantize': ('none', 'int8', 'int4'), 'lora.base_dtype': ('', 'float32', 'bfloat16')}
+LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 
 
 def _unresolved(key: str) -> str:
@@ -263,6 +288,9 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> N
   if not config.data.eval_source and config.data.eval_files < 1 and not config.data.eval_fraction:
     errors.append('data.eval_files=0 leaves no held-out split: set it >= 1, or set '
                   'data.eval_fraction or data.eval_source')
+  if not 0 <= config.distill.alpha <= 1 or not config.distill.temperature > 0:
+    errors.append(f'distill.alpha={config.distill.alpha} must be in [0, 1] and distill.temperature='
+                  f'{config.distill.temperature} > 0')
   if not 0 <= config.data.eval_fraction < 1:
     errors.append(f'data.eval_fraction={config.data.eval_fraction} must be in [0, 1)')
   for key, allowed in CHOICES.items():
@@ -291,9 +319,33 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> N
   if t.loss_chunk and config.data.seq_len % t.loss_chunk:
     errors.append(f'train.loss_chunk={t.loss_chunk} must be 0 or divide data.seq_len='
                   f'{config.data.seq_len}')
+  errors += _lora_errors(config)
   o = config.optim
   if o.decay_steps == 0 and o.warmup_steps >= t.num_steps:
     errors.append(f'optim.warmup_steps={o.warmup_steps} leaves no steps of decay before '
                   f'train.num_steps={t.num_steps}; lower it or set optim.decay_steps > 0')
   if errors:
     raise ValueError('invalid config: ' + '; '.join(errors))
+
+
+def _lora_errors(config: ml_collections.ConfigDict) -> list[str]:
+  lo, m, errors = config.lora, config.model, []
+  if lo.rank == 0:
+    if lo.quantize != 'none' or lo.adapter:
+      key = 'lora.quantize' if lo.quantize != 'none' else 'lora.adapter'
+      errors.append(f'{key} needs adapters to train: set lora.rank > 0 (16 is usual)')
+    return errors
+  if not 0 <= lo.dropout < 1:
+    errors.append(f'lora.dropout={lo.dropout} must be in [0, 1)')
+  targets = tuple(lo.targets) if isinstance(lo.targets, (tuple, list)) else (lo.targets,)
+  bad = [t for t in targets if t not in LORA_TARGETS]
+  if bad or not targets:
+    errors.append(f'lora.targets={lo.targets!r}: choose among {", ".join(LORA_TARGETS)}')
+  if lo.quantize == 'int4':
+    widths = {'model.d_model': m.d_model, 'model.mlp_dim': m.mlp_dim,
+              'model.n_heads x model.head_dim': m.n_heads * m.head_dim}
+    for key, width in widths.items():
+      if lo.group_size % 2 or width % lo.group_size:
+        errors.append(f'lora.group_size={lo.group_size} must be even and divide {key}={width}')
+        break
+  return errors

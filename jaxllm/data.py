@@ -55,6 +55,7 @@ from array_record.python import array_record_module
 import grain
 import numpy as np
 
+from jaxllm import files
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.documents import Documents, Sources, open_sources
 from jaxllm.sources import MAX_DOC_CHARS, builtin_source, resolve_specs
@@ -64,6 +65,10 @@ _ENCODE_BATCH = 32  # documents per sp.encode call: amortises the call, keeps me
 _READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)  # 8 x 32 documents ahead
 
 Batch = dict[str, np.ndarray]
+# metrics.progress (a bar on a terminal, log lines otherwise), which the wiring hands over for the
+# caches' one-off encoding passes; plain iteration by default.
+Progress = Callable[..., Iterator]
+_quiet: Progress = lambda items, **_: iter(items)
 
 
 @contextlib.contextmanager
@@ -115,15 +120,18 @@ class TokenCache:
     return np.frombuffer(self.records[int(i)], self.dtype).astype(np.int32)
 
 
-def build_token_cache(docs: Documents, tokenizer: tokenizer_lib.Tokenizer, path: Path, block: int = 256) -> None:
+def build_token_cache(docs: Documents, tokenizer: tokenizer_lib.Tokenizer, path: Path, block: int = 256,
+                      progress: Progress = _quiet) -> None:
   """Encodes every document of `docs` once into `path` (written to a temporary dir, then renamed)."""
   dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+  files.remove_stale_temps(str(path))  # a killed build's (the caller holds the cache's lock)
   tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
   writer = array_record_module.ArrayRecordWriter(str(tmp / 'ids.array_record'), 'group_size:1')
   tokens = nbytes = 0
-  for start in range(0, len(docs), block):
+  starts = range(0, len(docs), block)
+  for start in progress(starts, desc=f'tokenizing {docs.name}', total=len(starts), unit='block'):
     texts = [docs.text(i) for i in range(start, min(start + block, len(docs)))]
     for ids in tokenizer.encode_docs(texts):
       writer.write(ids.astype(dtype).tobytes())
@@ -136,13 +144,14 @@ def build_token_cache(docs: Documents, tokenizer: tokenizer_lib.Tokenizer, path:
   os.replace(tmp, path)
 
 
-def token_cache(docs: Documents, tokenizer: tokenizer_lib.Tokenizer, cache_dir: str) -> TokenCache:
+def token_cache(docs: Documents, tokenizer: tokenizer_lib.Tokenizer, cache_dir: str,
+                progress: Progress = _quiet) -> TokenCache:
   """The cache of `docs` under this tokenizer, built on first use."""
   key = hashlib.sha256(f'{docs.key} {tokenizer.fingerprint()}'.encode()).hexdigest()[:16]
   path = Path(cache_dir) / 'tokens' / key
   if not (path / 'meta.json').exists():
     logging.info('pre-tokenizing %s into %s', docs.name, path)
-    build_token_cache(docs, tokenizer, path)
+    build_token_cache(docs, tokenizer, path, progress=progress)
   return TokenCache(path)
 
 
@@ -162,16 +171,19 @@ EncodeChat = Callable[..., tuple[np.ndarray, np.ndarray]]  # (tokenizer, message
 
 
 def build_chat_cache(docs: Documents, tokenizer: tokenizer_lib.Tokenizer, path: Path, *,
-                     encode_chat: EncodeChat, seq_len: int, loss_on: str, overflow: str) -> None:
+                     encode_chat: EncodeChat, seq_len: int, loss_on: str, overflow: str,
+                     progress: Progress = _quiet) -> None:
   """Renders every conversation of `docs` once into `path` (module doc), counting what it leaves."""
   dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+  files.remove_stale_temps(str(path))  # a killed build's (the caller holds the cache's lock)
   tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
   writer = array_record_module.ArrayRecordWriter(str(tmp / 'ids.array_record'), 'group_size:1')
   counts = dict(conversations=len(docs), kept=0, too_long=0, truncated=0, unsupervised=0, tokens=0,
                 supervised=0)
-  for i in range(len(docs)):
+  for i in progress(range(len(docs)), desc=f'rendering {docs.name}', total=len(docs),
+                    unit='conversation'):
     try:
       ids, mask = encode_chat(tokenizer, json.loads(docs.text(i)), loss_on=loss_on)
     except ValueError as e:
@@ -205,7 +217,8 @@ def build_chat_cache(docs: Documents, tokenizer: tokenizer_lib.Tokenizer, path: 
 
 
 def chat_cache(docs: Documents, tokenizer: tokenizer_lib.Tokenizer, cache_dir: str, *,
-               encode_chat: EncodeChat, seq_len: int, loss_on: str, overflow: str) -> ChatCache:
+               encode_chat: EncodeChat, seq_len: int, loss_on: str, overflow: str,
+               progress: Progress = _quiet) -> ChatCache:
   """The rendered conversations of `docs` under these settings, built on first use; logs what
   was dropped, truncated or skipped."""
   key = hashlib.sha256(f'chat1 {docs.key} {tokenizer.fingerprint()} {seq_len} {loss_on} '
@@ -214,7 +227,7 @@ def chat_cache(docs: Documents, tokenizer: tokenizer_lib.Tokenizer, cache_dir: s
   if not (path / 'meta.json').exists():
     logging.info('rendering the conversations of %s into %s', docs.name, path)
     build_chat_cache(docs, tokenizer, path, encode_chat=encode_chat, seq_len=seq_len,
-                     loss_on=loss_on, overflow=overflow)
+                     loss_on=loss_on, overflow=overflow, progress=progress)
   cache = ChatCache(path)
   m = cache.meta
   logging.info('%s: %d of %d conversations kept, %d of their %d targets supervised (loss_on=%s)',
@@ -378,12 +391,12 @@ def make_pipeline(*, source_dir: str | None = None, cache_dir: str, tokenizer_pa
                   worker_count: int = 0, train_missing_tokenizer: bool = True,
                   chat_template: str = '', loss_on: str = 'assistant',
                   chat_overflow: str = 'drop', encode_chat: EncodeChat | None = None,
-                  eval_fraction: float = 0.0) -> Pipeline:
+                  eval_fraction: float = 0.0, progress: Progress = _quiet) -> Pipeline:
   """Builds (or reuses) the datasets under cache_dir, the tokenizer at tokenizer_path and, with
   pretokenize=True, the token caches (conversations are always cached); `sources` ('SPEC[@WEIGHT],
   ...', see the module doc) replaces source_dir, and neither means the embedded corpus.
   `chat_template` overrides the tokenizer's (tokenizer.open_tokenizer); conversations need
-  `encode_chat` (jaxllm.chat.encode_chat)."""
+  `encode_chat` (jaxllm.chat.encode_chat); `progress` shows the caches' encoding passes."""
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} must be in [0, process_count={process_count})')
   if seq_len < 2 or batch_size < 1 or worker_count < 0:
@@ -395,7 +408,7 @@ def make_pipeline(*, source_dir: str | None = None, cache_dir: str, tokenizer_pa
     found = open_sources(specs, cache_dir=cache_dir, eval_files=eval_files, eval_source=eval_source,
                          eval_fraction=eval_fraction,
                          text_field=text_field, tfds_data_dir=tfds_data_dir, skip_bad_records=skip_bad_records)
-    if not Path(tokenizer_path).exists():
+    if not tokenizer_lib.exists(tokenizer_path):
       if not train_missing_tokenizer:  # a typo or unmounted volume must not get a new tokenizer
         raise FileNotFoundError(f'data.tokenizer={tokenizer_path} does not exist: fix the path, or '
                                 'leave data.tokenizer empty to train one into the workdir')
@@ -413,8 +426,8 @@ def make_pipeline(*, source_dir: str | None = None, cache_dir: str, tokenizer_pa
         if encode_chat is None:
           raise ValueError(f'{docs.name} holds conversations: pass encode_chat (jaxllm.chat.encode_chat)')
         return chat_cache(docs, tokenizer, cache_dir, encode_chat=encode_chat, seq_len=seq_len,
-                          loss_on=loss_on, overflow=chat_overflow)
-      return token_cache(docs, tokenizer, cache_dir) if pretokenize else None
+                          loss_on=loss_on, overflow=chat_overflow, progress=progress)
+      return token_cache(docs, tokenizer, cache_dir, progress) if pretokenize else None
     caches, eval_cache = [cache(docs) for docs in found.train], cache(found.eval)
   return Pipeline(sources=found, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
                   process_index=process_index, process_count=process_count, caches=caches,

@@ -1,6 +1,6 @@
 """Goodput: the share of a run's wall time spent in productive train steps, the rest by cause.
 
-A leaf module (plain Python, no JAX). One clock runs from the start of `train_and_evaluate`; at any
+Plain Python, no JAX; files through jaxllm.files (a workdir may be a gs:// bucket). One clock runs from the start of `train_and_evaluate`; at any
 moment its time goes to exactly one cause, so the causes add up to the wall time by construction:
 
     train       train steps: dispatching them and waiting for their results
@@ -21,8 +21,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 import contextlib
 import json
-import os
 import time
+
+from jaxllm import files
 
 CAUSES = ('train', 'startup', 'data', 'checkpoint', 'eval', 'lost')
 # A wait on a step's results shorter than this means the step had already finished: the device
@@ -48,9 +49,8 @@ class Goodput:
     self.lost_steps = 0  # steps trained twice because a session died after its last checkpoint
     self.sessions = 1
     self._saved_train_s: dict[int, float] = {}  # checkpoint step -> train seconds at its save
-    if path and os.path.exists(path):
-      with open(path) as f:
-        old = json.load(f)
+    if path and files.exists(path):
+      old = json.loads(files.read_text(path))
       self.seconds.update(old['seconds'])
       self.step, self.lost_steps = old['step'], old['lost_steps']
       self.sessions = old['sessions'] + 1
@@ -151,10 +151,8 @@ class Goodput:
               'goodput': totals['goodput'], 'step': self.step, 'lost_steps': self.lost_steps,
               'sessions': self.sessions,
               'saved_train_s': {str(s): t for s, t in sorted(self._saved_train_s.items())}}
-    tmp = f'{self.path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
+    with files.replacing(self.path) as f:
       json.dump(record, f, indent=2)
-    os.replace(tmp, self.path)
 
   def summary(self) -> str:
     """'goodput 83.1% of 2m05s: train 1m44s, startup 12.0s (9.6%), ...' for the log."""

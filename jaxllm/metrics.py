@@ -1,15 +1,21 @@
 """TensorBoard events, console progress, tokens/s, MFU and device memory.
 
-A leaf module: it imports no other jaxllm module and never touches device arrays, so it cannot
-block the asynchronous train loop; callers hand it floats already on the host.
+It never touches device arrays, so it cannot block the asynchronous train loop; callers hand it
+floats already on the host. Its one jaxllm import is the `files` leaf.
 
 TensorBoard events are written with the `tensorboard` package's own EventFileWriter and protos:
-`clu.metric_writers` would pull in TensorFlow (1.4 GiB) for the same files.
+`clu.metric_writers` would pull in TensorFlow (1.4 GiB) for the same files. An events file grows by
+appends, which a bucket does not have (gcsfs turns an append into an overwrite, losing every
+earlier event), so for a `gs://` logdir the events go to a local staging file that is uploaded
+whole over the remote one on `flush`, `close`, and at most every `upload_every_s` of writes.
 """
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
 import types
 from typing import Any, TextIO, TypeVar
@@ -20,6 +26,8 @@ from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from jaxllm import files
 
 
 def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -42,10 +50,12 @@ def format_config(config: Any) -> str:
 
 class SummaryWriter:
   """TensorBoard event writer without TensorFlow. `enabled=False` makes every call a no-op, so the
-  caller can construct one on every JAX process and enable it on process 0 only."""
+  caller can construct one on every JAX process and enable it on process 0 only. A URL `logdir`
+  is written through a local staging file (see the module doc)."""
 
-  def __init__(self, logdir: str, *, enabled: bool = True):
+  def __init__(self, logdir: str, *, enabled: bool = True, upload_every_s: float = 60.0):
     self._writer = None
+    self._remote, self._upload_every_s, self._uploaded = None, upload_every_s, time.monotonic()
     if enabled:
       # EventFileWriter opens files through tensorboard's lazy `tf.io.gfile`, which imports a
       # real TensorFlow whenever one is installed (seconds, GBs, CUDA libraries beside JAX's)
@@ -54,11 +64,24 @@ class SummaryWriter:
       # to always take the stub; the pip package lacks it, so register an empty one.
       notf = "tensorboard.compat.notf"
       sys.modules.setdefault(notf, types.ModuleType(notf))
+      if files.is_url(logdir):
+        self._remote, logdir = logdir, tempfile.mkdtemp(prefix='jaxllm-events-')
       self._writer = EventFileWriter(logdir)
 
   def _write(self, step: int, summary: summary_pb2.Summary) -> None:
     event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
     self._writer.add_event(event)
+    if self._remote and time.monotonic() - self._uploaded >= self._upload_every_s:
+      self.flush()
+
+  def _upload(self) -> None:
+    """The staging events file, whole, over its namesake in the remote logdir."""
+    staging = self._writer.get_logdir()
+    for name in os.listdir(staging):  # the one events file
+      with open(os.path.join(staging, name), 'rb') as src, files.replacing(
+          f'{self._remote}/{name}', 'wb') as dst:
+        shutil.copyfileobj(src, dst)
+    self._uploaded = time.monotonic()
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if self._writer is None:
@@ -99,10 +122,15 @@ class SummaryWriter:
   def flush(self) -> None:
     if self._writer is not None:
       self._writer.flush()
+      if self._remote:
+        self._upload()
 
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+      if self._remote:
+        self._upload()
+        shutil.rmtree(self._writer.get_logdir(), ignore_errors=True)
       self._writer = None
 
   def __enter__(self) -> "SummaryWriter":

@@ -194,10 +194,19 @@ def _weight(param: nnx.Param, cfg: ModelConfig):
   parameter's own (FSDP-sharded) layout, so the all-gather before its matmul moves compute-dtype
   bytes: half of float32's for bfloat16. The same values either way (a cast commutes with a
   gather); without the pin XLA gathers the float32 shards and casts after."""
+  if hasattr(param, 'dequantize'):  # a frozen quantized base (jaxllm/quant.py QuantizedWeight)
+    return param.dequantize(jnp.dtype(cfg.dtype))
   w = param[...].astype(jnp.dtype(cfg.dtype))
   if cfg.gather_in_compute_dtype and w.dtype != param.dtype:
     w = sharding.constrain(w, param.get_metadata()['out_sharding'])
   return w
+
+
+def _adapted(module: nnx.Module, name: str, x, y, n_in: int = 1):
+  """`y` (= x @ module.{name}) plus the low-rank update of the adapter jaxllm/lora.py attaches as
+  `{name}_lora`, if there is one; the base weight is used as it is, never copied."""
+  adapter = getattr(module, f'{name}_lora', None)
+  return y if adapter is None else y + adapter(x, n_in=n_in).astype(y.dtype)
 
 
 def _dense(x, w, n_in: int = 1, *, fp8: bool = False, **kwargs):
@@ -243,6 +252,7 @@ class Attention(nnx.Module):
     """x @ {name}_proj (+ its bias), [B, L, heads, Dh] in the compute dtype."""
     dt = jnp.dtype(self.cfg.dtype)
     y = _dense(x_BLD, _weight(getattr(self, f'{name}_proj'), self.cfg), fp8=self.cfg.fp8)
+    y = _adapted(self, f'{name}_proj', x_BLD, y)
     if self.cfg.qkv_bias:
       y = y + getattr(self, f'{name}_bias')[...].astype(dt)[None, None]  # [1, 1, heads, Dh]
     return y
@@ -263,18 +273,22 @@ class Attention(nnx.Module):
   def _output(self, out_BLHDh):
     dt = jnp.dtype(self.cfg.dtype)
     out_BLD = _dense(out_BLHDh, _weight(self.o_proj, self.cfg), n_in=2, fp8=self.cfg.fp8)
+    out_BLD = _adapted(self, 'o_proj', out_BLHDh, out_BLD, n_in=2)
     if self.cfg.o_bias:
       out_BLD = out_BLD + self.o_bias[...].astype(dt)[None, None]  # [1, 1, D]
     return out_BLD
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL):
     """`segment_ids_BL`: packed documents (0 = padding), or None for one document per row."""
+    return self._output(self.heads(x_BLD, positions_BL, segment_ids_BL))
+
+  def heads(self, x_BLD, positions_BL, segment_ids_BL):
+    """Every head's output [B, L, H, Dh], before o_proj mixes them (pruning reads its norms)."""
     cfg = self.cfg
     q, k, v = self._qkv(x_BLD, positions_BL)
-    out_BLHDh = attention_lib.attend(q, k, v, segment_ids_BL, implementation=cfg.attention,
-                                     dtype=cfg.dtype, sliding_window=cfg.sliding_window,
-                                     max_segments_per_row=cfg.attention_max_segments)
-    return self._output(out_BLHDh)
+    return attention_lib.attend(q, k, v, segment_ids_BL, implementation=cfg.attention,
+                                dtype=cfg.dtype, sliding_window=cfg.sliding_window,
+                                max_segments_per_row=cfg.attention_max_segments)
 
   def decode(self, x_BTD, positions_BT, mask_B1TS, k_BSKDh, v_BSKDh, index):
     """T new tokens at cache slots [index, index + T): writes their keys and values into the
@@ -301,11 +315,18 @@ class MLP(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x_BLD):
+    h_BLF = self.hidden(x_BLD)
+    return _adapted(self, 'down_proj', h_BLF,
+                    _dense(h_BLF, _weight(self.down_proj, self.cfg), fp8=self.cfg.fp8))
+
+  def hidden(self, x_BLD):
+    """silu(x @ gate) * (x @ up) [B, L, F]: down_proj's input (pruning reads its channels)."""
     fp8 = self.cfg.fp8
-    gate_BLF = _dense(x_BLD, _weight(self.gate_proj, self.cfg), fp8=fp8)
-    up_BLF = _dense(x_BLD, _weight(self.up_proj, self.cfg), fp8=fp8)
-    h_BLF = sharding.constrain(jax.nn.silu(gate_BLF) * up_BLF, ('batch', 'length', 'mlp'))
-    return _dense(h_BLF, _weight(self.down_proj, self.cfg), fp8=fp8)
+    gate_BLF = _adapted(self, 'gate_proj', x_BLD,
+                        _dense(x_BLD, _weight(self.gate_proj, self.cfg), fp8=fp8))
+    up_BLF = _adapted(self, 'up_proj', x_BLD,
+                      _dense(x_BLD, _weight(self.up_proj, self.cfg), fp8=fp8))
+    return sharding.constrain(jax.nn.silu(gate_BLF) * up_BLF, ('batch', 'length', 'mlp'))
 
 
 class DecoderLayer(nnx.Module):

@@ -11,19 +11,27 @@ The train loop takes its paths from here; entry points and tools reopen a run th
 (config, tokenizer, a checkpoint step, its parameters), so errors name the flag the user passed
 (`--workdir`, `--step`), not a config key the user never set. Building a trainer on those pieces
 is the wiring's (`jaxllm.train.setup`).
+
+A workdir may be a `gs://` URL (jaxllm.files says which storage and why): every file above is then
+written there, except the data cache, which TFDS, array_record and grain build with local file IO:
+its default moves to a local `~/.cache/jaxllm/<hash of the workdir>` (`$XDG_CACHE_HOME` if set),
+and a `data.cache_dir` URL is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any
 
 import ml_collections
+from absl import logging
 
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
+from jaxllm import files
 from jaxllm import tokenizer as tokenizer_lib
 
 CONFIG_JSON = 'config.json'
@@ -53,25 +61,22 @@ def parse_mesh(text: str) -> dict[str, int]:
   return dict(zip(names, sizes + [1, 1][:5 - len(sizes)]))
 
 
-def local(path: str, what: str) -> str:
-  """`path`, if it is on a filesystem this process can open. A URL (`gs://bucket/run`) would be
-  taken as a relative local path and written under `./gs:/`, so it is refused until remote
-  storage is supported: mount the bucket (gcsfuse) or use a shared filesystem."""
-  if '://' in path:
-    raise ValueError(f'{what}={path}: remote storage URLs are not supported yet; mount it (for '
-                     'example with gcsfuse) and pass the local path')
-  return path
+def local_cache_dir(workdir: str) -> str:
+  """Where a remote workdir's data cache lives on this machine: one folder per workdir."""
+  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(root, 'jaxllm', hashlib.sha256(workdir.encode()).hexdigest()[:16])
 
 
 @dataclasses.dataclass(frozen=True)
 class RunDir:
   """Paths of one workdir; the config's `checkpoint.dir`, `data.tokenizer` and `data.cache_dir`
-  override their defaults inside it. URLs are refused (`local`)."""
+  override their defaults inside it. A path on storage jaxllm cannot write is refused by the name
+  of its flag or key (files.check_storage) before anything is written."""
 
   workdir: str
 
   def __post_init__(self):
-    local(self.workdir, '--workdir')
+    files.check_storage(self.workdir, '--workdir')
 
   def path(self, name: str) -> str:
     return os.path.join(self.workdir, name)
@@ -93,37 +98,56 @@ class RunDir:
     return self.path(GOODPUT)
 
   def checkpoints(self, config: ml_collections.ConfigDict | None = None) -> str:
-    return local((config and config.checkpoint.dir) or self.path(CHECKPOINTS), 'checkpoint.dir')
+    return files.check_storage((config and config.checkpoint.dir) or self.path(CHECKPOINTS),
+                               'checkpoint.dir')
 
   def tokenizer_path(self, config: ml_collections.ConfigDict | None = None) -> str:
-    return local((config and config.data.tokenizer) or self.path(TOKENIZER), 'data.tokenizer')
+    return files.check_storage((config and config.data.tokenizer) or self.path(TOKENIZER),
+                               'data.tokenizer')
 
   def data_cache(self, config: ml_collections.ConfigDict | None = None) -> str:
-    return local((config and config.data.cache_dir) or self.path(DATA), 'data.cache_dir')
+    """`data.cache_dir`, else `<workdir>/data`, else (a remote workdir) local_cache_dir."""
+    chosen = config and config.data.cache_dir
+    if chosen and files.is_url(chosen):
+      raise ValueError(f'data.cache_dir={chosen}: the data cache must be a local directory (TFDS, '
+                       'array_record and grain build it with local file IO); set '
+                       '--config.data.cache_dir to a local path')
+    if chosen or not files.is_url(self.workdir):
+      return chosen or self.path(DATA)
+    cache = local_cache_dir(self.workdir)
+    logging.info('data cache of --workdir=%s is local: %s (set data.cache_dir to choose)',
+                 self.workdir, cache)
+    return cache
+
+  def create(self) -> None:
+    """Makes the workdir (a bucket prefix needs none; nothing is written there then)."""
+    files.makedirs(self.workdir)
 
   def write_config(self, config: ml_collections.ConfigDict | dict[str, Any]) -> None:
-    os.makedirs(self.workdir, exist_ok=True)
+    """config.json, written whole (files.replacing: a killed writer's temps are removed)."""
+    self.create()
     text = (config.to_json_best_effort(indent=2) if isinstance(config, ml_collections.ConfigDict)
             else json.dumps(config, indent=2))
-    tmp = f'{self.config_json}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
+    with files.replacing(self.config_json) as f:
       f.write(text)
-    os.replace(tmp, self.config_json)
+
+  def saved_config(self) -> ml_collections.ConfigDict | None:
+    """The config.json an earlier start of this run wrote (load_config), or None if none did."""
+    return self.load_config() if files.exists(self.config_json) else None
 
   def load_config(self, mesh: str = '') -> ml_collections.ConfigDict:
     """The resolved config the run wrote, over today's defaults (keys added since then take their
     default values); `mesh` ('DATA,FSDP,TENSOR[,DCN_DATA,DCN_FSDP]', see parse_mesh) replaces the
     saved mesh, so a run trained on several hosts can be reopened on one."""
-    if not os.path.exists(self.config_json):
+    if not files.exists(self.config_json):
       raise FileNotFoundError(f'--workdir={self.workdir} has no {CONFIG_JSON}: pass the --workdir '
                               'of a jaxllm.main run (or the --out of tools/convert_from_hf.py)')
     config = config_lib.base_config()
-    with open(self.config_json, encoding='utf-8') as f:
-      try:
-        config.update(json.load(f))
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{self.config_json} is not valid JSON ({e}): the run wrote it whole, so '
-                         'restore it from a copy of the run or pass another --workdir') from None
+    try:
+      config.update(json.loads(files.read_text(self.config_json)))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f'{self.config_json} is not valid JSON ({e}): the run wrote it whole, so '
+                       'restore it from a copy of the run or pass another --workdir') from None
     if mesh:
       config.mesh.update(parse_mesh(mesh))
     return config
@@ -135,10 +159,13 @@ class RunDir:
     return ValueError(f'{where} does not fit the devices here ({e}); pass --mesh=DATA,FSDP,TENSOR '
                       'for them, for example --mesh=1,-1,1')
 
+  def has_tokenizer(self, config: ml_collections.ConfigDict | None = None) -> bool:
+    return tokenizer_lib.exists(self.tokenizer_path(config))
+
   def tokenizer(self, config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
     """The run's tokenizer; never trains one (only the data pipeline of a new run does)."""
     path = self.tokenizer_path(config)
-    if not os.path.exists(path):  # a sentencepiece .model, or an HF tokenizer folder
+    if not tokenizer_lib.exists(path):  # a sentencepiece .model, or an HF tokenizer folder
       raise FileNotFoundError(f'tokenizer {path} of --workdir={self.workdir} does not exist: set '
                               '--config.data.tokenizer to the tokenizer the run was trained with')
     return tokenizer_lib.open_tokenizer(path, chat_template=config.data.get('chat_template', ''))
@@ -171,7 +198,11 @@ class RunDir:
       if 'mesh' not in str(e):  # ours name mesh.* keys; jax's hybrid mesh says dcn_mesh_shape
         raise
       raise self.mesh_error(config, mesh, e) from None
-    params, step = self.restore_params(config, trainer.abstract_state['params'], step)
+    ckpt, step = self.open_checkpoint(config, step)
+    try:  # the trainer knows what its run's checkpoints hold (a LoRA run's: adapters, a base)
+      params = trainer.restore_params(ckpt, step)
+    finally:
+      ckpt.close()
     return config, trainer, params, step
 
 
@@ -208,11 +239,9 @@ def write_config_py(path: str, config: ml_collections.ConfigDict, *, doc: str) -
   base = flat(config_lib.base_config())
   changes = ''.join(f'    {k!r}: {v!r},\n' for k, v in sorted(flat(config).items()) if base.get(k) != v)
   text = _CONFIG_PY.format(doc=doc.replace('\\', '\\\\').replace('"""', '\\"""'), changes=changes)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
+  files.makedirs(os.path.dirname(path) or '.')
+  with files.replacing(path) as f:
     f.write(text)
-  os.replace(tmp, path)
 
 
 # A tuning study's directory (jaxllm.tune): each trial is an ordinary workdir inside it.
@@ -232,7 +261,9 @@ class StudyDir:
   workdir: str
 
   def __post_init__(self):
-    local(self.workdir, '--workdir')
+    if files.is_url(self.workdir):  # Optuna's journal locks a file; trials run as local processes
+      raise ValueError(f'--workdir={self.workdir}: a study directory must be a local path (or '
+                       'a shared filesystem mounted on every worker), not a URL')
 
   def path(self, *names: str) -> str:
     return os.path.join(self.workdir, *names)

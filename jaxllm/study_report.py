@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
+from jaxllm import files  # noqa: E402
 from jaxllm import metrics as metrics_lib  # noqa: E402
 from jaxllm import rundir  # noqa: E402
 from jaxllm import study as study_lib  # noqa: E402
@@ -104,21 +105,13 @@ def write_tables(study: optuna.Study, study_dir: rundir.StudyDir) -> list[dict]:
   if best is not None:
     lines.append(f'Best: trial {best.number}, held-out loss {best.value:.4f}; its config: '
                  f'{study_dir.best_config}')
-  _write(study_dir.trials_md, '\n'.join(lines) + '\n')
-  tmp = f'{study_dir.trials_csv}.tmp{os.getpid()}'
-  with open(tmp, 'w', newline='', encoding='utf-8') as f:
-    writer = csv.DictWriter(f, fieldnames=header)
+  with files.replacing(study_dir.trials_md) as f:
+    f.write('\n'.join(lines) + '\n')
+  with files.replacing(study_dir.trials_csv) as f:
+    writer = csv.DictWriter(f, fieldnames=header, lineterminator='\n')
     writer.writeheader()
     writer.writerows(table)
-  os.replace(tmp, study_dir.trials_csv)
   return table
-
-
-def _write(path: str, text: str) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:

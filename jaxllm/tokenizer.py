@@ -153,8 +153,8 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, path: str):
     self.path = str(path)
-    try:
-      self.sp = spm.SentencePieceProcessor(model_file=self.path)
+    try:  # from the bytes: sentencepiece opens only local files, the path may be a gs:// URL
+      self.sp = spm.SentencePieceProcessor(model_proto=files.read_bytes(self.path))
     except (RuntimeError, OSError) as e:  # sentencepiece's C++ status, e.g. a truncated file
       raise ValueError(f'tokenizer {self.path} is not a sentencepiece model ({e}); point '
                        'data.tokenizer at the .model file sentencepiece wrote') from None
@@ -413,19 +413,24 @@ def read_chat_template(chat_template: str) -> tuple[str, str] | None:
   return Path(chat_template).read_text(encoding='utf-8'), chat_template
 
 
+def exists(path: str) -> bool:
+  """A tokenizer (a sentencepiece file or an HF folder) is at `path`, local or gs://."""
+  return files.exists(path)
+
+
 def open_tokenizer(path: str, chat_template: str = '') -> Tokenizer:
   """The tokenizer stored at `path`: a Hugging Face model folder (or the tokenizer.json in
   one), else a sentencepiece `.model` file. `chat_template` is data.chat_template: '' keeps the
   tokenizer's own template, 'default' is DEFAULT_CHAT_TEMPLATE, anything else a Jinja file."""
   override = read_chat_template(chat_template)
-  folder = path if os.path.isdir(path) else (
+  folder = path if files.isdir(path) else (
       os.path.dirname(path) or '.' if os.path.basename(path).endswith('tokenizer.json') else None)
   if folder is not None:
-    if not os.path.isfile(os.path.join(folder, 'tokenizer.json')):
+    if not files.isfile(os.path.join(folder, 'tokenizer.json')):
       raise FileNotFoundError(f'tokenizer {path} has no tokenizer.json: point data.tokenizer at a '
                               'Hugging Face model folder or a sentencepiece .model file')
     tokenizer = HFTokenizer(folder)
-  elif not os.path.isfile(path):
+  elif not files.isfile(path):
     raise FileNotFoundError(f'tokenizer {path} does not exist')
   else:
     tokenizer = SentencePieceTokenizer(path)
@@ -459,6 +464,6 @@ def train_sentencepiece(path: str, texts: Sequence[str], vocab_size: int, *,
 
 def write_replacing(path: str, contents: bytes) -> None:
   """`contents` as the file `path`, whole or not at all (jaxllm.files.replacing)."""
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  files.makedirs(os.path.dirname(path) or '.')
   with files.replacing(path, 'wb') as f:
     f.write(contents)

@@ -6,7 +6,6 @@ compiled step). With trainer.py, the only modules that import many others.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 
@@ -20,6 +19,7 @@ from jaxllm import chat
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
 from jaxllm import data as data_lib
+from jaxllm import distill
 from jaxllm import metrics as metrics_lib
 from jaxllm import model as model_lib
 from jaxllm import monitor as monitor_lib
@@ -28,6 +28,7 @@ from jaxllm import runtime
 from jaxllm import sample as sample_lib
 from jaxllm import sharding
 from jaxllm import trainer as trainer_lib
+from jaxllm.convert import peft
 
 
 class NonFiniteGuard:
@@ -85,7 +86,7 @@ def make_pipeline(config: ml_collections.ConfigDict, workdir: str, batch_size: i
       text_field=d.text_field, tfds_data_dir=d.tfds_data_dir or None,
       skip_bad_records=d.skip_bad_records, pretokenize=d.pretokenize, worker_count=d.worker_count,
       chat_template=d.chat_template, loss_on=d.loss_on, chat_overflow=d.chat_overflow,
-      encode_chat=chat.encode_chat, eval_fraction=d.eval_fraction)
+      encode_chat=chat.encode_chat, eval_fraction=d.eval_fraction, progress=metrics_lib.progress)
 
 
 def setup(config: ml_collections.ConfigDict, devices=None, *,
@@ -110,10 +111,19 @@ def initial_state(trainer: trainer_lib.Trainer, ckpt: checkpoint_lib.Checkpointe
                   config: ml_collections.ConfigDict, pipeline) -> tuple[dict, Iterator]:
   """(state, train iterator): the latest checkpoint of this run with its data position (or, with
   checkpoint.restore_data=False, a data order restarted from its step), else
-  `checkpoint.init_from`'s parameters with a fresh optimizer, else a random init."""
+  `checkpoint.init_from`'s parameters with a fresh optimizer, else a random init; with the frozen
+  teacher of a distillation beside them (trainer.with_teacher)."""
+  state, train_iter = _trained_state(trainer, ckpt, config, pipeline)
+  return trainer.with_teacher(state), train_iter
+
+
+def _trained_state(trainer: trainer_lib.Trainer, ckpt: checkpoint_lib.Checkpointer,
+                   config: ml_collections.ConfigDict, pipeline) -> tuple[dict, Iterator]:
   ckpt.data_fingerprint = pipeline.sources.fingerprint()  # saved with each step, compared here
   latest = ckpt.latest_step()
   if latest is None:
+    if trainer.lora:
+      return _initial_lora_state(trainer, ckpt, config), pipeline.train_iter()
     state = trainer.init_state()
     if config.checkpoint.init_from:
       source, step = checkpoint_lib.open_for_init(config.checkpoint.init_from,
@@ -134,6 +144,10 @@ def initial_state(trainer: trainer_lib.Trainer, ckpt: checkpoint_lib.Checkpointe
     if hasattr(train_iter, 'close'):
       train_iter.close()  # stops grain's worker processes, if any
     raise
+  if trainer.lora:  # the base this checkpoint's adapters were trained on, unchanged
+    saved = ckpt.saved_meta(latest).get('base') or {}
+    state['base'], ckpt.base = trainer.load_base(
+        config.checkpoint.init_from or saved.get('path', ''), saved.get('step', -1), expect=saved)
   if not restore_data:
     logging.warning('checkpoint.restore_data=False: the data position of step %d is not restored; '
                     'the data order restarts there with a fresh shuffle (seed %d, from data.seed and '
@@ -141,6 +155,22 @@ def initial_state(trainer: trainer_lib.Trainer, ckpt: checkpoint_lib.Checkpointe
                     pipeline.restart_seed(latest))
   _log_config_changes(ckpt.saved_config(latest), config)
   return state, train_iter
+
+
+def _initial_lora_state(trainer: trainer_lib.Trainer, ckpt: checkpoint_lib.Checkpointer,
+                        config: ml_collections.ConfigDict) -> dict:
+  """Fresh adapters (or lora.adapter's, a PEFT folder) on checkpoint.init_from's base."""
+  k = config.checkpoint
+  if not k.init_from:
+    raise ValueError(f'lora.rank={config.lora.rank} trains adapters on a base model: set '
+                     'checkpoint.init_from to its checkpoint directory (tools/convert_from_hf.py '
+                     'writes one, and a config.py that sets it)')
+  state = trainer.init_state(with_base=False)
+  state['base'], ckpt.base = trainer.load_base(k.init_from, k.init_from_step)
+  if config.lora.adapter:
+    state['params'] = peft.read_adapter(config.lora.adapter, trainer.abstract_state['params'],
+                                        lcfg=trainer.lora, what='lora.adapter')
+  return state
 
 
 def _log_config_changes(saved: Mapping, config: ml_collections.ConfigDict) -> None:
@@ -163,13 +193,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   d = config.distributed
   sharding.initialize_distributed(initialize=d.initialize, coordinator_address=d.coordinator_address,
                                   num_processes=d.num_processes, process_id=d.process_id)
-  run = rundir.RunDir(workdir)
-  saved = run.load_config() if os.path.exists(run.config_json) else None  # 'auto' as it started
+  saved = rundir.RunDir(workdir).saved_config()  # a resume: its 'auto' values as it started
   trainer = setup(config, saved=saved)  # validates the config: a bad one leaves no workdir behind
-  os.makedirs(rundir.RunDir(workdir).workdir, exist_ok=True)  # RunDir refuses a URL first
+  if config.ptq.format:
+    raise ValueError(f'ptq.format={config.ptq.format!r} marks a quantized run for evaluation and '
+                     'sampling; train the float model (ptq.format=\'\') and quantize it after')
+  rundir.RunDir(workdir).create()  # storage jaxllm cannot write is refused first
   t = config.train
   pipeline = make_pipeline(config, workdir,
                            trainer.process_batch_size(t.global_batch_size, config.data.seq_len))
+  distill.check_teacher_tokenizer(config, pipeline.tokenizer)
   ckpt = make_checkpointer(config, workdir)
   train_iter = None
   monitor = monitor_lib.Monitor(goodput_path=rundir.RunDir(workdir).goodput, started=started,
@@ -275,7 +308,7 @@ def evaluate_split(trainer: trainer_lib.Trainer, params, pipeline: data_lib.Pipe
 def _run_eval(config, trainer, state, pipeline, step, writer) -> dict:
   """Held-out loss, perplexity and bits per byte, and samples from train.sample_prompts."""
   t, start = config.train, time.perf_counter()
-  out = evaluate_split(trainer, state['params'], pipeline, t.eval_batches or None)
+  out = evaluate_split(trainer, trainer.model_params(state), pipeline, t.eval_batches or None)
   writer.write_scalars(step, {'eval/loss': out['eval_loss'],
                               'eval/perplexity': out['eval_perplexity'],
                               'eval/bits_per_byte': out['eval_bits_per_byte']})
@@ -284,7 +317,7 @@ def _run_eval(config, trainer, state, pipeline, step, writer) -> dict:
                out['eval_bits_per_byte'], out['eval_tokens'], time.perf_counter() - start)
   if t.sample_tokens and t.sample_prompts:
     texts = sample_lib.sample_texts(
-        trainer.graphdef, state['params'], pipeline.tokenizer, t.sample_prompts,
+        trainer.graphdef, trainer.model_params(state), pipeline.tokenizer, t.sample_prompts,
         mesh=trainer.mesh, rules=trainer.rules, max_new_tokens=t.sample_tokens,
         temperature=t.sample_temperature, seed=config.seed)
     # Fenced as code: markdown would fold the play's line breaks into one paragraph.

@@ -6,6 +6,16 @@ quantized weights, a teacher) extend.
 The train state is a plain dict `{'step', 'params', 'opt_state'}` of jax.Arrays; `params` is the
 pure-dict form of the NNX model state (`nnx.merge(graphdef, params)` rebuilds the module inside the
 step). Shardings come from abstract shapes, so no device ever holds the full model.
+
+With LoRA (`lora.rank > 0`, jaxllm/lora.py) `params` holds the adapters only, and the state gains
+`base`: the frozen base, passed through the step untouched (its buffers are donated and come back
+as they went), with no gradient and no optimizer state. `model_params(state)` joins the two for
+evaluation and sampling. A checkpoint saves `params` and `opt_state` (the adapters) and names the
+base checkpoint (`base_reference`), which `load_base` reads back, refusing one that changed.
+
+A distillation (jaxllm/distill.py) adds `teacher`: the frozen teacher's parameters, handed back
+by the step as they came (donated in, aliased out: no copy) and never saved. With `ptq.format`
+set (jaxllm/ptq.py) the model is built quantized: a run for evaluation and sampling.
 """
 
 from __future__ import annotations
@@ -24,10 +34,14 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxllm import checkpoint as checkpoint_lib
+from jaxllm import distill
+from jaxllm import lora as lora_lib
 from jaxllm import loss as loss_lib
 from jaxllm import metrics as metrics_lib
 from jaxllm import model as model_lib
 from jaxllm import optim
+from jaxllm import ptq
 from jaxllm import runtime
 from jaxllm import sharding
 
@@ -54,17 +68,93 @@ class Trainer:
   loss_chunk: int = 0  # see loss.head_nll_sum; 0 = logits then nll_sum
   skip_nonfinite: bool = False  # keep the old params and optimizer state when a step is not finite
   compiler_options: dict | None = None  # XLA options for init, train and eval steps (runtime.py)
+  lora: lora_lib.LoraConfig | None = None  # adapters on a frozen base; None: every parameter trains
+  teacher: distill.Teacher | None = None  # distillation: state['teacher'] holds its parameters
 
-  def init_state(self) -> dict:
-    """Random init, each device computing only its own shards."""
+  def build_model(self, seed: int) -> model_lib.Llama:
+    if self.lora:
+      return lora_lib.build(self.model_cfg, self.lora, seed=seed)
+    return model_lib.Llama(self.model_cfg, rngs=nnx.Rngs(seed))
+
+  def init_state(self, *, with_base: bool = True) -> dict:
+    """Random init, each device computing only its own shards. A LoRA state `with_base=False`
+    lacks `base`: the caller adds one (load_base) without a random one having been made."""
+    shardings = {k: s for k, s in self.state_shardings.items() if k != 'teacher'}
+    if not with_base:
+      shardings.pop('base', None)
+
     def init():
-      params = nnx.to_pure_dict(nnx.state(
-          model_lib.Llama(self.model_cfg, rngs=nnx.Rngs(self.seed))))
-      return {'step': jnp.zeros((), jnp.int32), 'params': params,
-              'opt_state': self.tx.init(params)}
+      params = nnx.to_pure_dict(nnx.state(self.build_model(self.seed)))
+      state = {'step': jnp.zeros((), jnp.int32)}
+      if self.lora:
+        params, base = lora_lib.split(params)
+        if with_base:
+          state['base'] = base
+      return {**state, 'params': params, 'opt_state': self.tx.init(params)}
     with sharding.activate(self.mesh, self.rules):
-      return jax.jit(init, out_shardings=self.state_shardings,
-                     compiler_options=self.compiler_options)()
+      return jax.jit(init, out_shardings=shardings, compiler_options=self.compiler_options)()
+
+  def with_teacher(self, state: dict) -> dict:
+    """`state` with the teacher's parameters read from distill.teacher (when distilling),
+    cast to its dtype and laid out on this mesh as the student's are."""
+    if self.teacher is None:
+      return state
+    return {**state, 'teacher': distill.load_teacher(self.teacher, self.abstract_state['teacher'])}
+
+  def model_params(self, state: Mapping) -> dict:
+    """The whole model's params (base and adapters joined) of a train state."""
+    return lora_lib.join(state['base'], state['params']) if self.lora else state['params']
+
+  @property
+  def model_shardings(self):
+    return self.model_params(self.state_shardings)
+
+  @functools.cached_property
+  def _abstract_float_base(self) -> dict:
+    """The base as a checkpoint stores it (unquantized), in lora.base_dtype, on this mesh."""
+    cfg = self.lora.base_model_config(self.model_cfg)
+    state = nnx.state(nnx.eval_shape(lambda: model_lib.Llama(cfg, rngs=nnx.Rngs(0))))
+    shardings = sharding.named_shardings(nnx.to_pure_dict(nnx.get_partition_spec(state)),
+                                         self.mesh, self.rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nnx.to_pure_dict(state), shardings)
+
+  def load_base(self, path: str, step: int = -1, *, expect: Mapping | None = None,
+                what: str = 'checkpoint.init_from') -> tuple[dict, dict]:
+    """(the frozen base of a LoRA state, its base_reference) from the parameters of checkpoint
+    `path` at `step` (-1: latest), cast to lora.base_dtype and quantized as configured. `expect`:
+    the reference a LoRA checkpoint saved; a base that differs from it is a CheckpointError."""
+    source, step = checkpoint_lib.open_read_only(path, step, what=f'{what}={path!r}',
+                                                 step_flag='checkpoint.init_from_step')
+    try:
+      ref = base_reference(source, step)
+      if expect is not None and expect.get('fingerprint') != ref['fingerprint']:
+        raise checkpoint_lib.CheckpointError(
+            f'the adapters were trained on base {expect.get("path")} step {expect.get("step")}, '
+            f'but {what}={path!r} step {step} holds other parameters (written since, or another '
+            'model): restore that base, or start the adapters afresh in a new workdir')
+      base = source.restore_params(step, self._abstract_float_base)
+    finally:
+      source.close()
+    if self.lora.quantize != 'none':
+      with sharding.activate(self.mesh, self.rules):
+        base = jax.jit(functools.partial(lora_lib.quantize_params, cfg=self.model_cfg,
+                                         lcfg=self.lora),
+                       out_shardings=self.state_shardings['base'], donate_argnums=(0,))(base)
+    return base, ref
+
+  def restore_params(self, ckpt: checkpoint_lib.Checkpointer, step: int) -> dict:
+    """The whole model's params at `step` of this run's checkpoints (a LoRA run's adapters
+    joined with the base its checkpoint names): what evaluation, sampling and export reopen."""
+    params = ckpt.restore_params(step, self.abstract_state['params'])
+    if not self.lora:
+      return params
+    ref = ckpt.saved_meta(step).get('base')
+    if not ref:
+      raise checkpoint_lib.CheckpointError(f'{ckpt.step_dir(step)} holds adapters but names no '
+                                           'base checkpoint: it was not written by a LoRA run')
+    base, _ = self.load_base(ref['path'], ref['step'], expect=ref, what='the base')
+    return lora_lib.join(base, params)
 
   @functools.cached_property
   def train_step(self):
@@ -78,7 +168,7 @@ class Trainer:
   def eval_step(self):
     """(params, batch) -> {'loss_sum', 'tokens'}."""
     return jax.jit(functools.partial(_eval_step, self),
-                   in_shardings=(self.state_shardings['params'], self.batch_sharding),
+                   in_shardings=(self.model_shardings, self.batch_sharding),
                    out_shardings=NamedSharding(self.mesh, P()),
                    compiler_options=self.compiler_options)
 
@@ -102,10 +192,22 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
   """Abstract model and optimizer state, and their shardings on `mesh`."""
   model_cfg = model_lib.ModelConfig.from_section(config.model)
   rules = tuple(tuple(r) for r in config.sharding.rules)
-  graphdef, abs_params = nnx.split(
-      nnx.eval_shape(lambda: model_lib.Llama(model_cfg, rngs=nnx.Rngs(0))))
+  lcfg = lora_lib.LoraConfig.from_section(config.lora) if config.lora.rank else None
+
+  def build():  # with ptq.format set, the model of a quantized run (evaluation and sampling)
+    model = (lora_lib.build(model_cfg, lcfg, seed=0) if lcfg
+             else model_lib.Llama(model_cfg, rngs=nnx.Rngs(0)))
+    if config.ptq.format:
+      ptq.quantize_model(model, fmt=config.ptq.format, group_size=config.ptq.group_size)
+    return model
+
+  graphdef, abs_params = nnx.split(nnx.eval_shape(build))
   param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abs_params))
   abs_params = nnx.to_pure_dict(abs_params)
+  frozen = {}
+  if lcfg:  # only the adapters train: the optimizer never sees the base
+    (param_specs, frozen['base']), (abs_params, abs_base) = (lora_lib.split(param_specs),
+                                                             lora_lib.split(abs_params))
   o = config.optim
   schedule = optim.learning_rate_schedule(
       peak_lr=o.peak_lr, warmup_steps=o.warmup_steps,
@@ -113,16 +215,22 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
       final_lr_fraction=o.final_lr_fraction)
   tx = optim.make_optimizer(schedule=schedule, b1=o.b1, b2=o.b2, eps=o.eps,
                             weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-                            decay_mask=optim.weight_decay_mask(param_specs))
+                            decay_mask=(jax.tree.map(lambda _: True, param_specs,
+                                                     is_leaf=lambda x: isinstance(x, P))
+                                        if lcfg else optim.weight_decay_mask(param_specs)))
   abs_opt = jax.eval_shape(tx.init, abs_params)
   opt_specs = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_specs,
                                     transform_non_params=lambda _: P(),
                                     is_leaf=lambda x: isinstance(x, P))
-  specs = {'step': P(), 'params': param_specs, 'opt_state': opt_specs}
+  abstract = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abs_params,
+              'opt_state': abs_opt, **({'base': abs_base} if lcfg else {})}
+  teacher = None
+  if found := distill.make_teacher(config, model_cfg):
+    teacher, frozen['teacher'], abstract['teacher'] = found
+  specs = {'step': P(), 'params': param_specs, 'opt_state': opt_specs, **frozen}
   shardings = sharding.named_shardings(specs, mesh, rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abs_params,
-                           'opt_state': abs_opt}, shardings)
+                          abstract, shardings)
   return Trainer(mesh=mesh, rules=rules, model_cfg=model_cfg, graphdef=graphdef, tx=tx,
                  schedule=schedule, abstract_state=abstract, state_shardings=shardings,
                  batch_sharding=sharding.batch_sharding(mesh, rules),
@@ -131,17 +239,30 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
                  skip_nonfinite=config.optim.skip_nonfinite > 0,
                  compiler_options=runtime.cpu_compiler_options(
                      fusion_emitters=config.train.cpu_fusion_emitters,
-                     platform=mesh.devices.flat[0].platform))
+                     platform=mesh.devices.flat[0].platform),
+                 lora=lcfg, teacher=teacher)
 
 
-def _loss_sums(trainer: Trainer, params, batch):
+def base_reference(source: checkpoint_lib.Checkpointer, step: int) -> dict:
+  """What a LoRA checkpoint saves to name its base: path, step and a fingerprint of the stored
+  parameters (checkpoint.params_fingerprint)."""
+  return {'path': source.directory, 'step': step, 'fingerprint': source.params_fingerprint(step)}
+
+
+def _loss_sums(trainer: Trainer, params, batch, *, base=None, dropout_key=None,
+               teacher_params=None):
   """Summed next-token NLL over real (non-padding) targets, and their count; a batch with
-  `weights` (conversations) counts only the targets weighted 1.
+  `weights` (conversations) counts only the targets weighted 1. `base`: a LoRA run's frozen base
+  (`params` are then its adapters); `dropout_key`: adapter dropout on (training);
+  `teacher_params` (the train step of a distillation): the sum is of the distillation objective
+  instead (distill.loss_sum).
 
   A batch without `segment_ids` and `positions` holds one document per row and no padding
   (benchmarks): attention then needs no mask, which lets cuDNN run its fastest causal kernel.
   """
-  model = nnx.merge(trainer.graphdef, params)
+  model = nnx.merge(trainer.graphdef, params if base is None else lora_lib.join(base, params))
+  if dropout_key is not None:
+    lora_lib.set_dropout(model, dropout_key)
   segment_ids_BL = batch.get('segment_ids')
   mask_BL = (jnp.ones(batch['targets'].shape, bool) if segment_ids_BL is None
              else segment_ids_BL > 0)
@@ -149,7 +270,11 @@ def _loss_sums(trainer: Trainer, params, batch):
     mask_BL = mask_BL & (batch['weights'] > 0)
   weights_BL = mask_BL.astype(jnp.float32)
   kwargs = dict(positions_BL=batch.get('positions'), segment_ids_BL=segment_ids_BL)
-  if trainer.loss_chunk:
+  if teacher_params is not None:
+    loss_sum = distill.loss_sum(trainer.teacher, teacher_params, model, batch['inputs'],
+                                batch['targets'], weights_BL, loss_chunk=trainer.loss_chunk,
+                                **kwargs)
+  elif trainer.loss_chunk:
     loss_sum = loss_lib.head_nll_sum(model.hidden(batch['inputs'], **kwargs), model.head_DV(),
                                      batch['targets'], weights_BL, trainer.loss_chunk)
   else:
@@ -158,7 +283,16 @@ def _loss_sums(trainer: Trainer, params, batch):
 
 
 def _train_step(trainer: Trainer, state, batch):
-  grad_fn = jax.value_and_grad(functools.partial(_loss_sums, trainer), has_aux=True)
+  key = None
+  if trainer.lora and trainer.lora.dropout:
+    key = jax.random.fold_in(jax.random.key(trainer.seed), state['step'])
+
+  def grad_fn(params, batch, micro=0):
+    loss = functools.partial(_loss_sums, trainer, base=state.get('base'),
+                             dropout_key=None if key is None else jax.random.fold_in(key, micro),
+                             teacher_params=state.get('teacher'))
+    return jax.value_and_grad(loss, has_aux=True)(params, batch)
+
   params, m = state['params'], trainer.microbatches
   if m == 1:
     (loss_sum, tokens), grads = grad_fn(params, batch)
@@ -168,12 +302,12 @@ def _train_step(trainer: Trainer, state, batch):
                          batch)
 
     def accumulate(carry, micro):
-      (loss_sum, tokens), grads = grad_fn(params, micro)
+      (loss_sum, tokens), grads = grad_fn(params, *micro)
       return jax.tree.map(jnp.add, carry, (loss_sum, tokens, grads)), None
 
     zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
              jax.tree.map(jnp.zeros_like, params))
-    (loss_sum, tokens, grads), _ = jax.lax.scan(accumulate, zeros, split)
+    (loss_sum, tokens, grads), _ = jax.lax.scan(accumulate, zeros, (split, jnp.arange(m)))
   # Mean over every real target token of the step, whatever the micro-batching.
   grads = jax.tree.map(lambda g: g / tokens, grads)
   updates, opt_state = trainer.tx.update(grads, state['opt_state'], params)
@@ -189,7 +323,9 @@ def _train_step(trainer: Trainer, state, batch):
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm']) & params_finite
     new_params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                          (new_params, opt_state), (params, state['opt_state']))
-  return {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state}, metrics
+  frozen = {k: state[k] for k in ('base', 'teacher') if k in state}  # passed through, never copied
+  return {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state,
+          **frozen}, metrics
 
 
 def _eval_step(trainer: Trainer, params, batch):

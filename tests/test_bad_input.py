@@ -206,6 +206,18 @@ CASES = [
      'run_bad_tokenizer/tokenizer.model is not a sentencepiece model'),
     ('resume with another width', (*MAIN, '--workdir={run}', '--config.model.d_model=64'),
      '{run}/checkpoints'),
+    # Storage jaxllm cannot write (gs:// works: tests/test_storage.py).
+    ('s3:// workdir', (*MAIN, '--workdir=s3://bucket/run'), '--workdir=s3://bucket/run'),
+    ('remote data.cache_dir', (*MAIN, *NEW, '--config.data.cache_dir=gs://bucket/cache'),
+     'data.cache_dir=gs://bucket/cache'),
+    ('to_hf --out in a bucket', ('tools/convert_to_hf.py', '--workdir={run}',
+                                 '--out=gs://bucket/hf'), '--out=gs://bucket/hf'),
+    # The AOT planner.
+    ('aot_compile n_heads=0', ('tools/aot_compile.py', '--config=configs/tiny.py',
+                               '--config.model.n_heads=0'), 'model.n_heads=0'),
+    ('aot_compile batch not dividing', ('tools/aot_compile.py', '--config=configs/tiny.py',
+                                        '--config.train.global_batch_size=3'),
+     'train.global_batch_size=3'),
     # Conversion to and from Hugging Face.
     ('to_hf non-empty --out', ('tools/convert_to_hf.py', '--workdir={run}', '--out={hf}'),
      '--out={hf} is not empty'),
@@ -277,15 +289,21 @@ def test_a_bug_keeps_its_traceback():
   assert 'Traceback (most recent call last)' in proc.stderr and "KeyError: 'a bug'" in proc.stderr
 
 
-def test_remote_urls_are_refused_not_written_locally(tmp_path):
-  """`--workdir=gs://bucket/run` would be taken as the relative path ./gs:/bucket/run on each host:
-  refused by name, with nothing written."""
-  from jaxllm import rundir
-  with pytest.raises(ValueError, match='--workdir=gs://b/run: remote storage URLs'):
-    rundir.RunDir('gs://b/run')
-  from jaxllm import config as config_lib
-  config = config_lib.base_config()
-  config.checkpoint.dir = 's3://b/ckpt'
-  with pytest.raises(ValueError, match='checkpoint.dir=s3://b/ckpt'):
-    rundir.RunDir(str(tmp_path)).checkpoints(config)
-  assert not list(tmp_path.iterdir())
+def test_gs_without_gcsfs_is_refused_not_written_locally(tmp_path):
+  """Without a gs:// client, `--workdir=gs://bucket/run` would be the relative path
+  ./gs:/bucket/run on each host: one line naming the flag and the package, nothing written."""
+  blocked = tmp_path / 'blocked'
+  blocked.mkdir()
+  (blocked / 'gcsfs.py').write_text('raise ImportError("gcsfs is not installed here")\n')
+  env = {**ENV, 'PYTHONPATH': os.pathsep.join([str(blocked), ENV['PYTHONPATH']])}
+  work = tmp_path / 'cwd'
+  work.mkdir()
+  proc = subprocess.run([sys.executable, '-m', 'jaxllm.main', f'--config={REPO}/configs/tiny.py',
+                         '--workdir=gs://b/run'], cwd=work, env=env, capture_output=True,
+                        text=True, timeout=300)
+  lines = [l for l in proc.stderr.splitlines() if l.strip() and not ABSL_LOG.match(l)]
+  assert proc.returncode != 0
+  assert lines == ['error: --workdir=gs://b/run: gs:// needs the gcsfs package, which is not '
+                   'installed (pip install gcsfs); or mount the bucket (gcsfuse) and pass the '
+                   'local path'], proc.stderr[-3000:]
+  assert not list(work.iterdir())

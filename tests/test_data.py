@@ -423,3 +423,14 @@ def test_train_tokenizer_options_and_compression(pipe, tmp_path):
   held_out = [pipe.sources.eval.text(i) for i in range(20)]
   assert all(tok.decode(tok.encode(t)) == t for t in held_out)  # identity normalization by default
   assert 1.0 < data.bytes_per_token(tok, held_out) < data.bytes_per_token(pipe.tokenizer, held_out)  # 400 < 512 pieces
+
+
+def test_a_killed_cache_builds_leftovers_are_removed(pipe, tmp_path):
+  """A token cache is built in `<key>.tmpPID/` and renamed; a build killed mid-way leaves that
+  folder, which the next build of the key removes (it is never read)."""
+  path = tmp_path / 'tokens' / 'key'
+  stale = tmp_path / 'tokens' / 'key.tmp99999'
+  stale.mkdir(parents=True)
+  (stale / 'ids.array_record').write_bytes(b'half')
+  data.build_token_cache(pipe.sources.eval, pipe.tokenizer, path)
+  assert not stale.exists() and (path / 'meta.json').exists()

@@ -170,3 +170,42 @@ def test_train_tokenizer_writes_where_the_run_reads(run, tmp_path):
   again = run_cli(*args, ok=False, timeout=120)
   assert again.returncode != 0
   assert f'{path} exists' in again.stderr and '--config.data.tokenizer' in again.stderr
+
+
+def _on_a_terminal(args, timeout=300) -> str:
+  """What `args` writes to stderr when stderr is a terminal (a pseudo-terminal here)."""
+  import fcntl
+  import pty
+  import struct
+  import termios
+  parent, child = pty.openpty()
+  fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 100, 0, 0))  # 100 columns
+  proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                          stderr=child, stdin=subprocess.DEVNULL)
+  os.close(child)
+  chunks = []
+  while True:
+    try:
+      chunk = os.read(parent, 65536)
+    except OSError:  # the child closed its end
+      break
+    if not chunk:
+      break
+    chunks.append(chunk)
+  assert proc.wait(timeout=timeout) == 0, b''.join(chunks)[-3000:]
+  os.close(parent)
+  return b''.join(chunks).decode('utf-8', 'replace')
+
+
+def test_converters_and_data_tools_show_progress_on_a_terminal(run, tmp_path):
+  """The long tools draw a bar with rate on a terminal: the HF export and import tensor by
+  tensor, and the pre-tokenizing pass of prepare_data over each source."""
+  workdir, _, _ = run
+  out = _on_a_terminal(['tools/convert_to_hf.py', f'--workdir={workdir}', f'--out={tmp_path / "hf"}'])
+  assert 'export' in out and 'tensor/s' in out, out[-2000:]
+  out = _on_a_terminal(['tools/convert_from_hf.py', f'--hf={tmp_path / "hf"}',
+                        f'--out={tmp_path / "back"}'])
+  assert 'import' in out and 'tensor/s' in out, out[-2000:]
+  out = _on_a_terminal(['tools/prepare_data.py', *RUN_FLAGS, f'--workdir={tmp_path / "prep"}',
+                        f'--config.data.tokenizer={workdir / "tokenizer.model"}'])
+  assert 'tokenizing' in out and 'block/s' in out, out[-2000:]

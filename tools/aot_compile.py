@@ -6,14 +6,18 @@
 From abstract shapes (no weights allocated), on N fake CPU devices or, with --topology and libtpu
 installed, for a TPU slice with the TPU compiler. Prints per-device memory, collective bytes and
 FLOPs per step and whether it fits `--hbm_gib`; `--plan` ranks per-device batch and remat
-policies by tokens per step that fit (jaxllm/aot.py says which figures are measured).
+policies by tokens per step that fit (jaxllm/aot.py says which figures are measured). A LoRA
+config (--config.lora.rank=16, --config.lora.quantize=int4 for QLoRA) is planned the same way:
+params, opt and ~grads are then the adapters', and the frozen base is printed apart.
 """
 
 import dataclasses
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from jaxllm import cli  # imports jax, whose backends start only on first use
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _DEVICES = flags.DEFINE_integer('devices', 8, 'Fake CPU devices to compile for.')
@@ -48,12 +52,15 @@ def main(argv):
     aot.resolve_auto(config, devices)  # 'auto' settings: the planner's choice (logged)
     ways, micro = aot.batch_ways(config, devices), config.train.microbatches
     if config.train.global_batch_size % (ways * micro):
-      raise SystemExit(f'train.global_batch_size={config.train.global_batch_size} does not divide '
+      raise ValueError(f'train.global_batch_size={config.train.global_batch_size} does not divide '
                        f'into the {ways} batch shards of this mesh x train.microbatches={micro}; '
                        f'use a multiple of {ways * micro}')
     est = aot.estimate(config, config.train.global_batch_size // ways // micro, config.model.remat,
                        devices, microbatches=micro)
     print(aot.row(est, budget))
+    if est.base_bytes:
+      print(f'LoRA: frozen base {est.base_bytes / aot.GIB:.2f} GiB per device; params, opt and '
+            '~grads above are the adapters\'')
     print('collectives per device and step (HLO):\n' + collectives.summary(est.collective_bytes))
     print(json.dumps({**dataclasses.asdict(est), 'fits': est.fits(budget)}))
     return
@@ -69,4 +76,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

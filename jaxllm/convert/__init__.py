@@ -14,7 +14,7 @@ the run directory and the checkpointer, and `tools/convert_*_hf.py` are their CL
 import os
 
 # The converters write every file whole (jaxllm/files.py), through the package's own name.
-from jaxllm.files import replacing  # noqa: F401
+from jaxllm.files import is_url, replacing  # noqa: F401
 
 
 class UnsupportedError(ValueError):
@@ -23,7 +23,10 @@ class UnsupportedError(ValueError):
 
 def check_out(out: str, *, source: str, overwrite: bool) -> None:
   """Refuses an --out that is the source folder (it would be overwritten), and one that already
-  holds files unless `overwrite` (a re-conversion would mix old and new files)."""
+  holds files unless `overwrite` (a re-conversion would mix old and new files), and a URL."""
+  if is_url(out):  # os calls would write it under ./gs:/ (jaxllm.files)
+    raise ValueError(f'--out={out}: the converters write a local folder; convert into a local '
+                     '--out, then copy that folder to the bucket')
   if os.path.realpath(out) == os.path.realpath(source):
     raise ValueError(f'--out={out} is the folder being converted: choose another one')
   if os.path.islink(out) and not os.path.exists(out):

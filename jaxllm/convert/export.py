@@ -28,7 +28,7 @@ import ml_collections
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import model as model_lib
 from jaxllm import rundir
-from jaxllm.convert import UnsupportedError, check_out, hf, hf_tokenizer, replacing, safetensors_io
+from jaxllm.convert import UnsupportedError, check_out, hf, hf_tokenizer, peft, replacing, safetensors_io
 
 # An earlier export's weight files, and the temp files of one interrupted (of any shard count).
 _EARLIER_WEIGHTS = re.compile(r'model.*\.safetensors(\.index\.json)?(\.tmp\d*)?')
@@ -148,15 +148,22 @@ def export_run(workdir: str, out: str, *, step: int = -1, dtype: str = 'float32'
   # Before the read: a missing template file is refused first.
   template = hf_tokenizer.read_chat_template(config.data.chat_template)
   ckpt, step = run.open_checkpoint(config, step)
+  closing = [ckpt]
   try:
     saved = ckpt.saved_config(step)  # the config the parameters were written with
     cfg = model_lib.ModelConfig.from_section(saved['model'])
     like = hf.abstract_params(cfg)
-    checkpoint_lib.check_shapes(ckpt.params_metadata(step), like, where=ckpt.step_dir(step))
-    read = lambda path: ckpt.read_param(step, path, hf.at_path(like, path))
+    if config.lora.rank:  # a LoRA run: its base with the adapters merged in
+      ref = ckpt.saved_meta(step).get('base') or {}
+      read, base = peft.merged_reader(ckpt, step, saved['model'], like, ref, config.lora)
+      closing.append(base)
+    else:
+      checkpoint_lib.check_shapes(ckpt.params_metadata(step), like, where=ckpt.step_dir(step))
+      read = lambda path: ckpt.read_param(step, path, hf.at_path(like, path))
     path = run.tokenizer_path(config)
     folder = path if os.path.isfile(os.path.join(path, hf_tokenizer.TOKENIZER_JSON)) else None
-    sentencepiece = run.tokenizer(config) if folder is None and os.path.isfile(path) else None
+    sentencepiece = (run.tokenizer(config) if folder is None and run.has_tokenizer(config)
+                     else None)
     export(read, saved['model'], out, dtype=dtype, family=family, tokenizer=sentencepiece,
            tokenizer_folder=folder, chat_template=template,
            max_position_embeddings=max_position_embeddings or context_length(config, saved),
@@ -164,7 +171,8 @@ def export_run(workdir: str, out: str, *, step: int = -1, dtype: str = 'float32'
                                                     eos_token_id=sentencepiece.eos_id)),
            max_shard_bytes=max_shard_bytes)
   finally:
-    ckpt.close()
+    for c in closing:
+      c.close()
   return step
 
 

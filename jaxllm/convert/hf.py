@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from jaxllm import metrics
 from jaxllm import model as model_lib
 from jaxllm.convert import UnsupportedError
 
@@ -168,7 +169,8 @@ def to_hf(params: Mapping | Callable[[tuple[str, ...]], np.ndarray], cfg: model_
       assert got == want, f'params[{".".join(path)}] has shape {got}, the config says {want}'
   get = params if callable(params) else lambda path: at_path(params, path)
   path, whole = None, None
-  for spec in export_order(cfg):
+  order = export_order(cfg)
+  for spec in metrics.progress(order, desc='export', total=len(order), unit='tensor'):
     if spec.path != path:
       path = spec.path
       whole = x = y = None  # let the previous parameter (and views of it) go before the next
@@ -211,7 +213,7 @@ def from_hf(names: Iterable[str], get_tensor: Callable[[str], np.ndarray],
   # layer's slice of a stacked parameter). The assignment casts (bfloat16 -> float32 say) as it
   # copies, so no converted copy of the tensor is made either.
   flat = {path: np.empty(shape, np_dtype) for path, shape in shapes.items()}
-  for spec in specs:
+  for spec in metrics.progress(specs, desc='import', total=len(specs), unit='tensor'):
     w = np.asarray(get_tensor(spec.hf_name))
     if tuple(w.shape) != spec.hf_shape:
       raise UnsupportedError(f'tensor {spec.hf_name!r} has shape {tuple(w.shape)}, config.json '

@@ -1,0 +1,255 @@
+"""LoRA and QLoRA (issue 17): fresh adapters leave the base's output as it was, the base stays
+bit-identical while adapters train, quantized bases within their error bound, resume bit-exact
+through the CLI, a changed base refused; PEFT parity (adapters load in `peft` with the same
+logits, the merged export is a plain transformers model), import of a PEFT adapter, sampling and
+evaluation of a LoRA run.
+
+The PEFT tests need the `hf` extra with peft; skipped without it. Tiny models built here."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxllm import checkpoint as checkpoint_lib
+from jaxllm import lora as lora_lib
+from jaxllm import model as model_lib
+from jaxllm import quant
+from test_checkpoint import REPO, cli, logged_losses, run_cli, saved_params, shared_data  # noqa: F401
+
+CFG = model_lib.ModelConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                            head_dim=16, mlp_dim=128)
+
+
+# --- quantized formats ------------------------------------------------------------------------
+
+@pytest.mark.parametrize('fmt,group', [('int8', 0), ('int4', 32), ('int4', 64)])
+def test_quantize_dequantize_error_is_within_half_a_step(fmt, group):
+  """Every weight comes back within scale / 2 of itself (round to nearest), the scale being the
+  largest magnitude of its channel (int8) or group (int4) over 127 or 7; zero columns stay 0."""
+  w = jax.random.normal(jax.random.key(0), (3, 128, 40)) * jnp.linspace(0.01, 3.0, 40)[None, None]
+  w = w.at[:, :, 7].set(0.0)
+  values, scale = quant.quantize(w, fmt=fmt, group_size=group or 64)
+  back = quant.dequantize(values, scale, fmt=fmt)
+  if fmt == 'int8':
+    assert values.dtype == jnp.int8 and scale.shape == (3, 1, 40)
+    step = jnp.max(jnp.abs(w), axis=1, keepdims=True) / 127
+    per_weight = jnp.broadcast_to(step, w.shape)
+  else:
+    assert values.dtype == jnp.uint8 and values.shape == (3, 64, 40)  # two codes a byte
+    assert scale.shape == (3, 128 // group, 40)
+    groups = w.reshape(3, 128 // group, group, 40)
+    per_weight = jnp.broadcast_to(jnp.max(jnp.abs(groups), axis=2, keepdims=True) / 7,
+                                  groups.shape).reshape(w.shape)
+  err = jnp.abs(back - w)
+  assert bool(jnp.all(err <= per_weight / 2 + 1e-6 * per_weight + 1e-12)), float(jnp.max(err / per_weight))
+  assert bool(jnp.all(back[:, :, 7] == 0))
+  # Not a trivially loose bound: the error reaches a good part of it somewhere.
+  assert float(jnp.max(err / jnp.where(per_weight > 0, per_weight, 1))) > 0.3
+
+
+def test_int4_groups_that_do_not_tile_the_width_are_refused():
+  with pytest.raises(ValueError, match='groups of 48 rows do not tile an input width of 128'):
+    quant.quantize(jnp.ones((128, 4)), fmt='int4', group_size=48)
+
+
+# --- the model transform ----------------------------------------------------------------------
+
+@pytest.mark.parametrize('quantize', ['none', 'int8', 'int4'])
+def test_fresh_adapters_leave_the_base_output_unchanged(quantize):
+  """B starts at zero: the model with adapters gives the logits of its base, exactly; with a
+  quantized base, those of the plain model whose projections are the dequantized weights."""
+  lcfg = lora_lib.LoraConfig(rank=4, quantize=quantize, group_size=32)
+  model = lora_lib.build(CFG, lcfg, seed=3)
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, CFG.vocab_size)
+  plain = model_lib.Llama(CFG, rngs=nnx.Rngs(3))
+  if quantize != 'none':  # the reference: the same dequantized weights in a plain model
+    for target in lora_lib.TARGETS:
+      sub, name, _ = lora_lib.TARGETS[target]
+      stored = getattr(getattr(model.layers, sub), name)
+      getattr(getattr(plain.layers, sub), name)[...] = stored.dequantize(jnp.float32)
+  np.testing.assert_array_equal(model(tokens), plain(tokens))
+  adapters, base = lora_lib.split(nnx.to_pure_dict(nnx.state(model)))
+  assert set(adapters['layers']['self_attn']) == {'q_proj_lora', 'k_proj_lora', 'v_proj_lora',
+                                                  'o_proj_lora'}
+  # Nonzero B changes the output by exactly scale x (x @ A) @ B on that projection.
+  graphdef = nnx.graphdef(model)
+  adapters['layers']['mlp']['down_proj_lora']['b'] = jnp.ones_like(
+      adapters['layers']['mlp']['down_proj_lora']['b']) * 0.01
+  moved = nnx.merge(graphdef, lora_lib.join(base, adapters))(tokens)
+  assert float(jnp.max(jnp.abs(moved - plain(tokens)))) > 1e-3
+
+
+def test_adapters_are_stacked_and_sharded_like_their_base():
+  """One adapter per target with a leading `layers` dim; its dims carry the base weight's
+  logical names (the rank none), so the rules table shards it like the base."""
+  model = nnx.eval_shape(lambda: lora_lib.build(CFG, lora_lib.LoraConfig(rank=8), seed=0))
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model)))
+  attn, mlp = specs['layers']['self_attn'], specs['layers']['mlp']
+  assert tuple(attn['q_proj_lora']['a']) == ('layers', 'embed', None)
+  assert tuple(attn['q_proj_lora']['b']) == ('layers', None, 'heads', 'head_dim')
+  assert tuple(attn['o_proj_lora']['a']) == ('layers', 'heads', 'head_dim', None)
+  assert tuple(mlp['down_proj_lora']['b']) == ('layers', None, 'embed')
+  shapes = nnx.to_pure_dict(nnx.state(model))
+  assert shapes['layers']['self_attn']['k_proj_lora']['b'].shape == (2, 8, 2, 16)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def _lora_cli(workdir, shared, steps, base, *extra):
+  return cli(workdir, shared, steps, '--config.lora.rank=4', '--config.lora.alpha=8',
+             '--config.lora.dropout=0.1', f'--config.checkpoint.init_from={base}', *extra)
+
+
+def _run(args):
+  proc = subprocess.run(args, cwd=REPO, env=os.environ, capture_output=True, text=True,
+                        timeout=600)
+  return proc
+
+
+def test_lora_resume_is_exact_through_the_cli_and_a_changed_base_is_refused(tmp_path,
+                                                                          shared_data):  # noqa: F811
+  """6 LoRA steps straight == 3, exit, 3 more (dropout on: its keys follow the step), on a
+  (2, 2, 2) mesh with the real pipeline; the checkpoints hold adapters only and name the base;
+  `jaxllm.evaluate` reopens the run (base + adapters); a base rewritten since is refused."""
+  run_cli(tmp_path / 'base', shared_data, 2)
+  base = tmp_path / 'base' / 'checkpoints'
+  straight, split = tmp_path / 'straight', tmp_path / 'split'
+  for workdir, steps in ((straight, 6), (split, 3), (split, 6)):
+    proc = _run(_lora_cli(workdir, shared_data, steps, base))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'resuming from' in proc.stderr and 'step 4/6' in proc.stderr
+  want, got = logged_losses(straight), logged_losses(split)
+  assert list(want) == list(range(1, 7)) and got == want  # bit for bit
+  ckpt = checkpoint_lib.Checkpointer(str(split / 'checkpoints'), read_only=True)
+  saved = ckpt.params_metadata(6)
+  assert all(k.endswith('_lora') for k in saved['layers']['self_attn'])  # adapters only
+  meta = ckpt.saved_meta(6)
+  ckpt.close()
+  assert meta['base']['path'] == str(base) and meta['base']['step'] == 2
+  # Evaluation reopens the run's adapters on the named base.
+  proc = _run([sys.executable, '-m', 'jaxllm.evaluate', f'--workdir={split}', '--eval_batches=1',
+               '--mesh=2,2,2'])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert np.isfinite(json.loads(proc.stdout.strip().splitlines()[-1])['eval_loss'])
+  # The base rewritten (same values, new files): resuming is refused, naming the base.
+  params = saved_params(base, 2)
+  shutil.rmtree(base / '2')
+  rewritten = checkpoint_lib.Checkpointer(str(base), async_save=False)
+  rewritten.save_params(2, params, {})
+  rewritten.close()
+  proc = _run(_lora_cli(split, shared_data, 8, base))
+  assert proc.returncode == 1
+  assert 'the adapters were trained on base' in proc.stderr and 'holds other parameters' in proc.stderr
+
+
+# --- Hugging Face: a chat fine-tune with LoRA, PEFT parity, import ----------------------------
+
+def test_lora_chat_fine_tune_then_peft_and_merged_exports_match_transformers(tmp_path):
+  """The README path with LoRA: an imported (random, tiny) Llama fine-tuned 30 steps on the chat
+  demo with rank-16 adapters lowers the held-out assistant loss and leaves the base bit-identical;
+  its PEFT export loads with `peft.PeftModel.from_pretrained` onto the HF export of the base and
+  gives jaxllm's logits (1e-4, float32); the merged export is a plain transformers model with the
+  same logits; the PEFT folder imported back as a run samples what the trained run samples, and
+  `lora.adapter` starts training from it."""
+  torch = pytest.importorskip('torch', reason='the hf extra (torch) is not installed')
+  transformers = pytest.importorskip('transformers', reason='the hf extra is not installed')
+  peft_lib = pytest.importorskip('peft', reason='peft (the hf extra) is not installed')
+  os.environ.setdefault('HF_HUB_OFFLINE', '1')
+  from jaxllm import rundir, train
+  from jaxllm import trainer as trainer_lib
+  from jaxllm.convert import export, import_, peft
+  from test_chat import llama3_tokenizer, save_hf
+  from test_hf_finetune import _load_config_py
+
+  hf_dir = tmp_path / 'hf'
+  tok, specials = llama3_tokenizer()
+  save_hf(hf_dir, tok, specials)
+  cfg = transformers.LlamaConfig(
+      vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+      bos_token_id=tok.token_to_id('<|begin_of_text|>'), eos_token_id=tok.token_to_id('<|eot_id|>'),
+      tie_word_embeddings=False)
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(cfg).save_pretrained(hf_dir)
+  import_.convert(str(hf_dir), str(tmp_path / 'base'))
+
+  config = _load_config_py(tmp_path / 'base' / 'config.py')
+  with config.unlocked():
+    config.data.sources = 'builtin:shakespeare_chat'
+    config.data.seq_len = 128
+    config.train.update(num_steps=30, global_batch_size=8, eval_every=0, eval_batches=4,
+                        log_every=10, sample_tokens=0)
+    config.optim.update(peak_lr=1e-2, warmup_steps=3)  # adapters on a random base
+    config.lora.update(rank=16, alpha=32.0)
+    config.checkpoint.every = 30
+  workdir = str(tmp_path / 'ft')
+  trainer = train.setup(config)
+  assert trainer.lora and set(trainer.abstract_state) == {'step', 'params', 'opt_state', 'base'}
+  pipeline = train.make_pipeline(config, workdir, trainer.process_batch_size(8, 128))
+  held_out = lambda params: trainer_lib.evaluate(trainer, params,
+                                                 pipeline.eval_batches(4))['eval_loss']
+  base, _ = trainer.load_base(config.checkpoint.init_from)
+  base_host = jax.device_get(base)
+  before = held_out(lora_lib.join(base, jax.device_get(trainer.init_state()['params'])))
+  state = train.train_and_evaluate(config, workdir)['state']
+  after = held_out(trainer.model_params(state))
+  print(f'LoRA: held-out loss on assistant tokens {before:.3f} -> {after:.3f}')
+  # Frozen random embeddings and head bound what adapters can learn in 30 steps: 6.41 -> 6.27 here.
+  assert after < before - 0.07, (before, after)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state['base']), base_host)
+  # No optimizer state for the base: every moment is an adapter's shape.
+  adapter_shapes = {x.shape for x in jax.tree.leaves(state['params'])}
+  assert {x.shape for x in jax.tree.leaves(state['opt_state']) if x.ndim} <= adapter_shapes
+
+  # jaxllm's logits of the trained run, reopened as sampling and evaluation reopen it.
+  _, reopened, params, _ = rundir.RunDir(workdir).reopen(train.setup)
+  tokens = np.array([[5, 17, 42, 99, 3, 250, 7, 12]], np.int32) % cfg.vocab_size
+  ours = np.asarray(nnx.merge(reopened.graphdef, params)(jnp.asarray(tokens)))
+  without = np.asarray(nnx.merge(reopened.graphdef, lora_lib.join(
+      base, jax.tree.map(jnp.zeros_like, state['params'])))(jnp.asarray(tokens)))
+  assert np.max(np.abs(ours - without)) > 1e-2  # the adapters matter: parity means something
+
+  export.export_run(str(tmp_path / 'base'), str(tmp_path / 'hf_base'))
+  peft.export_adapter(workdir, str(tmp_path / 'adapter'))
+  hf_base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf_base',
+                                                              dtype=torch.float32)
+  theirs = peft_lib.PeftModel.from_pretrained(hf_base, str(tmp_path / 'adapter')).eval()
+  with torch.no_grad():
+    got = theirs(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(got, ours, atol=1e-4, rtol=0)
+  export.export_run(workdir, str(tmp_path / 'merged'))  # a LoRA run exports merged
+  merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'merged',
+                                                             dtype=torch.float32)
+  with torch.no_grad():
+    got = merged(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(got, ours, atol=1e-4, rtol=0)
+  assert not (tmp_path / 'merged' / peft.ADAPTER_CONFIG).exists()
+
+  # The PEFT folder imported as a run: sampling reopens it, and samples as the trained run does.
+  peft.import_adapter(str(tmp_path / 'adapter'), str(tmp_path / 'base'), str(tmp_path / 'imp'))
+  proc = [subprocess.run([sys.executable, '-m', 'jaxllm.sample', f'--workdir={w}',
+                          '--prompt=Who wrote Hamlet?', '--temperature=0', '--max_new_tokens=8'],
+                         cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=300)
+          for w in (workdir, tmp_path / 'imp')]
+  assert all(p.returncode == 0 for p in proc), [p.stderr[-2000:] for p in proc]
+  assert proc[0].stdout == proc[1].stdout and proc[0].stdout.strip()
+  # lora.adapter: a new run starts from the PEFT adapters (on the same base).
+  with config.unlocked():
+    config.lora.adapter = str(tmp_path / 'adapter')
+  start = train._initial_lora_state(trainer, checkpoint_lib.Checkpointer(
+      str(tmp_path / 'fresh'), async_save=False), config)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7),
+               jax.device_get(start['params']), jax.device_get(state['params']))
+  with config.unlocked():
+    config.lora.rank = 8
+  with pytest.raises(ValueError, match=r'has rank 16 but lora.rank=8: set --config.lora.rank'):
+    train._initial_lora_state(train.setup(config), checkpoint_lib.Checkpointer(
+        str(tmp_path / 'fresh2'), async_save=False), config)
