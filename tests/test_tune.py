@@ -7,7 +7,6 @@ second trial trains and resumed with the same command; one prunes a trial whose 
 useless. The memory checks and 'auto' run in-process on the 8 fake devices.
 """
 
-import copy
 import json
 import os
 import pathlib
@@ -251,9 +250,10 @@ def resolved(config) -> tuple:
 def test_auto_resolves_deterministically_and_the_run_records_it(tmp_path):
   # A budget one byte under what 16 rows per device (the most tried) need without remat: the
   # planner must look further (fewer rows, or recompute) and reject something on the way.
-  budget = (aot.estimate(copy.deepcopy(auto_config()), 16, 'none').total_bytes - 1) / aot.GIB
-  run = ('--config.train.eval_every=0', '--config.train.eval_batches=1', '--config.optim.warmup_steps=1',
-         '--config.train.sample_tokens=0', '--config.model.vocab_size=512')
+  run = ('--config.train.eval_every=0', '--config.train.eval_batches=1',
+         '--config.optim.warmup_steps=1', '--config.train.sample_tokens=0',
+         '--config.model.vocab_size=512')
+  budget = (aot.estimate(auto_config(*run), 16, 'none').total_bytes - 1) / aot.GIB
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(
       auto_config(*run, f'--config.train.hbm_gib={budget!r}', '--config.train.num_steps=2'),
