@@ -193,7 +193,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   d = config.distributed
   sharding.initialize_distributed(initialize=d.initialize, coordinator_address=d.coordinator_address,
                                   num_processes=d.num_processes, process_id=d.process_id)
-  saved = rundir.RunDir(workdir).saved_config()  # a resume: its 'auto' values as it started
+  # A resume takes its 'auto' values as the run started with them (its config.json).
+  saved = rundir.RunDir(workdir).saved_config() if config_lib.auto_keys(config) else None
   trainer = setup(config, saved=saved)  # validates the config: a bad one leaves no workdir behind
   if config.ptq.format:
     raise ValueError(f'ptq.format={config.ptq.format!r} marks a quantized run for evaluation and '
