@@ -159,7 +159,9 @@ def _history(table: list[dict], path: str) -> str:
   done = sorted((r['trial'], r['eval_loss']) for r in table if r['status'] == 'complete')
   if done:
     best = [min(v for _, v in done[:i + 1]) for i in range(len(done))]
-    ax.step([n for n, _ in done], best, where='post', color='k', label='best complete so far')
+    last = max(r['trial'] for r in table)  # drawn on to the last trial
+    ax.step([n for n, _ in done] + [last], best + best[-1:], where='post', color='k',
+            label='best complete so far')
   ax.set(xlabel='trial', ylabel='held-out loss', title='optimisation history')
   ax.legend()
   fig.tight_layout()
