@@ -47,6 +47,9 @@ class _QuietOrbax(py_logging.Filter):
 logging.get_absl_logger().addFilter(_QuietOrbax())
 
 
+_COMMIT_MARKER = 'commit_success.txt'  # Orbax's CommitFileTemporaryPath, used on gs://
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used: missing, unreadable, or of another model shape."""
 
@@ -118,6 +121,15 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def is_committed(self, step: int) -> bool:
+    """Whether the save of `step` has finished, from storage (the manager's own list is left
+    alone): a local step directory appears by rename; a bucket has no rename, so Orbax writes
+    its step in place and a commit marker last."""
+    path = self.step_dir(step)
+    if files.is_url(path):
+      return files.exists(os.path.join(path, _COMMIT_MARKER))
+    return os.path.isdir(path)
+
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
@@ -158,9 +170,9 @@ class Checkpointer:
     if not os.path.isdir(root):
       raise CheckpointError(f'{self.step_dir(step)} has no parameters')
     h = hashlib.sha256()
-    for folder, dirs, files in sorted(os.walk(root)):
+    for folder, dirs, names in sorted(os.walk(root)):
       dirs.sort()
-      for name in sorted(files):
+      for name in sorted(names):
         path = os.path.join(folder, name)
         h.update(f'{os.path.relpath(path, root)}:{os.path.getsize(path)}\n'.encode())
     return h.hexdigest()[:16]

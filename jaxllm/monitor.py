@@ -198,7 +198,7 @@ class Monitor:
     self._last_fetch = (step, now)
     self.values.update(step=step, tokens_trained=step * self.tokens_per_step)
     self.observe(host)
-    if self._committing and os.path.isdir(self._committing[1]):
+    if self._committing and self._committing[1]():
       self._committed(time.time())
     return host
 
@@ -221,21 +221,23 @@ class Monitor:
     with self.goodput.timed('checkpoint'):
       yield
     self.values['checkpoint_wait_seconds'] += time.perf_counter() - start
-    if self._committing and os.path.isdir(self._committing[1]):  # a wait for the commit
+    if self._committing and self._committing[1]():  # a wait for the commit
       self._committed(time.time())
 
   @contextlib.contextmanager
-  def checkpoint(self, step: int, directory: str) -> Iterator[None]:
-    """Around starting the save of `step` into `directory` (which appears when committed)."""
-    if self._committing and os.path.isdir(self._committing[1]):
+  def checkpoint(self, step: int, committed: Callable[[], bool]) -> Iterator[None]:
+    """Around starting the save of `step`; `committed()` says whether it is committed yet
+    (Checkpointer.is_committed: a local step directory appears by rename, a bucket's gets a
+    commit marker)."""
+    if self._committing and self._committing[1]():
       self._committed(time.time())
     start, wall = time.perf_counter(), time.time()
     with self._checkpoint_wait():
       yield
     self.values['checkpoint_blocked_seconds'] = time.perf_counter() - start
     self.goodput.saved(step)
-    self._committing = (step, directory, wall)
-    if os.path.isdir(directory):  # saved synchronously
+    self._committing = (step, committed, wall)
+    if committed():  # saved synchronously
       self._committed(time.time())
 
   def _committed(self, now: float) -> None:
@@ -252,7 +254,7 @@ class Monitor:
     if wait_for_saves is not None:
       with self.timed('checkpoint'):
         wait_for_saves()
-    if self._committing and os.path.isdir(self._committing[1]):
+    if self._committing and self._committing[1]():
       self._committed(time.time())
     totals = self.goodput.totals()
     self.goodput.flush()

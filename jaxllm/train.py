@@ -5,6 +5,7 @@ compiled step). With trainer.py, the only modules that import many others.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -267,7 +268,7 @@ def _train_loop(config, trainer: trainer_lib.Trainer, state, train_iter, pipelin
         # given exactly `step` batches here: its state is the position to resume from.
         last.update(_finish_step(*pending, reporter, guard, t, ckpt, monitor))
         pending = None
-        with monitor.checkpoint(step, ckpt.step_dir(step)):
+        with monitor.checkpoint(step, functools.partial(ckpt.is_committed, step)):
           ckpt.save(step, state, train_iter, config_dict)
       if stop:
         with monitor.timed('checkpoint'):

@@ -207,6 +207,12 @@ def test_a_run_on_a_bucket_trains_resumes_evaluates_and_exports(gcs, tmp_path):
   assert names == sorted([rundir.CHECKPOINTS, rundir.CONFIG_JSON, rundir.GOODPUT,
                           rundir.TENSORBOARD, rundir.TOKENIZER])
   assert {'2', '4'} <= {p.name for p in epath.Path(f'{workdir}/checkpoints').iterdir()}
+  # A bucket's steps are committed by a marker (the loop's checkpoint metrics read it).
+  from jaxllm import checkpoint as checkpoint_lib
+  saved, _ = checkpoint_lib.open_read_only(f'{workdir}/checkpoints', -1, what='the test',
+                                           step_flag='--step')
+  assert saved.is_committed(4) and saved.is_committed(2) and not saved.is_committed(3)
+  saved.close()
   goodput = json.loads(files.read_text(f'{workdir}/{rundir.GOODPUT}'))
   assert goodput['sessions'] == 2 and goodput['step'] == 4
   scalars = metrics.read_scalars(f'{workdir}/{rundir.TENSORBOARD}')
