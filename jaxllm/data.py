@@ -120,15 +120,21 @@ class TokenCache:
     return np.frombuffer(self.records[int(i)], self.dtype).astype(np.int32)
 
 
+def _new_cache(path: Path) -> tuple[Path, array_record_module.ArrayRecordWriter]:
+  """(the temporary dir a cache of `path` is written in, then renamed, and its record writer);
+  a killed build's temporary dir is removed first (the caller holds the cache's lock)."""
+  files.remove_stale_temps(str(path))
+  tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  return tmp, array_record_module.ArrayRecordWriter(str(tmp / 'ids.array_record'), 'group_size:1')
+
+
 def build_token_cache(docs: Documents, tokenizer: tokenizer_lib.Tokenizer, path: Path, block: int = 256,
                       progress: Progress = _quiet) -> None:
   """Encodes every document of `docs` once into `path` (written to a temporary dir, then renamed)."""
   dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-  files.remove_stale_temps(str(path))  # a killed build's (the caller holds the cache's lock)
-  tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
-  writer = array_record_module.ArrayRecordWriter(str(tmp / 'ids.array_record'), 'group_size:1')
+  tmp, writer = _new_cache(path)
   tokens = nbytes = 0
   starts = range(0, len(docs), block)
   for start in progress(starts, desc=f'tokenizing {docs.name}', total=len(starts), unit='block'):
@@ -175,11 +181,7 @@ def build_chat_cache(docs: Documents, tokenizer: tokenizer_lib.Tokenizer, path: 
                      progress: Progress = _quiet) -> None:
   """Renders every conversation of `docs` once into `path` (module doc), counting what it leaves."""
   dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-  files.remove_stale_temps(str(path))  # a killed build's (the caller holds the cache's lock)
-  tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
-  writer = array_record_module.ArrayRecordWriter(str(tmp / 'ids.array_record'), 'group_size:1')
+  tmp, writer = _new_cache(path)
   counts = dict(conversations=len(docs), kept=0, too_long=0, truncated=0, unsupervised=0, tokens=0,
                 supervised=0)
   for i in progress(range(len(docs)), desc=f'rendering {docs.name}', total=len(docs),

@@ -172,17 +172,11 @@ def _load_config_py(path):
   return module.get_config()
 
 
-def test_import_fine_tune_on_chats_export_and_generate_as_transformers_does(tmp_path):
-  """The README's fine-tuning path on a random tiny Llama-3-style model with a byte-level BPE
-  tokenizer and chat template: import, fine-tune 30 steps on the built-in chat demo, export.
-  Held-out loss on assistant tokens falls; transformers loads the export (model, tokenizer and
-  template), renders three held-out conversations to the prompt ids jaxllm renders, and its
-  greedy generate gives the tokens jaxllm's chat sampling gives."""
-  from jaxllm import chat, rundir, train
-  from jaxllm import trainer as trainer_lib
-  from jaxllm.sample import chat as sample_chat
+def imported_chat_run(tmp_path, *, peak_lr: float, **train):
+  """(config, end-of-turn id): a random tiny Llama-3-style HF model with a byte-level BPE
+  tokenizer and chat template (test_chat.py), imported into `tmp_path/base`, its generated
+  fine-tune config set to 30 steps of 8 x 128 tokens on the built-in chat demo."""
   from test_chat import llama3_tokenizer, save_hf
-
   hf_dir = tmp_path / 'hf'
   tok, specials = llama3_tokenizer()
   save_hf(hf_dir, tok, specials)
@@ -195,15 +189,28 @@ def test_import_fine_tune_on_chats_export_and_generate_as_transformers_does(tmp_
   torch.manual_seed(0)
   transformers.LlamaForCausalLM(cfg).save_pretrained(hf_dir)
   import_.convert(str(hf_dir), str(tmp_path / 'base'))
-
   config = _load_config_py(tmp_path / 'base' / 'config.py')
   with config.unlocked():
     config.data.sources = 'builtin:shakespeare_chat'
     config.data.seq_len = 128
     config.train.update(num_steps=30, global_batch_size=8, eval_every=0, eval_batches=4,
-                        log_every=10)
-    config.optim.update(peak_lr=3e-3, warmup_steps=3)  # a random model, not a pretrained one
+                        log_every=10, **train)
+    config.optim.update(peak_lr=peak_lr, warmup_steps=3)
     config.checkpoint.every = 30
+  return config, eot
+
+
+def test_import_fine_tune_on_chats_export_and_generate_as_transformers_does(tmp_path):
+  """The README's fine-tuning path on a random tiny Llama-3-style model with a byte-level BPE
+  tokenizer and chat template: import, fine-tune 30 steps on the built-in chat demo, export.
+  Held-out loss on assistant tokens falls; transformers loads the export (model, tokenizer and
+  template), renders three held-out conversations to the prompt ids jaxllm renders, and its
+  greedy generate gives the tokens jaxllm's chat sampling gives."""
+  from jaxllm import chat, rundir, train
+  from jaxllm import trainer as trainer_lib
+  from jaxllm.sample import chat as sample_chat
+
+  config, eot = imported_chat_run(tmp_path, peak_lr=3e-3)  # a random model, not a pretrained one
   workdir = str(tmp_path / 'ft')
   trainer = train.setup(config)
   pipeline = train.make_pipeline(config, workdir, trainer.process_batch_size(8, 128))

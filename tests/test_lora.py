@@ -165,31 +165,12 @@ def test_lora_chat_fine_tune_then_peft_and_merged_exports_match_transformers(tmp
   os.environ.setdefault('HF_HUB_OFFLINE', '1')
   from jaxllm import rundir, train
   from jaxllm import trainer as trainer_lib
-  from jaxllm.convert import export, import_, peft
-  from test_chat import llama3_tokenizer, save_hf
-  from test_hf_finetune import _load_config_py
+  from jaxllm.convert import export, peft
+  from test_hf_finetune import imported_chat_run
 
-  hf_dir = tmp_path / 'hf'
-  tok, specials = llama3_tokenizer()
-  save_hf(hf_dir, tok, specials)
-  cfg = transformers.LlamaConfig(
-      vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-      bos_token_id=tok.token_to_id('<|begin_of_text|>'), eos_token_id=tok.token_to_id('<|eot_id|>'),
-      tie_word_embeddings=False)
-  torch.manual_seed(0)
-  transformers.LlamaForCausalLM(cfg).save_pretrained(hf_dir)
-  import_.convert(str(hf_dir), str(tmp_path / 'base'))
-
-  config = _load_config_py(tmp_path / 'base' / 'config.py')
+  config, _ = imported_chat_run(tmp_path, peak_lr=1e-2, sample_tokens=0)  # on a random base
   with config.unlocked():
-    config.data.sources = 'builtin:shakespeare_chat'
-    config.data.seq_len = 128
-    config.train.update(num_steps=30, global_batch_size=8, eval_every=0, eval_batches=4,
-                        log_every=10, sample_tokens=0)
-    config.optim.update(peak_lr=1e-2, warmup_steps=3)  # adapters on a random base
     config.lora.update(rank=16, alpha=32.0)
-    config.checkpoint.every = 30
   workdir = str(tmp_path / 'ft')
   trainer = train.setup(config)
   assert trainer.lora and set(trainer.abstract_state) == {'step', 'params', 'opt_state', 'base'}
@@ -211,7 +192,7 @@ def test_lora_chat_fine_tune_then_peft_and_merged_exports_match_transformers(tmp
 
   # jaxllm's logits of the trained run, reopened as sampling and evaluation reopen it.
   _, reopened, params, _ = rundir.RunDir(workdir).reopen(train.setup)
-  tokens = np.array([[5, 17, 42, 99, 3, 250, 7, 12]], np.int32) % cfg.vocab_size
+  tokens = np.array([[5, 17, 42, 99, 3, 250, 7, 12]], np.int32) % config.model.vocab_size
   ours = np.asarray(nnx.merge(reopened.graphdef, params)(jnp.asarray(tokens)))
   without = np.asarray(nnx.merge(reopened.graphdef, lora_lib.join(
       base, jax.tree.map(jnp.zeros_like, state['params'])))(jnp.asarray(tokens)))
