@@ -119,8 +119,11 @@ class _Collector:
 
 def _live_values(m: Monitor) -> dict[str, Any]:
   """What is read at scrape time rather than per step: memory and goodput."""
-  out: dict[str, Any] = {'host_rss_bytes': host_rss_bytes(),
-                         'host_rss_peak_bytes': metrics_lib.peak_host_rss_bytes()}
+  rss = host_rss_bytes()
+  # The kernel updates getrusage's high-water mark lazily, so the resident size read now can be a
+  # few pages above it: the peak so far is at least the current size.
+  out: dict[str, Any] = {'host_rss_bytes': rss,
+                         'host_rss_peak_bytes': max(metrics_lib.peak_host_rss_bytes(), rss or 0)}
   in_use, peak = {}, {}
   for device in jax.local_devices():
     try:
