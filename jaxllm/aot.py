@@ -257,8 +257,9 @@ _SLICES.update({f'{g}-{x * y}': f'{g}:{x}x{y}' for g in ('v5e', 'v6e')
 
 
 def topology_devices(name: str) -> list:
-  """The devices of a TPU slice (`v5p-128`, `v6e-256`, or JAX's `v5p:4x4x4`), for compiling on a
-  machine without TPUs through libtpu's ahead-of-time compiler (`pip install 'jax[tpu]'`)."""
+  """The devices of a TPU slice (`v5p-128`, `v6e-256`, or JAX's `v5p:4x4x4`, `v6e:1x1`), for
+  compiling on a machine without TPUs through libtpu's ahead-of-time compiler (`pip install
+  'jax[tpu]'`)."""
   from jax.experimental import topologies
   # Off a TPU VM libtpu has no worker list to read, and it locks itself to one process; neither
   # matters to a compile-only use (setdefault: a TPU VM's own settings win).
@@ -268,8 +269,14 @@ def topology_devices(name: str) -> list:
   if ':' not in topology:
     raise ValueError(f'--topology={name}: use a slice name ({", ".join(sorted(_SLICES))}) or '
                      "JAX's form such as v5p:4x4x4")
+  # libtpu assumes 2x2x1 chips a host and refuses a smaller slice (v6e:1x1: "not divisible by
+  # chips_per_host_bounds"): a slice under one host is then that host.
+  dims = [int(d) for d in topology.split(':', 1)[1].split('x') if d.isdigit()]
+  bounds = [min(d, b) for d, b in zip([*dims, 1, 1, 1][:3], (2, 2, 1))]
+  extra = {'chips_per_host_bounds': bounds} if bounds != [2, 2, 1] else {}
   try:
-    return list(topologies.get_topology_desc(platform='tpu', topology_name=topology).devices)
+    return list(topologies.get_topology_desc(platform='tpu', topology_name=topology,
+                                             **extra).devices)
   except Exception as e:  # no libtpu, or a name it does not know
     raise RuntimeError(f'--topology={name}: libtpu could not describe {topology} ({e}); install '
                        "it with pip install 'jax[tpu]' (a separate venv: see README)") from None

@@ -100,11 +100,20 @@ def _derived_run(source: str, config: ml_collections.ConfigDict, out: str, name:
   return new
 
 
+def _whole_model(config: ml_collections.ConfigDict, where: str, done: str) -> None:
+  """Refuses a LoRA run: its checkpoints hold adapters, its base lies elsewhere."""
+  if config.lora.rank:
+    raise ValueError(f'{where} is a LoRA run (lora.rank={config.lora.rank}), which cannot be {done} '
+                     'as it is: merge it first (tools/convert_to_hf.py --workdir=RUN --out=HF, then '
+                     'tools/convert_from_hf.py --hf=HF --out=MERGED) and pass MERGED')
+
+
 def quantize_run(workdir: str, out: str, *, fmt: str, group_size: int = 64,
                  step: int = -1) -> ml_collections.ConfigDict:
   """OUT = `out`: the run's checkpoint `step` with its matrices quantized (ptq.py), as a run
   directory with `ptq.format` set, which jaxllm.evaluate and jaxllm.sample read as they read any
   run; returns its config."""
+  _whole_model(rundir.RunDir(workdir).load_config(), f'--workdir={workdir}', 'quantized')
   config, trainer, params, _ = rundir.RunDir(workdir).reopen(train.setup, step=step)
   qconfig = config.copy_and_resolve_references()
   with qconfig.unlocked():
@@ -167,7 +176,8 @@ def _disk_bytes(path: str) -> int:
 def compress(teacher: str, out: str, recipe: Recipe, *, overwrite: bool = False) -> dict:
   """The recipe end to end (see the module docstring); returns the report it writes."""
   check_out(out, source=teacher, overwrite=overwrite)
-  rundir.RunDir(teacher).load_config()  # a missing teacher is named before anything is written
+  # A missing teacher, or a LoRA one, is named before anything is written.
+  _whole_model(rundir.RunDir(teacher).load_config(), f'--teacher={teacher}', 'pruned')
   paths = {name: os.path.join(out, name) for name in ('pruned', 'distilled', 'hf')}
   for name in ('pruned', 'distilled'):  # an earlier recipe's runs (overwrite): start afresh
     if os.path.isdir(paths[name]):

@@ -242,7 +242,7 @@ MINIMUMS = {
     'optim.weight_decay': 0, 'optim.clip_norm': 0, 'optim.skip_nonfinite': 0,
     'checkpoint.every': 0, 'checkpoint.keep_latest': 1, 'checkpoint.keep_every': 0,
     'mesh.dcn_data': 1, 'mesh.dcn_fsdp': 1,
-    'lora.rank': 0, 'lora.alpha': 0, 'lora.dropout': 0, 'lora.group_size': 2,
+    'lora.rank': 0, 'lora.group_size': 2,
     'monitor.prometheus_port': 0, 'monitor.goodput_flush_seconds': 0, 'train.hbm_gib': 0,
 }
 
@@ -328,19 +328,41 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> N
     raise ValueError('invalid config: ' + '; '.join(errors))
 
 
+def _lora_targets(targets) -> tuple[str, ...]:
+  """As lora.parse_targets (this module imports no jaxllm module): 'q,v' or ('q', 'v')."""
+  items = (targets,) if isinstance(targets, str) else tuple(targets)
+  return tuple(t.strip() for item in items for t in str(item).split(',') if t.strip())
+
+
 def _lora_errors(config: ml_collections.ConfigDict) -> list[str]:
+  """lora.* (checked whatever lora.rank is: a bad value is a typo either way) and its mixes."""
   lo, m, errors = config.lora, config.model, []
+  if isinstance(lo.alpha, bool) or not isinstance(lo.alpha, (int, float)) or not lo.alpha > 0:
+    errors.append(f'lora.alpha={lo.alpha!r} must be > 0 (the update is scaled by alpha / rank; '
+                  'rank or 2 x rank is usual)')
+  if isinstance(lo.dropout, bool) or not isinstance(lo.dropout, (int, float)) \
+      or not 0 <= lo.dropout < 1:
+    errors.append(f'lora.dropout={lo.dropout!r} must be in [0, 1) (0 = off; 0.05 is usual)')
+  targets = _lora_targets(lo.targets) if isinstance(lo.targets, (str, tuple, list)) else ()
+  if unknown := [t for t in targets if t not in LORA_TARGETS]:
+    errors.append(f'lora.targets={lo.targets!r}: {", ".join(map(repr, unknown))} is not a '
+                  f'projection; choose among {", ".join(LORA_TARGETS)} (--config.lora.targets=q,v)')
+  elif not targets:
+    errors.append(f'lora.targets={lo.targets!r} names no projection: choose among '
+                  f'{", ".join(LORA_TARGETS)} (--config.lora.targets=q,v)')
   if lo.rank == 0:
-    if lo.quantize != 'none' or lo.adapter:
-      key = 'lora.quantize' if lo.quantize != 'none' else 'lora.adapter'
-      errors.append(f'{key} needs adapters to train: set lora.rank > 0 (16 is usual)')
+    if lo.quantize != 'none':
+      errors.append(f'lora.quantize={lo.quantize!r} quantizes the frozen base of adapters: set '
+                    'lora.rank > 0 (16 is usual), or ptq.format to quantize a trained model')
+    if lo.adapter:
+      errors.append(f'lora.adapter={lo.adapter} needs adapters to load into: set lora.rank (and '
+                    "lora.alpha, lora.targets) to the adapter's r (lora_alpha, target_modules) "
+                    'in its adapter_config.json')
     return errors
-  if not 0 <= lo.dropout < 1:
-    errors.append(f'lora.dropout={lo.dropout} must be in [0, 1)')
-  targets = tuple(lo.targets) if isinstance(lo.targets, (tuple, list)) else (lo.targets,)
-  bad = [t for t in targets if t not in LORA_TARGETS]
-  if bad or not targets:
-    errors.append(f'lora.targets={lo.targets!r}: choose among {", ".join(LORA_TARGETS)}')
+  if config.ptq.format:
+    errors.append(f'ptq.format={config.ptq.format!r} and lora.rank={lo.rank} do not combine: '
+                  'ptq.format marks a trained model quantized for evaluation; to train adapters '
+                  f"on a quantized base set lora.quantize={config.ptq.format} and ptq.format=''")
   if lo.quantize == 'int4':
     widths = {'model.d_model': m.d_model, 'model.mlp_dim': m.mlp_dim,
               'model.n_heads x model.head_dim': m.n_heads * m.head_dim}

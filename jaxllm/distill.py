@@ -44,6 +44,10 @@ def teacher_model(config: ml_collections.ConfigDict,
   except FileNotFoundError:
     raise FileNotFoundError(f'distill.teacher={d.teacher!r} has no config.json: pass the --workdir '
                             'of a jaxllm.main run or the --out of tools/convert_from_hf.py') from None
+  if saved.lora.rank:  # its checkpoints hold adapters only
+    raise ValueError(f'distill.teacher={d.teacher!r} is a LoRA run (lora.rank={saved.lora.rank}): '
+                     'merge it into a whole model first (tools/convert_to_hf.py, then '
+                     'tools/convert_from_hf.py) and pass that')
   cfg = dataclasses.replace(
       model_lib.ModelConfig.from_section(saved.model), param_dtype=d.teacher_dtype,
       dtype=d.teacher_dtype, remat='none', attention=student.attention,

@@ -46,6 +46,13 @@ BASE_DTYPES = ('', 'float32', 'bfloat16')
 SUFFIX = '_lora'  # the attribute (and params key) of a projection's adapter
 
 
+def parse_targets(targets) -> tuple[str, ...]:
+  """lora.targets as a tuple of names: a flag's 'q,v' (which ml_collections keeps as ('q,v',))
+  and ('q', 'v') alike."""
+  items = (targets,) if isinstance(targets, str) else tuple(targets)
+  return tuple(t.strip() for item in items for t in str(item).split(',') if t.strip())
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoraConfig:
   """Mirrors the config's `lora` section; rank 0 means no adapters (a full fine-tune)."""
@@ -59,10 +66,16 @@ class LoraConfig:
   group_size: int = 64  # rows of W per 4-bit scale
 
   def __post_init__(self):
-    object.__setattr__(self, 'targets', tuple(self.targets))
+    object.__setattr__(self, 'targets', parse_targets(self.targets))
     unknown = [t for t in self.targets if t not in TARGETS]
     if unknown or not self.targets:
-      raise ValueError(f'lora.targets={self.targets!r}: choose among {tuple(TARGETS)}')
+      raise ValueError(f'lora.targets: {", ".join(map(repr, unknown)) or "none given"}; choose '
+                       f'among {", ".join(TARGETS)} (--config.lora.targets=q,v)')
+    ranges = {'rank': (self.rank >= 0, '>= 0'), 'alpha': (self.alpha > 0, '> 0'),
+              'dropout': (0 <= self.dropout < 1, 'in [0, 1)')}
+    for key, (ok, allowed) in ranges.items():
+      if not ok:
+        raise ValueError(f'lora.{key}={getattr(self, key)} must be {allowed}')
     if self.quantize not in QUANTIZE:
       raise ValueError(f'lora.quantize={self.quantize!r}: choose one of {QUANTIZE}')
     if self.base_dtype not in BASE_DTYPES:

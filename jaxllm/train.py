@@ -167,10 +167,10 @@ def _initial_lora_state(trainer: trainer_lib.Trainer, ckpt: checkpoint_lib.Check
                      'checkpoint.init_from to its checkpoint directory (tools/convert_from_hf.py '
                      'writes one, and a config.py that sets it)')
   state = trainer.init_state(with_base=False)
-  state['base'], ckpt.base = trainer.load_base(k.init_from, k.init_from_step)
-  if config.lora.adapter:
+  if config.lora.adapter:  # read (and checked) before the base, which may take minutes to load
     state['params'] = peft.read_adapter(config.lora.adapter, trainer.abstract_state['params'],
                                         lcfg=trainer.lora, what='lora.adapter')
+  state['base'], ckpt.base = trainer.load_base(k.init_from, k.init_from_step)
   return state
 
 

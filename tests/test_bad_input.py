@@ -112,7 +112,38 @@ def root(tmp_path_factory) -> pathlib.Path:
   (d / 'link_run').symlink_to(run)
   (d / 'link_hf').symlink_to(hf)
   (d / 'dangling').symlink_to(d / 'nowhere')
+  _lora_inputs(run, d)
   return root
+
+
+def _lora_inputs(run: pathlib.Path, d: pathlib.Path) -> None:
+  """IN/adapter: a PEFT adapter (rank 4 on q and v, random numbers: nothing is trained) of the
+  run's shape; copies of it each with one thing wrong; IN/lora_run: it imported as a LoRA run."""
+  import numpy as np
+  from jaxllm import lora as lora_lib
+  from jaxllm.convert import peft
+  model = json.loads((run / 'config.json').read_text())['model']
+  lcfg = lora_lib.LoraConfig(rank=4, targets=('q', 'v'))
+  rng = np.random.default_rng(0)
+
+  def write(out: pathlib.Path, **changes):
+    shapes = lora_lib.abstract_adapters({**model, **changes}, lcfg)
+    get = lambda t: {ab: rng.normal(size=x.shape) * 0.01 for ab, x in
+                     shapes['layers'][lora_lib.TARGETS[t][0]][lora_lib.TARGETS[t][1] + '_lora'].items()}
+    peft.write_adapter(get, lcfg, model['n_layers'], str(out))
+
+  write(d / 'adapter')
+  write(d / 'adapter_wider', d_model=model['d_model'] * 2)
+  for name in ('adapter_bad_json', 'adapter_pickled', 'adapter_dora'):
+    shutil.copytree(d / 'adapter', d / name)
+  (d / 'adapter_bad_json' / 'adapter_config.json').write_text('{"r": 4,')
+  (d / 'adapter_pickled' / 'adapter_model.safetensors').rename(
+      d / 'adapter_pickled' / 'adapter_model.bin')
+  config = json.loads((d / 'adapter' / 'adapter_config.json').read_text())
+  (d / 'adapter_dora' / 'adapter_config.json').write_text(json.dumps({**config, 'use_dora': True}))
+  proc = run_cli('tools/convert_from_hf.py', f'--adapter={d / "adapter"}', f'--base={run}',
+                 f'--out={d / "lora_run"}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 # (id, argv with {run}, {hf}, {in}, {new} for the paths of the fixture, text the line must hold)
@@ -249,6 +280,63 @@ CASES = [
                                      '--out={in}/link_hf'), '--out={in}/link_hf'),
     ('from_hf --out dangling link', ('tools/convert_from_hf.py', '--hf={hf}',
                                      '--out={in}/dangling'), '--out={in}/dangling links to'),
+]
+
+
+# LoRA (jaxllm/lora.py, convert/peft.py): its keys, PEFT folders, and LoRA runs where a whole
+# model is needed. Each fails before a step is compiled.
+LORA = (*MAIN, *NEW, TOK, '--config.checkpoint.init_from={run}/checkpoints')
+CASES += [
+    ('lora.rank=-1', (*LORA, '--config.lora.rank=-1'), 'lora.rank=-1 must be >= 0'),
+    ('lora.alpha=0', (*LORA, '--config.lora.rank=16', '--config.lora.alpha=0'),
+     'lora.alpha=0.0 must be > 0'),
+    ('lora.dropout=1', (*LORA, '--config.lora.rank=16', '--config.lora.dropout=1'),
+     'lora.dropout=1.0 must be in [0, 1)'),
+    ('lora.targets unknown', (*LORA, '--config.lora.rank=16', '--config.lora.targets=q,qkv'),
+     "lora.targets=('q,qkv',): 'qkv' is not a projection"),
+    ('lora.quantize=int3', (*LORA, '--config.lora.rank=16', '--config.lora.quantize=int3'),
+     "lora.quantize='int3' must be one of none, int8, int4"),
+    ('lora.quantize without rank', (*LORA, '--config.lora.quantize=int4'),
+     "lora.quantize='int4' quantizes the frozen base of adapters: set lora.rank > 0"),
+    ('lora.adapter without rank', (*LORA, '--config.lora.adapter={in}/adapter'),
+     'lora.adapter={in}/adapter needs adapters to load into: set lora.rank'),
+    ('lora with ptq.format', (*LORA, '--config.lora.rank=16', '--config.ptq.format=int8'),
+     "ptq.format='int8' and lora.rank=16 do not combine"),
+    ('lora.adapter missing', (*LORA, '--config.lora.rank=4', '--config.lora.adapter={in}/nothing'),
+     'lora.adapter={in}/nothing is not a folder'),
+    ('lora.adapter not PEFT', (*LORA, '--config.lora.rank=4', '--config.lora.adapter={run}'),
+     'lora.adapter={run} has no adapter_config.json'),
+    ('lora.adapter bad JSON', (*LORA, '--config.lora.rank=4',
+                               '--config.lora.adapter={in}/adapter_bad_json'),
+     '{in}/adapter_bad_json/adapter_config.json is not JSON'),
+    ('lora.adapter pickled', (*LORA, '--config.lora.rank=4',
+                              '--config.lora.adapter={in}/adapter_pickled'),
+     'only a pickled adapter_model.bin'),
+    ('lora.adapter DoRA', (*LORA, '--config.lora.rank=4', '--config.lora.adapter={in}/adapter_dora'),
+     'use_dora=True (DoRA) is not supported'),
+    ('lora.adapter other rank', (*LORA, '--config.lora.rank=16',
+                                 '--config.lora.adapter={in}/adapter'),
+     'has rank 4 but lora.rank=16: set --config.lora.rank=4'),
+    ('lora.adapter other targets', (*LORA, '--config.lora.rank=4',
+                                    '--config.lora.adapter={in}/adapter'),
+     'has targets q,v but lora.targets='),
+    ('lora.adapter other base', (*LORA, '--config.lora.rank=4', '--config.lora.targets=q,v',
+                                 '--config.lora.adapter={in}/adapter_wider'),
+     'it was trained on another base'),
+    ('from_hf --adapter without --base', ('tools/convert_from_hf.py', '--adapter={in}/adapter',
+                                          '--out={new}'), '--adapter and --base go together'),
+    ('from_hf --adapter on a LoRA base', ('tools/convert_from_hf.py', '--adapter={in}/adapter',
+                                          '--base={in}/lora_run', '--out={new}'),
+     '--base={in}/lora_run is a LoRA run'),
+    ('from_hf --adapter missing base', ('tools/convert_from_hf.py', '--adapter={in}/adapter',
+                                        '--base={in}/nothing', '--out={new}'),
+     '--base={in}/nothing is not a jaxllm run'),
+    ('quantize a LoRA run', ('tools/quantize.py', '--workdir={in}/lora_run', '--out={new}'),
+     '--workdir={in}/lora_run is a LoRA run'),
+    ('prune a LoRA run', ('tools/compress.py', '--teacher={in}/lora_run', '--out={new}',
+                          '--mlp_dim=64'), '--teacher={in}/lora_run is a LoRA run'),
+    ('distill from a LoRA run', (*MAIN, *NEW, TOK, '--config.distill.teacher={in}/lora_run'),
+     "distill.teacher='{in}/lora_run' is a LoRA run"),
 ]
 
 

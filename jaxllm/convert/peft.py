@@ -138,53 +138,121 @@ def merged_reader(ckpt: checkpoint_lib.Checkpointer, step: int, model: Mapping, 
   return read, base
 
 
-def read_adapter(folder: str, abstract: Mapping | None = None, *, lcfg: lora_lib.LoraConfig,
-                 n_layers: int | None = None, what: str = '--adapter') -> dict:
-  """A PEFT LoRA folder -> jaxllm adapters: on the shardings of `abstract` (the adapters'
-  ShapeDtypeStructs, e.g. a trainer's abstract_state['params']), or numpy when it is None
-  (`n_layers` then given). Its rank, alpha and targets must be lcfg's."""
+def load_adapter_config(folder: str, *, what: str) -> dict[str, Any]:
+  """adapter_config.json of the PEFT folder `folder` (`what`: the flag or key that named it), with
+  errors that say which file is missing or damaged."""
+  where = f'{what}={folder}'
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f'{where} is not a folder: pass a PEFT adapter folder '
+                            f'({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})')
   path = os.path.join(folder, ADAPTER_CONFIG)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{what}={folder} has no {ADAPTER_CONFIG}: pass a folder written by '
-                            'peft (save_pretrained) or tools/convert_to_hf.py --lora=adapter')
-  with open(path, encoding='utf-8') as f:
-    saved = json.load(f)
+    raise FileNotFoundError(f'{where} has no {ADAPTER_CONFIG}: pass a folder written by peft '
+                            '(save_pretrained) or tools/convert_to_hf.py --lora=adapter')
+  if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS)):
+    pickled = os.path.isfile(os.path.join(folder, 'adapter_model.bin'))
+    raise FileNotFoundError(f'{where} has no {ADAPTER_WEIGHTS}' + (
+        ', only a pickled adapter_model.bin (unpickling runs code): save it again with peft\'s '
+        'save_pretrained(safe_serialization=True)' if pickled else ': copy the whole folder'))
+  try:
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f)
+  except ValueError as e:
+    raise ValueError(f'{path} is not JSON ({e}): copy the adapter folder again') from None
+  if not isinstance(saved, dict) or not {'r', 'lora_alpha', 'target_modules'} <= set(saved):
+    raise ValueError(f'{path} is not a PEFT LoRA config (it needs r, lora_alpha and '
+                     'target_modules)')
+  return saved
+
+
+def read_adapter(folder: str, abstract: Mapping, *, lcfg: lora_lib.LoraConfig,
+                 what: str = '--adapter') -> dict:
+  """A PEFT LoRA folder -> jaxllm adapters shaped as `abstract` (the adapters' ShapeDtypeStructs:
+  a trainer's abstract_state['params'], placed on its shardings; or lora.abstract_adapters',
+  numpy then). Its rank, alpha and targets must be lcfg's, its shapes the model's."""
+  saved = load_adapter_config(folder, what=what)
   check_adapter_config(saved, lcfg, what=f'{what}={folder}')
-  header = safetensors_io.read_header(os.path.join(folder, ADAPTER_WEIGHTS))
-  get = lambda name: safetensors_io.read_tensor(os.path.join(folder, ADAPTER_WEIGHTS), header[name])
-  n_layers = n_layers if abstract is None else next(iter(jax.tree.leaves(abstract))).shape[0]
+  weights = os.path.join(folder, ADAPTER_WEIGHTS)
+  header = safetensors_io.read_header(weights)
+  n_layers = next(iter(jax.tree.leaves(abstract))).shape[0]
+  if extra := sorted({int(n.split('.')[4]) for n in header
+                      if n.startswith('base_model.model.model.layers.')} - set(range(n_layers))):
+    raise ValueError(f'{what}={folder} adapts layer {extra[0]} but this model has {n_layers} '
+                     'layers: it was trained on another base (set checkpoint.init_from to it)')
   out: dict = {}
   for target in lcfg.targets:
+    like = hf.at_path(abstract, lora_lib.target_path(target))
     parts = {}
     for ab in 'ab':
       layers = []
-      for name, t, i, x in _names(lcfg, n_layers):
+      for name, t, _, x in _names(lcfg, n_layers):
         if t == target and x == ab:
           if name not in header:
             raise UnsupportedError(f'{what}={folder}: {ADAPTER_WEIGHTS} lacks {name}')
-          layers.append(np.asarray(get(name), np.float32).T)
-      parts[ab] = np.stack(layers)  # [layers, in, r] or [layers, r, out]: reshaped below
+          layer = np.asarray(safetensors_io.read_tensor(weights, header[name]), np.float32).T
+          if layer.size != np.prod(like[ab].shape[1:]):
+            raise ValueError(f'{what}={folder}: {name} has shape {tuple(layer.T.shape)}, this '
+                             f'model needs {_peft_shape(like[ab].shape[1:], ab)}: it was trained '
+                             'on another base (set checkpoint.init_from to it)')
+          layers.append(layer)
+      stacked = np.stack(layers).reshape(like[ab].shape).astype(like[ab].dtype)
+      sharding = getattr(like[ab], 'sharding', None)
+      parts[ab] = stacked if sharding is None else jax.device_put(stacked, sharding)
     node = out
     for key in lora_lib.target_path(target):
       node = node.setdefault(key, {})
     node.update(parts)
-  if abstract is None:
-    return out
-  return jax.tree.map(lambda x, a: jax.device_put(x.reshape(a.shape).astype(a.dtype), a.sharding),
-                      out, dict(abstract))
+  return out
+
+
+def _peft_shape(shape: tuple[int, ...], ab: str) -> tuple[int, int]:
+  """One layer's jaxllm A [*in, r] or B [r, *out] as PEFT stores it: [r, in] or [out, r]."""
+  n = int(np.prod(shape))
+  return (shape[-1], n // shape[-1]) if ab == 'a' else (n // shape[0], shape[0])
+
+
+# PEFT options that change what the adapter computes; jaxllm implements none of them.
+_UNSUPPORTED = {'use_dora': 'DoRA', 'use_rslora': 'rsLoRA (alpha / sqrt(r))',
+                'rank_pattern': 'per-module ranks', 'alpha_pattern': 'per-module alphas',
+                'layers_to_transform': 'adapters on some layers only',
+                'modules_to_save': 'fully trained extra modules'}
 
 
 def check_adapter_config(saved: Mapping[str, Any], lcfg: lora_lib.LoraConfig, *, what: str) -> None:
   """Raises ValueError naming the lora.* key to set when a PEFT config differs from lcfg."""
-  if saved.get('peft_type', 'LORA') != 'LORA' or saved.get('use_dora') or saved.get('use_rslora'):
-    raise UnsupportedError(f'{what}: only plain LoRA adapters convert (no DoRA, no rsLoRA)')
+  if saved.get('peft_type', 'LORA') != 'LORA':
+    raise UnsupportedError(f'{what}: peft_type {saved.get("peft_type")!r}: only LoRA adapters '
+                           'convert')
+  for key, name in _UNSUPPORTED.items():
+    if saved.get(key):
+      raise UnsupportedError(f'{what}: {key}={saved[key]!r} ({name}) is not supported: only '
+                             'plain LoRA adapters convert')
+  if saved.get('bias', 'none') != 'none':
+    raise UnsupportedError(f'{what}: bias={saved["bias"]!r}: Llama projections have no bias; '
+                           "only bias='none' converts")
   want = {'rank': saved.get('r'), 'alpha': saved.get('lora_alpha'),
-          'targets': sorted(_target_of(m, what) for m in saved.get('target_modules') or [])}
-  have = {'rank': lcfg.rank, 'alpha': lcfg.alpha, 'targets': sorted(lcfg.targets)}
+          'targets': _targets_of(saved.get('target_modules'), what)}
+  have = {'rank': lcfg.rank, 'alpha': lcfg.alpha, 'targets': lcfg.targets}
+  differs = {'rank': float(want['rank']) != have['rank'],
+             'alpha': float(want['alpha']) != float(have['alpha']),
+             'targets': set(want['targets']) != set(have['targets'])}
   for key in ('rank', 'alpha', 'targets'):
-    if want[key] != have[key] and not (key == 'alpha' and float(want[key]) == float(have[key])):
-      raise ValueError(f'{what} has {key} {want[key]!r} but lora.{key}={have[key]!r}: set '
-                       f'--config.lora.{key} to match the adapter')
+    if differs[key]:
+      value = ','.join(want[key]) if key == 'targets' else want[key]
+      raise ValueError(f'{what} has {key} {value} but lora.{key}={have[key]!r}: set '
+                       f'--config.lora.{key}={value} to match the adapter')
+
+
+def _targets_of(modules, what: str) -> tuple[str, ...]:
+  """PEFT's target_modules (a list of module names, or 'all-linear') -> jaxllm target names."""
+  if modules == 'all-linear':  # every linear layer but the head: the seven projections
+    return tuple(lora_lib.TARGETS)
+  if isinstance(modules, str) or not modules:
+    raise UnsupportedError(f'{what}: target_modules={modules!r}: jaxllm reads a list of '
+                           f'projection names ({", ".join(p for _, p, _ in lora_lib.TARGETS.values())}) '
+                           "or 'all-linear', not a pattern")
+  found = {_target_of(m, what) for m in modules}
+  return tuple(t for t in lora_lib.TARGETS if t in found)
 
 
 def _target_of(module: str, what: str) -> str:
@@ -199,8 +267,7 @@ def lora_section(saved: Mapping[str, Any], *, what: str) -> dict[str, Any]:
   """The config's lora.* values of a PEFT adapter_config.json."""
   return {'rank': int(saved['r']), 'alpha': float(saved['lora_alpha']),
           'dropout': float(saved.get('lora_dropout') or 0.0),
-          'targets': tuple(sorted({_target_of(m, what) for m in saved['target_modules']},
-                                  key=list(lora_lib.TARGETS).index))}
+          'targets': _targets_of(saved['target_modules'], what)}
 
 
 def import_adapter(folder: str, base_workdir: str, out: str, *, overwrite: bool = False) -> str:
@@ -209,20 +276,26 @@ def import_adapter(folder: str, base_workdir: str, out: str, *, overwrite: bool 
   checkpoints), checkpoints/0 with the adapters naming that base. `jaxllm.sample` and
   `jaxllm.evaluate` reopen it; returns its config.json path."""
   check_out(out, source=folder, overwrite=overwrite)
+  saved = load_adapter_config(folder, what='--adapter')
   base_run = rundir.RunDir(base_workdir)
-  config = base_run.load_config()
-  with open(os.path.join(folder, ADAPTER_CONFIG), encoding='utf-8') as f:
-    config.lora.update(lora_section(json.load(f), what=f'--adapter={folder}'))
+  try:
+    config = base_run.load_config()
+  except FileNotFoundError:
+    raise FileNotFoundError(f'--base={base_workdir} is not a jaxllm run: pass the run directory '
+                            '(or tools/convert_from_hf.py --out) of the base model the adapter '
+                            'was trained on') from None
+  if config.lora.rank:
+    raise ValueError(f'--base={base_workdir} is a LoRA run (lora.rank={config.lora.rank}): pass '
+                     'the run (or HF import) its adapters apply to, i.e. its checkpoint.init_from')
+  config.lora.update(lora_section(saved, what=f'--adapter={folder}'))
   lcfg = lora_lib.LoraConfig.from_section(config.lora)
   source, step = base_run.open_checkpoint(config)
   try:
     ref = {'path': source.directory, 'step': step, 'fingerprint': source.params_fingerprint(step)}
   finally:
     source.close()
-  adapters = read_adapter(folder, lcfg=lcfg, n_layers=config.model.n_layers,
+  adapters = read_adapter(folder, lora_lib.abstract_adapters(config.model, lcfg), lcfg=lcfg,
                           what='--adapter')
-  like = lora_lib.abstract_adapters(config.model, lcfg)
-  adapters = jax.tree.map(lambda x, a: x.reshape(a.shape).astype(a.dtype), adapters, like)
   config.checkpoint.update(init_from=ref['path'], init_from_step=step, dir='')
   config.data.tokenizer = os.path.abspath(base_run.tokenizer_path(config))
   if config.data.cache_dir == '':
