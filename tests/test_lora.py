@@ -101,6 +101,25 @@ def test_adapters_are_stacked_and_sharded_like_their_base():
   assert shapes['layers']['self_attn']['k_proj_lora']['b'].shape == (2, 8, 2, 16)
 
 
+def test_targets_from_a_flag_and_from_peft_configs():
+  """--config.lora.targets=q,v reaches the config as ('q,v',): it means q and v; PEFT's
+  'all-linear' means the seven projections, and a regex is refused by name, not misread."""
+  from jaxllm.convert import UnsupportedError, peft
+  assert lora_lib.LoraConfig(rank=4, targets=('q,v',)).targets == ('q', 'v')
+  assert lora_lib.LoraConfig(rank=4, targets='gate, up').targets == ('gate', 'up')
+  with pytest.raises(ValueError, match="lora.targets: 'qkv'; choose among"):
+    lora_lib.LoraConfig(rank=4, targets=('q,qkv',))
+  with pytest.raises(ValueError, match='lora.alpha=0 must be > 0'):
+    lora_lib.LoraConfig(rank=4, alpha=0)
+  saved = {'r': 4, 'lora_alpha': 8, 'target_modules': 'all-linear'}
+  assert peft.lora_section(saved, what='x')['targets'] == tuple(lora_lib.TARGETS)
+  peft.check_adapter_config(saved, lora_lib.LoraConfig(rank=4, alpha=8.0), what='x')
+  with pytest.raises(UnsupportedError, match=r"target_modules='.\*\(q\|v\)_proj'"):
+    peft.lora_section({**saved, 'target_modules': '.*(q|v)_proj'}, what='x')
+  with pytest.raises(ValueError, match=r'x has alpha 8 but lora.alpha=16.0: set --config.lora.alpha=8'):
+    peft.check_adapter_config(saved, lora_lib.LoraConfig(rank=4), what='x')
+
+
 # --- training ---------------------------------------------------------------------------------
 
 def _lora_cli(workdir, shared, steps, base, *extra):
