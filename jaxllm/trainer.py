@@ -371,9 +371,11 @@ def _accumulate(trainer: Trainer, grad_fn, params, batch):
   shardings = trainer.state_shardings['params']
   used = params
   if trainer.gathered_params is not None:
-    used = jax.tree.map(lambda p, g: jax.lax.with_sharding_constraint(p.astype(g.dtype),
-                                                                      g.sharding),
-                        params, trainer.gathered_params)
+    # A cast is pinned to the parameter's own layout first (as model._weight does), or XLA
+    # gathers the float32 shards and casts after.
+    used = jax.tree.map(lambda p, s, g: jax.lax.with_sharding_constraint(
+        p if p.dtype == g.dtype else jax.lax.with_sharding_constraint(p.astype(g.dtype), s),
+        g.sharding), params, shardings, trainer.gathered_params)
 
   def accumulate(carry, micro):
     (loss_sum, tokens), grads = grad_fn(used, *micro)
