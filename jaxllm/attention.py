@@ -158,16 +158,24 @@ def _splash_block(seq_len: int) -> int:
   return block if block % 128 == 0 else 0
 
 
+def _platform() -> str:
+  """The platform being traced for: the active mesh's devices' (a TPU slice compiled ahead of
+  time on a CPU through libtpu is 'tpu'), else the default backend's."""
+  device = getattr(jax.sharding.get_abstract_mesh(), 'abstract_device', None)
+  return getattr(device, 'platform', None) or jax.default_backend()
+
+
 def _backend() -> str:
-  """The platform the kernels are chosen for (a function, so tests can choose as on a TPU)."""
-  return jax.default_backend()
+  """The platform kernels are chosen for: `_platform`; tests replace it to choose as on a TPU
+  (the kernels still run in interpret mode off one)."""
+  return _platform()
 
 
 def kernel(implementation: str, *, dtype: str, head_dim: int, seq_len: int, packed: bool,
            sliding_window: int = 0) -> str:
   """Resolves `model.attention` to the kernel that runs (one of KERNELS), logging a fallback once.
 
-  Call at trace time: it reads the default backend. `packed`: segment ids are given."""
+  Call at trace time: it reads the platform (`_platform`). `packed`: segment ids are given."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'model.attention={implementation!r}: choose one of {IMPLEMENTATIONS}')
   backend = _backend()
@@ -318,7 +326,7 @@ def _pallas_local(q, k, v, segment_ids_BL):
   if segment_ids_BL is not None:
     segment_ids_BL = segment_ids_BL.astype(jnp.int32)
   return pallas_attention.mha(q, k, v, segment_ids_BL, sm_scale=1.0 / math.sqrt(Dh), causal=True,
-                              block_sizes=sizes, interpret=jax.default_backend() != 'gpu')
+                              block_sizes=sizes, interpret=_platform() != 'gpu')
 
 
 def _splash_local(q_BLHDh, k_BLKDh, v_BLKDh, segment_ids_BL, *, sliding_window: int):
@@ -336,7 +344,7 @@ def _splash_local(q_BLHDh, k_BLKDh, v_BLKDh, segment_ids_BL, *, sliding_window: 
             if sliding_window else splash.CausalMask((L, L)))
   make = splash.make_splash_mqa if K == 1 else splash.make_splash_mha
   run = make(splash.MultiHeadMask([causal] * H), block_sizes=sizes, head_shards=1, q_seq_shards=1,
-             interpret=jax.default_backend() != 'tpu')
+             interpret=_platform() != 'tpu')
   q_BHLDh = (q_BLHDh * (1.0 / math.sqrt(Dh))).astype(q_BLHDh.dtype).transpose(0, 2, 1, 3)
   if K == 1:  # MQA: k and v [B, L, Dh]
     k, v = k_BLKDh[:, :, 0], v_BLKDh[:, :, 0]

@@ -277,3 +277,31 @@ def test_pallas_runs_per_device_shard_on_a_mesh(request, kernel):
   np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=ATOL)
   for got, want in zip(grads, ref_grads):
     np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+def test_splash_compiles_for_a_tpu_slice_through_libtpu():
+  """On a mesh of TPU devices (a v5e-8 slice, compiled on this CPU through libtpu) 'pallas' is
+  splash, chosen from the mesh's platform, and Mosaic compiles it: its forward and both backward
+  kernels are TPU custom calls in the HLO, with no interpret-mode loop left."""
+  pytest.importorskip('libtpu', reason="libtpu is not installed (pip install 'jax[tpu]' in a "
+                      'separate venv: it makes JAX look for TPUs); the TPU compile needs it')
+  from jaxllm import aot, config as config_lib, sharding
+  devices = aot.topology_devices('v5e-8')
+  mesh = jax.sharding.Mesh(np.array(devices[:4]).reshape(2, 1, 2), ('data', 'fsdp', 'tensor'),
+                           axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  q_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp'), None,
+                                                                       'tensor'))
+  q = jax.ShapeDtypeStruct((2, 512, 4, 64), jnp.bfloat16, sharding=q_spec)
+  kv = jax.ShapeDtypeStruct((2, 512, 2, 64), jnp.bfloat16, sharding=q_spec)
+  seg = jax.ShapeDtypeStruct((2, 512), jnp.int32, sharding=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(('data', 'fsdp'))))
+
+  def loss(q, k, v, seg):
+    out = attention.attend(q, k, v, seg, implementation='pallas', dtype='bfloat16')
+    return out.astype(jnp.float32).sum()
+  with sharding.activate(mesh, config_lib.DEFAULT_RULES):
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, seg)
+  text = lowered.compile().as_text()
+  assert text.count('custom_call_target="tpu_custom_call"') == 3
+  for name in ('fwd', 'dq', 'dkv'):
+    assert f'splash_mqa_{name}_segmented' in text  # one kv head a device
