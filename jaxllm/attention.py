@@ -27,13 +27,15 @@ mask. cuDNN's packed layout needs a static bound on segments per row, `max_segme
 with a row over it runs that step's attention in the Pallas kernel (with a window: the dense-mask
 cuDNN one) through a `lax.cond`: slower, never wrong.
 
-`splash` is JAX's TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention, the same
-API from jax 0.10.2 on): one kernel per row (vmapped over the batch) with a lazy causal mask, or a
-local one for model.sliding_window, and the row's segment ids; GQA reads kv head h // (H // K)
-itself, without repeating k and v (one kv head: its MQA kernel). It does not scale the logits, so
-q is scaled by 1/sqrt(head_dim) first. Its tiles are 128 to 512 positions (a multiple of the
-TPU's 128 lanes dividing seq_len); other lengths fall back to XLA. Like the GPU Pallas kernel it
-runs per device in a shard_map (XLA cannot partition a Pallas call).
+`splash` is JAX's TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention; the
+same API in jax 0.10.2 and JAX's main branch of 2026-08, checked): one kernel per row (vmapped
+over the batch) with a lazy causal mask, or a local one for model.sliding_window, and the row's
+segment ids; GQA reads kv head h // (H // K) itself, without repeating k and v (one kv head: its
+MQA kernel). It does not scale the logits, so q is scaled by 1/sqrt(head_dim) first. Its tiles
+are 128 to 512 positions (a multiple of the TPU's 128 lanes dividing seq_len); other lengths
+fall back to XLA. Like the GPU Pallas kernel it runs per device in a shard_map (XLA cannot
+partition a Pallas call). The platform is the mesh's (`_platform`), so a TPU slice compiled
+ahead of time on a CPU gets splash compiled by Mosaic, not interpret mode.
 Each fallback is logged once with its reason.
 """
 
