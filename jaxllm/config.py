@@ -85,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'  # compute dtype: 'bfloat16' on accelerators; logits and loss stay float32
   m.remat = 'none'  # activation recompute: none | full | save_dots | save_all_dots | auto (AUTO_KEYS)
   m.scan_layers = True  # scan over stacked layers (compile time independent of depth)
-  m.attention = 'xla'  # kernel: xla | cudnn | pallas | auto (cuDNN on bf16 GPUs); jaxllm/attention.py
+  m.attention = 'xla'  # kernel: xla | cudnn | pallas | auto (cuDNN on bf16 GPUs, splash on TPU)
   m.attention_max_segments = 0  # packed cuDNN: segments per row planned for; 0 = max(16, seq_len/256)
   m.fp8 = False  # q/k/v/o and MLP matmuls in float8, scaled per tensor (jaxllm/fp8.py)
   m.gather_in_compute_dtype = False  # FSDP all-gathers weights in model.dtype, not param_dtype
