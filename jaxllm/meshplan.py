@@ -40,6 +40,7 @@ import ml_collections
 
 from jaxllm import aot
 from jaxllm import config as config_lib
+from jaxllm import metrics
 
 MIB = 2 ** 20
 
@@ -56,23 +57,23 @@ class Device:
 
 
 _G = 1e9
+_PEAK = metrics.PEAK_FLOPS  # dense bf16, with its datasheet sources
 DEVICES = {
-    # NVIDIA H100 SXM5 datasheet: BF16 1,979 TFLOPS with sparsity = 989 dense; 80 GB HBM3; NVLink
-    # 900 GB/s per GPU (both directions). DGX H100 user guide: one 400 Gb/s ConnectX-7
-    # InfiniBand port per GPU = 50 GB/s.
-    'h100': Device('h100', 989e12, 80, 450 * _G, 50 * _G),
-    # NVIDIA H200 datasheet: the H100's tensor cores (989 TFLOPS dense bf16), 141 GB HBM3e,
-    # NVLink 900 GB/s; DGX H200: one 400 Gb/s InfiniBand port per GPU.
-    'h200': Device('h200', 989e12, 141, 450 * _G, 50 * _G),
-    # Cloud TPU docs, "TPU v5e": 197 TFLOPs bf16, 16 GB HBM, bidirectional ICI 400 GBps per chip;
-    # per host 2 x 100 Gbps NICs for 8 chips = 25 Gbps a chip.
-    'v5e': Device('v5e', 197e12, 16, 200 * _G, 25 / 8 * _G),
-    # Cloud TPU docs, "TPU v5p": 459 TFLOPs bf16, 95 GiB HBM, bidirectional ICI 1,200 GBps per
-    # chip, DCN 50 Gbps per chip.
-    'v5p': Device('v5p', 459e12, 95, 600 * _G, 50 / 8 * _G),
-    # Cloud TPU docs, "TPU v6e": 918 TFLOPs bf16, 32 GB HBM, bidirectional ICI 800 GBps per chip.
-    # The page gives no DCN figure: v5e's 25 Gbps a chip is assumed (override with --dcn_gb_s).
-    'v6e': Device('v6e', 918e12, 32, 400 * _G, 25 / 8 * _G),
+    # NVIDIA H100 SXM5 datasheet: 80 GB HBM3; NVLink 900 GB/s per GPU (both directions). DGX H100
+    # user guide: one 400 Gb/s ConnectX-7 InfiniBand port per GPU = 50 GB/s.
+    'h100': Device('h100', _PEAK['h100'], 80, 450 * _G, 50 * _G),
+    # NVIDIA H200 datasheet: 141 GB HBM3e, NVLink 900 GB/s; DGX H200: one 400 Gb/s InfiniBand
+    # port per GPU.
+    'h200': Device('h200', _PEAK['h200'], 141, 450 * _G, 50 * _G),
+    # Cloud TPU docs, "TPU v5e": 16 GB HBM, bidirectional ICI 400 GBps per chip; per host
+    # 2 x 100 Gbps NICs for 8 chips = 25 Gbps a chip.
+    'v5e': Device('v5e', _PEAK['tpu v5e'], 16, 200 * _G, 25 / 8 * _G),
+    # Cloud TPU docs, "TPU v5p": 95 GiB HBM, bidirectional ICI 1,200 GBps per chip, DCN 50 Gbps
+    # per chip.
+    'v5p': Device('v5p', _PEAK['tpu v5p'], 95, 600 * _G, 50 / 8 * _G),
+    # Cloud TPU docs, "TPU v6e": 32 GB HBM, bidirectional ICI 800 GBps per chip. The page gives
+    # no DCN figure: v5e's 25 Gbps a chip is assumed (override with --dcn_gb_s).
+    'v6e': Device('v6e', _PEAK['tpu v6e'], 32, 400 * _G, 25 / 8 * _G),
     # Not a machine: round numbers for tests and for ranking on a CPU alone.
     'cpu': Device('cpu', 1e12, 16, 10 * _G, 1 * _G),
 }
@@ -257,8 +258,15 @@ def search(config: ml_collections.ConfigDict, devices, *, dev: Device, budget_gi
     shape = tuple(split.total.values())
     if shape not in compiled:  # the same total sizes compile to the same step
       flat = _with_split(config, split, flat=True, remat=remats[0])
-      compiled[shape] = aot.plan(flat, list(batches), list(remats), budget_gib, devices,
-                                 global_batch=rows)
+      try:
+        compiled[shape] = aot.plan(flat, list(batches), list(remats), budget_gib, devices,
+                                   global_batch=rows)
+      except Exception as e:  # a split XLA cannot compile is a finding, not the search's end
+        first = (str(e).splitlines() or [''])[0][:200]
+        compiled[shape] = f'compile failed: {type(e).__name__}: {first}'
+    if isinstance(compiled[shape], str):
+      skipped.append((split, compiled[shape]))
+      continue
     found += [cost(e, split, dev, global_tokens=rows * config.data.seq_len)
               for e in compiled[shape]]
   return rank(found, budget_gib), skipped
