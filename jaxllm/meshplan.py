@@ -13,7 +13,7 @@ Choices:
 - Splits with the same total axis sizes compile to the same program (a collective's bytes depend
   on the axis, not on which links carry it), so each total shape is compiled once, on a flat mesh
   of the devices present (fake CPUs can form no multi-slice mesh), and costed per DCN assignment.
-- Estimated step time = compute + communication, no overlap (an upper bound): model FLOPs per
+- Estimated step time = compute + communication, not overlapped: model FLOPs per
   device (x 4/3 for full remat, which runs the forward twice) / peak FLOP/s, plus each collective's
   wire bytes / the bandwidth of the links it crosses. Wire bytes are those of a ring, two-level
   across slices: a collective over a group of a devices within a slice times b slices moves
@@ -24,6 +24,9 @@ Choices:
 - The device table (DEVICES) holds datasheet figures; the bandwidth is per device and direction.
   A ring along one mesh axis uses only some of a TPU chip's ICI links, so ICI time is optimistic;
   the ranking, not the milliseconds, is the product. Each figure can be overridden (`device`).
+- The bytes are those of the program compiled for the devices present: on fake CPU devices
+  XLA:CPU's (collectives in float32, all-reduce where a GPU or TPU would reduce-scatter), so
+  compare splits with one another rather than with a profile; with a TPU topology, libtpu's.
 
 Mesh 'auto' in the config is not offered: the mesh keys are read before any planning (the run
 directory records them, a resume reshards by them), so a search belongs before the run, here.
