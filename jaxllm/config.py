@@ -126,6 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.microbatches = _int_or_auto(1)  # gradient accumulation: the step's batch is split into this many
   t.hbm_gib = 0.0  # per-device memory budget of 'auto' settings and jaxllm.tune; 0 = the devices' own
   t.loss_chunk = 0  # > 0: head + loss fused over this many positions at a time (no full logits)
+  t.microbatch_gather = 'per_micro'  # FSDP gathers with micro-batches: per_micro | once (params held whole)
   t.num_steps = 300  # optimizer steps
   t.log_every = 25  # steps between console/TensorBoard lines
   t.eval_every = 100  # steps between held-out evaluations (and at the end); 0 = only at the end
@@ -147,6 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
   o.eps = 1e-8  # AdamW epsilon
   o.weight_decay = 0.1  # decoupled weight decay (matrices only; not norms or other 1-D params)
   o.clip_norm = 1.0  # global gradient-norm clip; 0 = off
+  o.shard_over_data = False  # ZeRO-1: AdamW moments also split over mesh.data (params replicated there)
   o.skip_nonfinite = 0  # skip updates with a non-finite loss/gradient, at most this many in a row; 0 = stop
 
   c.checkpoint = k = ml_collections.ConfigDict()
@@ -250,7 +252,8 @@ MINIMUMS = {
 # Keys whose value is one of a few names.
 CHOICES = {'data.loss_on': ('assistant', 'all'), 'data.chat_overflow': ('drop', 'truncate'),
            'distill.teacher_dtype': ('bfloat16', 'float32'), 'ptq.format': ('', 'int8', 'int4'),
-           'lora.quantize': ('none', 'int8', 'int4'), 'lora.base_dtype': ('', 'float32', 'bfloat16')}
+           'lora.quantize': ('none', 'int8', 'int4'), 'lora.base_dtype': ('', 'float32', 'bfloat16'),
+           'train.microbatch_gather': ('per_micro', 'once')}
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 
 

@@ -104,6 +104,33 @@ def named_shardings(logical_specs, mesh: Mesh, rules: Rules):
                       is_leaf=lambda x: isinstance(x, P))
 
 
+def without_axes(spec: P, axes: Sequence[str]) -> P:
+  """`spec` with the mesh `axes` taken off every dim: the layout of a tensor gathered over them
+  (train.microbatch_gather='once' gathers parameters over the batch axes)."""
+  out = []
+  for entry in spec:
+    kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in axes)
+    out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+  return P(*out)
+
+
+def with_axis(spec: P, shape: Sequence[int], axis: str, mesh_shape: Mapping[str, int]) -> P:
+  """`spec` further split over mesh `axis` (ZeRO-1: optimizer state over `data`) on the largest
+  dim that still divides evenly (the first of equals); `spec` as it is when `axis` has size 1,
+  is used already, or divides no dim (small vectors stay replicated)."""
+  entries = [(e,) if isinstance(e, str) else tuple(e or ()) for e in spec]
+  entries += [()] * (len(shape) - len(entries))
+  if mesh_shape[axis] == 1 or any(axis in e for e in entries):
+    return spec
+  ways = [math.prod(mesh_shape[a] for a in e) * mesh_shape[axis] for e in entries]
+  fits = [i for i, n in enumerate(shape) if n % ways[i] == 0]
+  if not fits:
+    return spec
+  best = max(fits, key=lambda i: (shape[i], -i))
+  entries[best] += (axis,)
+  return P(*(None if not e else e[0] if len(e) == 1 else e for e in entries))
+
+
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   """Rows split over the 'batch' mesh axes, positions whole."""
   return NamedSharding(mesh, logical_to_mesh(P('batch', 'length'), rules))

@@ -70,6 +70,12 @@ class Trainer:
   compiler_options: dict | None = None  # XLA options for init, train and eval steps (runtime.py)
   lora: lora_lib.LoraConfig | None = None  # adapters on a frozen base; None: every parameter trains
   teacher: distill.Teacher | None = None  # distillation: state['teacher'] holds its parameters
+  # train.microbatch_gather='once' (with micro-batches): what the parameters are gathered to before
+  # the micro-batch scan (shape, dtype, sharding per leaf); None: gathered inside it, per use.
+  gathered_params: dict | None = None
+  # optim.shard_over_data (ZeRO-1): the optimizer state's layout of each parameter-shaped leaf,
+  # which gradients and updates take too; None: the parameters' own.
+  update_shardings: dict | None = None
 
   def build_model(self, seed: int) -> model_lib.Llama:
     if self.lora:
@@ -229,6 +235,10 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     teacher, frozen['teacher'], abstract['teacher'] = found
   specs = {'step': P(), 'params': param_specs, 'opt_state': opt_specs, **frozen}
   shardings = sharding.named_shardings(specs, mesh, rules)
+  update_shardings = None
+  if config.optim.shard_over_data:  # ZeRO-1: split further over `data`, where a dim divides
+    update_shardings = _over_data(shardings['params'], abs_params, mesh)
+    shardings['opt_state'] = _over_data(shardings['opt_state'], abs_opt, mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return Trainer(mesh=mesh, rules=rules, model_cfg=model_cfg, graphdef=graphdef, tx=tx,
@@ -240,7 +250,34 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
                  compiler_options=runtime.cpu_compiler_options(
                      fusion_emitters=config.train.cpu_fusion_emitters,
                      platform=mesh.devices.flat[0].platform),
-                 lora=lcfg, teacher=teacher)
+                 lora=lcfg, teacher=teacher, update_shardings=update_shardings,
+                 gathered_params=(_gathered_params(config, shardings['params'], abs_params,
+                                                   param_specs, mesh)
+                                  if config.train.microbatch_gather == 'once' else None))
+
+
+def _over_data(shardings, abstract, mesh: Mesh):
+  """ZeRO-1: each of `shardings` (of the leaves of `abstract`) also split over mesh axis `data`
+  (sharding.with_axis); scalars (step counts) stay as they are."""
+  return jax.tree.map(lambda s, a: NamedSharding(mesh, sharding.with_axis(
+      s.spec, a.shape, 'data', dict(mesh.shape))), shardings, abstract)
+
+
+def _gathered_params(config: ml_collections.ConfigDict, shardings, abstract, logical_specs,
+                     mesh: Mesh) -> dict:
+  """The parameters as train.microbatch_gather='once' holds them through the micro-batch scan:
+  whole over the batch axes (data, fsdp), still split over `tensor`; weight matrices in the
+  compute dtype when model.gather_in_compute_dtype (as model._weight casts them; norm scales and
+  biases keep their dtype, as the model reads them). LoRA adapters keep theirs."""
+  axes = sharding.batch_axes(config.sharding.rules)
+  matrices = (optim.weight_decay_mask(logical_specs)
+              if config.model.gather_in_compute_dtype and not config.lora.rank
+              else jax.tree.map(lambda _: False, abstract))
+  return jax.tree.map(
+      lambda s, a, matrix: jax.ShapeDtypeStruct(
+          a.shape, jnp.dtype(config.model.dtype) if matrix else a.dtype,
+          sharding=NamedSharding(mesh, sharding.without_axes(s.spec, axes))),
+      shardings, abstract, matrices)
 
 
 def base_reference(source: checkpoint_lib.Checkpointer, step: int) -> dict:
@@ -297,20 +334,11 @@ def _train_step(trainer: Trainer, state, batch):
   if m == 1:
     (loss_sum, tokens), grads = grad_fn(params, batch)
   else:
-    # Micro-batch i takes rows i, i+m, i+2m, ... so every device holds a slice of each one.
-    split = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1),
-                         batch)
-
-    def accumulate(carry, micro):
-      (loss_sum, tokens), grads = grad_fn(params, *micro)
-      return jax.tree.map(jnp.add, carry, (loss_sum, tokens, grads)), None
-
-    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
-             jax.tree.map(jnp.zeros_like, params))
-    (loss_sum, tokens, grads), _ = jax.lax.scan(accumulate, zeros, (split, jnp.arange(m)))
+    loss_sum, tokens, grads = _accumulate(trainer, grad_fn, params, batch)
   # Mean over every real target token of the step, whatever the micro-batching.
-  grads = jax.tree.map(lambda g: g / tokens, grads)
+  grads = _as_update(trainer, jax.tree.map(lambda g: g / tokens, grads))
   updates, opt_state = trainer.tx.update(grads, state['opt_state'], params)
+  updates = _as_update(trainer, updates)
   new_params = optax.apply_updates(params, updates)
   # The new parameters are checked too: a finite loss and gradient can still give an update that
   # overflows, and a saved state must never be one that cannot be trained on.
@@ -326,6 +354,48 @@ def _train_step(trainer: Trainer, state, batch):
   frozen = {k: state[k] for k in ('base', 'teacher') if k in state}  # passed through, never copied
   return {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state,
           **frozen}, metrics
+
+
+def _accumulate(trainer: Trainer, grad_fn, params, batch):
+  """(loss sum, tokens, gradient sum) over trainer.microbatches micro-batches of `batch`, a scan.
+  Micro-batch i takes rows i, i+m, i+2m, ... so every device holds a slice of each one.
+
+  With trainer.gathered_params (train.microbatch_gather='once') the parameters are gathered once,
+  before the scan, and every micro-batch differentiates that copy; its gradient is brought back
+  to the parameters' layout and dtype each time (on GPU/TPU a reduce-scatter, in the dtype XLA
+  computes it in), so the float32 sum carried through the scan stays split as the parameters
+  are. The same values as gathering per micro-batch; the whole parameters are held meanwhile."""
+  m = trainer.microbatches
+  split = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1),
+                       batch)
+  shardings = trainer.state_shardings['params']
+  used = params
+  if trainer.gathered_params is not None:
+    # A cast is pinned to the parameter's own layout first (as model._weight does), or XLA
+    # gathers the float32 shards and casts after.
+    used = jax.tree.map(lambda p, s, g: jax.lax.with_sharding_constraint(
+        p if p.dtype == g.dtype else jax.lax.with_sharding_constraint(p.astype(g.dtype), s),
+        g.sharding), params, shardings, trainer.gathered_params)
+
+  def accumulate(carry, micro):
+    (loss_sum, tokens), grads = grad_fn(used, *micro)
+    if trainer.gathered_params is not None:
+      grads = jax.tree.map(lambda g, p, s: jax.lax.with_sharding_constraint(g, s).astype(p.dtype),
+                           grads, params, shardings)
+    return jax.tree.map(jnp.add, carry, (loss_sum, tokens, grads)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
+           jax.tree.map(jnp.zeros_like, params))
+  return jax.lax.scan(accumulate, zeros, (split, jnp.arange(m)))[0]
+
+
+def _as_update(trainer: Trainer, tree):
+  """`tree` (gradients or updates, shaped as the parameters) in the optimizer state's layout:
+  with optim.shard_over_data (ZeRO-1) each device then updates only its slice of the data axis
+  and the new parameters are gathered back over it; otherwise `tree` as it is."""
+  if trainer.update_shardings is None:
+    return tree
+  return jax.tree.map(jax.lax.with_sharding_constraint, tree, trainer.update_shardings)
 
 
 def _eval_step(trainer: Trainer, params, batch):

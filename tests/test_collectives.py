@@ -1,10 +1,16 @@
-"""Collective bytes read from compiled HLO (jaxllm/collectives.py) against hand counts."""
+"""Collective bytes read from compiled HLO (jaxllm/collectives.py) against hand counts, and the
+options that change them (train.microbatch_gather, optim.shard_over_data)."""
 
+import math
+
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import collectives
 from jaxllm import config as config_lib
 from jaxllm import sharding
@@ -141,3 +147,105 @@ def test_combined_async_collectives_count_every_tensor():
   counted = collectives.count(hlo, MESH)
   assert counted['bytes'] == {'all-gather': {'fsdp': (8 + 16) * 64 * 2},
                               'all-reduce': {'data': (1024 + 2048) * 4}}
+
+
+# --- Leaner collectives: options that change what a step moves (issue 22) -----------------------
+
+def _small(**updates):
+  """The 2-layer model above, batch 32 x 32, with `section.key=value` updates (mesh included)."""
+  config = config_lib.base_config()
+  config.model.update(n_layers=2, vocab_size=256, d_model=64, n_heads=4, n_kv_heads=4,
+                      head_dim=16, mlp_dim=128)
+  config.train.global_batch_size, config.data.seq_len = 32, 32
+  config.optim.update(warmup_steps=1, peak_lr=1e-2)  # warmup starts at lr 0: step 0 would not move
+  for key, value in updates.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  return config
+
+
+def _run(config, steps: int = 3):
+  """(trainer, compiled step, losses of `steps` steps on one random batch, final state)."""
+  trainer = train.setup(config)
+  compiled = trainer.compile_train_step(32, 32)
+  rng = np.random.default_rng(0)
+  batch = {k: rng.integers(0, 256, (32, 32)).astype(np.int32) for k in ('inputs', 'targets')}
+  batch.update(segment_ids=np.ones((32, 32), np.int32),
+               positions=np.broadcast_to(np.arange(32, dtype=np.int32), (32, 32)))
+  state, losses = trainer.init_state(), []
+  with sharding.activate(trainer.mesh, trainer.rules):
+    batch = sharding.global_batch(batch, trainer.batch_sharding)
+    for _ in range(steps):
+      state, metrics = compiled(state, batch)
+      losses.append(float(metrics['loss']))
+  return trainer, compiled, losses, state
+
+
+@pytest.fixture(scope='module')
+def gather_runs():
+  """bf16 compute with weights gathered in bf16, fsdp=8: one micro-batch; four gathered per
+  micro-batch; four gathered once a step."""
+  runs = {}
+  for m, gather in ((1, 'per_micro'), (4, 'per_micro'), (4, 'once')):
+    trainer, compiled, losses, _ = _run(_small(**{
+        'model.dtype': 'bfloat16', 'model.gather_in_compute_dtype': True,
+        'mesh.data': 1, 'mesh.fsdp': 8, 'mesh.tensor': 1,
+        'train.microbatches': m, 'train.microbatch_gather': gather}))
+    runs[m, gather] = dict(losses=losses,
+                           bytes=collectives.count(compiled.as_text(), MESH_FSDP)['bytes'],
+                           temp=compiled.memory_analysis().temp_size_in_bytes)
+  return runs
+
+
+MESH_FSDP = {'data': 1, 'fsdp': 8, 'tensor': 1}
+
+
+def test_gathering_once_per_step_keeps_the_loss_and_gathers_at_most_one_batch_worth(gather_runs):
+  """train.microbatch_gather='once' gathers the parameters before the micro-batch scan: with
+  4 micro-batches the step all-gathers no more than one micro-batch's step does (which gathers
+  in the forward and again in the backward), where gathering per micro-batch moves about 4x.
+  The same bf16 weights meet the same rows, so the losses agree to float reassociation of the
+  float32 gradient sum (the token-weighted mean is the same either way)."""
+  per, once = gather_runs[4, 'per_micro'], gather_runs[4, 'once']
+  gathered = {k: sum(r['bytes']['all-gather'].values()) for k, r in gather_runs.items()}
+  assert gathered[4, 'per_micro'] > 3 * gathered[1, 'per_micro']
+  assert gathered[4, 'once'] <= 1.1 * gathered[1, 'per_micro']
+  np.testing.assert_allclose(once['losses'], per['losses'], rtol=1e-6)
+  assert per['losses'][2] < per['losses'][0]
+  # The cost: the whole (bf16) parameters are held through the scan.
+  assert once['temp'] > per['temp']
+
+
+def _device_bytes(tree) -> int:
+  return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+             for a in jax.tree.leaves(tree))
+
+
+def test_zero1_halves_optimizer_bytes_keeps_the_loss_and_checkpoints_reshard(tmp_path):
+  """optim.shard_over_data on mesh data=2 x fsdp=4: every moment is also split over `data`, so the optimizer state per device halves (scalar counts aside); the step then gathers
+  the updated parameters over `data`. Adam is elementwise, so the losses agree to float
+  reassociation (the clip's global norm sums the shards in another order). A checkpoint written
+  with ZeRO-1 restores onto a plain fsdp=8 run with every value kept."""
+  mesh = {'mesh.data': 2, 'mesh.fsdp': 4, 'mesh.tensor': 1}
+  plain, _, plain_losses, _ = _run(_small(**mesh))
+  zero1, compiled, losses, state = _run(_small(**mesh, **{'optim.shard_over_data': True}))
+  np.testing.assert_allclose(losses, plain_losses, rtol=1e-6)
+  moments = [a for a in jax.tree.leaves(zero1.abstract_state['opt_state']) if a.ndim]
+  assert moments and all('data' in jax.tree.leaves(tuple(a.sharding.spec)) for a in moments)
+  scalars = sum(a.dtype.itemsize for a in jax.tree.leaves(plain.abstract_state['opt_state'])
+                if not a.ndim)  # every other dim of this model is even: all split in two
+  assert (_device_bytes(zero1.abstract_state['opt_state']) - scalars
+          == (_device_bytes(plain.abstract_state['opt_state']) - scalars) // 2)
+  counted = collectives.count(compiled.as_text(), dict(zero1.mesh.shape))['bytes']
+  assert counted['all-gather'].get('data', 0) >= _device_bytes(zero1.abstract_state['params']) / 2
+
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / 'ckpt'), async_save=False)
+  ckpt.save(3, state, iter(grain.MapDataset.range(4).to_iter_dataset()), {})
+  ckpt.wait()
+  other = train.setup(_small(**{'mesh.data': 1, 'mesh.fsdp': 8, 'mesh.tensor': 1}))
+  restored = ckpt.restore(3, other.abstract_state, None)
+  for saved, back, like in zip(*(jax.tree.leaves(t) for t in (state, restored,
+                                                              other.abstract_state))):
+    assert back.sharding == like.sharding
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(saved))
+  ckpt.close()

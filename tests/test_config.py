@@ -78,6 +78,7 @@ def test_mesh_that_does_not_divide_devices():
     ({'model.n_kv_heads': 2}, 'model.n_kv_heads=2 is not divisible by mesh.tensor=4'),
     ({'train.microbatches': 3}, 'train.microbatches=3'),
     ({'train.loss_chunk': 100}, 'train.loss_chunk=100 must be 0 or divide data.seq_len'),
+    ({'train.microbatch_gather': 'twice'}, "train.microbatch_gather='twice' must be one of"),
 ])
 def test_validate_names_the_keys(overrides, keys):
   config = load('configs/tiny.py')
