@@ -46,7 +46,7 @@ from jaxllm import trainer as trainer_lib
 
 GIB = 2 ** 30
 # Least recompute first: the planner's tie-break between equal tokens per step.
-_REMAT_COST = {r: i for i, r in enumerate(['none', 'save_all_dots', 'save_dots', 'full'])}
+REMAT_COST = {r: i for i, r in enumerate(['none', 'save_all_dots', 'save_dots', 'full'])}
 # The candidates of `resolve_auto` and of `tools/aot_compile.py --plan` (rows per batch shard).
 PLAN_BATCHES = (1, 2, 4, 8, 16)
 PLAN_REMATS = ('none', 'save_dots', 'full')
@@ -169,7 +169,7 @@ def plan(config: ml_collections.ConfigDict, batches: list[int], remats: list[str
       if est.fits(budget_gib):
         break
   return sorted(found, key=lambda e: (not e.fits(budget_gib), -e.tokens_per_step,
-                                      _REMAT_COST.get(e.remat, len(_REMAT_COST))))
+                                      REMAT_COST.get(e.remat, len(REMAT_COST))))
 
 
 def memory_budget_gib(config: ml_collections.ConfigDict, devices=None) -> float:

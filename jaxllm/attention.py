@@ -16,6 +16,7 @@ Kernels, and what `model.attention` picks:
 | `cudnn` | a dense mask, turned into a [B, 1, L, L] bias by JAX | GPU, bf16/fp16 | 'cudnn'/'auto' (packed rows: below) |
 | `cudnn_packed` | per-segment lengths and offsets (cuDNN's packed layout) | Hopper+ GPU | 'cudnn'/'auto' on packed rows |
 | `pallas` | segment ids compared inside the kernel's tiles | GPU (Triton); interpret mode elsewhere | 'pallas' |
+| `splash` | segment ids compared inside the kernel's tiles | TPU (Mosaic) | 'pallas'/'auto' on a TPU |
 
 `cudnn_packed` calls JAX's internal cuDNN wrapper (`jax._src.cudnn.fused_attention_stablehlo`,
 the same function `jax.nn.dot_product_attention` calls, which does not expose the packed layout):
@@ -25,6 +26,16 @@ older than Hopper (cuDNN's packed layout needs sm90), packed rows go to `cudnn` 
 mask. cuDNN's packed layout needs a static bound on segments per row, `max_segments`; a batch
 with a row over it runs that step's attention in the Pallas kernel (with a window: the dense-mask
 cuDNN one) through a `lax.cond`: slower, never wrong.
+
+`splash` is JAX's TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention; the
+same API in jax 0.10.2 and JAX's main branch of 2026-08, checked): one kernel per row (vmapped
+over the batch) with a lazy causal mask, or a local one for model.sliding_window, and the row's
+segment ids; GQA reads kv head h // (H // K) itself, without repeating k and v (one kv head: its
+MQA kernel). It does not scale the logits, so q is scaled by 1/sqrt(head_dim) first. Its tiles
+are 128 to 512 positions (a multiple of the TPU's 128 lanes dividing seq_len); other lengths
+fall back to XLA. Like the GPU Pallas kernel it runs per device in a shard_map (XLA cannot
+partition a Pallas call). The platform is the mesh's (`_platform`), so a TPU slice compiled
+ahead of time on a CPU gets splash compiled by Mosaic, not interpret mode.
 Each fallback is logged once with its reason.
 """
 
@@ -42,7 +53,8 @@ from jax.sharding import PartitionSpec as P
 from jaxllm import sharding
 
 IMPLEMENTATIONS = ('xla', 'cudnn', 'pallas', 'auto')  # values of model.attention
-KERNELS = ('xla', 'cudnn', 'cudnn_packed', 'pallas')  # what `kernel` resolves to
+KERNELS = ('xla', 'cudnn', 'cudnn_packed', 'pallas', 'splash')  # what `kernel` resolves to
+SPLASH_MAX_BLOCK = 512  # longest splash tile (positions); the shortest is a TPU lane row, 128
 _logged: set[str] = set()
 
 
@@ -141,24 +153,50 @@ def _pallas_block(seq_len: int) -> int:
   return math.gcd(seq_len, 128)
 
 
+def _splash_block(seq_len: int) -> int:
+  """Tile length of TPU splash attention: the largest multiple of 128 up to SPLASH_MAX_BLOCK
+  dividing seq_len (splash's mask and segment-id tiles span whole lanes), or 0 if none does."""
+  block = math.gcd(seq_len, SPLASH_MAX_BLOCK)
+  return block if block % 128 == 0 else 0
+
+
+def _platform() -> str:
+  """The platform being traced for: the active mesh's devices' (a TPU slice compiled ahead of
+  time on a CPU through libtpu is 'tpu'), else the default backend's."""
+  device = getattr(jax.sharding.get_abstract_mesh(), 'abstract_device', None)
+  return getattr(device, 'platform', None) or jax.default_backend()
+
+
+def _backend() -> str:
+  """The platform kernels are chosen for: `_platform`; tests replace it to choose as on a TPU
+  (the kernels still run in interpret mode off one)."""
+  return _platform()
+
+
 def kernel(implementation: str, *, dtype: str, head_dim: int, seq_len: int, packed: bool,
            sliding_window: int = 0) -> str:
   """Resolves `model.attention` to the kernel that runs (one of KERNELS), logging a fallback once.
 
-  Call at trace time: it reads the default backend. `packed`: segment ids are given."""
+  Call at trace time: it reads the platform (`_platform`). `packed`: segment ids are given."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'model.attention={implementation!r}: choose one of {IMPLEMENTATIONS}')
-  backend = jax.default_backend()
+  backend = _backend()
   want = implementation
   if want == 'auto':
-    want = 'cudnn'
+    want = 'pallas' if backend == 'tpu' else 'cudnn'
+  if want == 'pallas' and backend == 'tpu':
+    if _splash_block(seq_len):
+      _log_once(logging.INFO, f'attention: TPU splash attention, {_splash_block(seq_len)}-position '
+                              'tiles')
+      return 'splash'
+    _log_once(logging.WARNING, f'attention: XLA, not TPU splash attention: data.seq_len={seq_len} '
+                               'is not a multiple of 128 (splash tiles the sequence in 128 to '
+                               f'{SPLASH_MAX_BLOCK} positions)')
+    return 'xla'
   if want == 'pallas':
     reasons = []
     if sliding_window:
       reasons.append(f'model.sliding_window={sliding_window} (the Pallas kernel has no window)')
-    if backend == 'tpu':
-      reasons.append('backend is tpu (the Pallas kernel here is the GPU one; TPU splash '
-                     'attention is not wired yet)')
     if not _pallas_tiles(head_dim, seq_len):
       reasons.append(f'model.head_dim={head_dim} / data.seq_len={seq_len}: the kernel tiles a '
                      'power-of-two head_dim (<= 256) and a multiple of 16 positions')
@@ -209,6 +247,9 @@ def attend(q_BLHDh, k_BLKDh, v_BLKDh, segment_ids_BL=None, *, implementation: st
                 sliding_window=sliding_window)
   if name == 'pallas':
     return _pallas(q_BLHDh, k_BLKDh, v_BLKDh, segment_ids_BL)
+  if name == 'splash':
+    return _per_shard(functools.partial(_splash_local, sliding_window=sliding_window),
+                      q_BLHDh, k_BLKDh, v_BLKDh, segment_ids_BL)
   if name == 'cudnn_packed':
     return _cudnn_packed(q_BLHDh, k_BLKDh, v_BLKDh, segment_ids_BL, sliding_window,
                          max_segments_per_row)
@@ -287,4 +328,35 @@ def _pallas_local(q, k, v, segment_ids_BL):
   if segment_ids_BL is not None:
     segment_ids_BL = segment_ids_BL.astype(jnp.int32)
   return pallas_attention.mha(q, k, v, segment_ids_BL, sm_scale=1.0 / math.sqrt(Dh), causal=True,
-                              block_sizes=sizes, interpret=jax.default_backend() != 'gpu')
+                              block_sizes=sizes, interpret=_platform() != 'gpu')
+
+
+def _splash_local(q_BLHDh, k_BLKDh, v_BLKDh, segment_ids_BL, *, sliding_window: int):
+  """TPU splash attention on one device's rows and heads; interpret mode off a TPU (tests)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  B, L, H, Dh = q_BLHDh.shape
+  K = k_BLKDh.shape[2]
+  block = _splash_block(L)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  # Lazy masks: computed tile by tile from positions, and whole tiles above the diagonal (or
+  # outside the window) are skipped. LocalMask's left size counts the earlier tokens seen.
+  causal = (splash.LocalMask((L, L), window_size=(sliding_window - 1, 0), offset=0)
+            if sliding_window else splash.CausalMask((L, L)))
+  make = splash.make_splash_mqa if K == 1 else splash.make_splash_mha
+  run = make(splash.MultiHeadMask([causal] * H), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+             interpret=_platform() != 'tpu')
+  q_BHLDh = (q_BLHDh * (1.0 / math.sqrt(Dh))).astype(q_BLHDh.dtype).transpose(0, 2, 1, 3)
+  if K == 1:  # MQA: k and v [B, L, Dh]
+    k, v = k_BLKDh[:, :, 0], v_BLKDh[:, :, 0]
+  else:
+    k, v = k_BLKDh.transpose(0, 2, 1, 3), v_BLKDh.transpose(0, 2, 1, 3)
+  if segment_ids_BL is None:
+    out_BHLDh = jax.vmap(run)(q_BHLDh, k, v)
+  else:
+    # Padding (id 0) attends to padding: finite, and never seen by a document's token.
+    seg_BL = segment_ids_BL.astype(jnp.int32)
+    out_BHLDh = jax.vmap(lambda q, k, v, s: run(q, k, v, segment_ids=splash.SegmentIds(s, s)))(
+        q_BHLDh, k, v, seg_BL)
+  return out_BHLDh.transpose(0, 2, 1, 3)

@@ -62,9 +62,25 @@ def _tuple_elements(type_text: str) -> list[str]:
   return [p.strip() for p in parts + [t[start:-1]]]
 
 
+def _device_ids(text: str | None, size: int) -> np.ndarray:
+  """The device order of a named mesh: `device_ids=([2,4]T(1,0))` (an iota, transposed), an
+  explicit list `(0,4,1,5,...)`, or none (0..size-1). XLA:CPU writes the first when the mesh's
+  axes are not in the device order (data x fsdp > 1 with fsdp innermost, for example)."""
+  if not text:
+    return np.arange(size)
+  iota = re.fullmatch(r'\[([\d,]+)\](?:T\(([\d,]+)\))?', text.strip())
+  if iota:
+    ids = np.arange(size).reshape([int(d) for d in iota.group(1).split(',')])
+    if iota.group(2):
+      ids = ids.transpose([int(p) for p in iota.group(2).split(',')])
+    return ids.reshape(-1)
+  return np.array([int(i) for i in text.split(',') if i.strip()])
+
+
 def replica_groups(line: str) -> list[list[int]] | None:
   """The replica groups of a collective's HLO line: explicit `{{0,1},{2,3}}`, iota
-  `[G,S]<=[dims]T(perm)`, or named `mesh['axis_0'=2,'axis_1'=4] {'axis_1'}` (TPU); None when the
+  `[G,S]<=[dims]T(perm)`, or named `mesh['axis_0'=2,'axis_1'=4] {'axis_1'}` (TPU; XLA:CPU too, with
+  a `device_ids=(...)` order when the mesh's axes are not in device order); None when the
   line has none (one group of every device)."""
   explicit = re.search(r'replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}', line)
   if explicit:
@@ -78,11 +94,13 @@ def replica_groups(line: str) -> list[list[int]] | None:
     if iota.group(3):
       ids = ids.transpose([int(p) for p in iota.group(3).split(',')])
     return ids.reshape(shape).tolist()
-  named = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
-  if named:  # mesh['axis_0'=2,'axis_1'=4] {'axis_1'}: iota ids, groups vary over the named axes
+  named = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(([^)]*\)?)\))?"
+                    r"\s*\{([^}]*)\}", line)
+  if named:  # mesh['axis_0'=2,'axis_1'=4] {'axis_1'}: groups vary over the named axes
     axes = re.findall(r"'(\w+)'=(\d+)", named.group(1))
-    varying = re.findall(r"'(\w+)'", named.group(2))
-    ids = np.arange(math.prod(int(n) for _, n in axes)).reshape([int(n) for _, n in axes])
+    varying = re.findall(r"'(\w+)'", named.group(3))
+    ids = _device_ids(named.group(2), math.prod(int(n) for _, n in axes))
+    ids = ids.reshape([int(n) for _, n in axes])
     order = [i for i, (a, _) in enumerate(axes) if a not in varying] + \
             [i for i, (a, _) in enumerate(axes) if a in varying]
     size = math.prod(int(n) for a, n in axes if a in varying)

@@ -85,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'  # compute dtype: 'bfloat16' on accelerators; logits and loss stay float32
   m.remat = 'none'  # activation recompute: none | full | save_dots | save_all_dots | auto (AUTO_KEYS)
   m.scan_layers = True  # scan over stacked layers (compile time independent of depth)
-  m.attention = 'xla'  # kernel: xla | cudnn | pallas | auto (cuDNN on bf16 GPUs); jaxllm/attention.py
+  m.attention = 'xla'  # kernel: xla | cudnn | pallas | auto (cuDNN on bf16 GPUs, splash on TPU)
   m.attention_max_segments = 0  # packed cuDNN: segments per row planned for; 0 = max(16, seq_len/256)
   m.fp8 = False  # q/k/v/o and MLP matmuls in float8, scaled per tensor (jaxllm/fp8.py)
   m.gather_in_compute_dtype = False  # FSDP all-gathers weights in model.dtype, not param_dtype
@@ -129,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.microbatch_gather = 'per_micro'  # FSDP gathers with micro-batches: per_micro | once (params held whole)
   t.num_steps = 300  # optimizer steps
   t.log_every = 25  # steps between console/TensorBoard lines
+  t.layer_stats_every = 0  # steps between per-layer param/grad/update norms to TensorBoard; 0 = off
   t.eval_every = 100  # steps between held-out evaluations (and at the end); 0 = only at the end
   t.eval_batches = 8  # held-out batches per evaluation (0 = the whole eval split)
   t.sample_prompts = ('ROMEO:', 'To be, or not')  # prompts sampled at each eval (TensorBoard text)
@@ -239,6 +240,7 @@ MINIMUMS = {
     'data.seq_len': 2, 'data.worker_count': 0, 'data.eval_files': 0,
     'train.global_batch_size': 1, 'train.microbatches': 1, 'train.loss_chunk': 0,
     'train.num_steps': 1, 'train.log_every': 1, 'train.eval_every': 0, 'train.eval_batches': 0,
+    'train.layer_stats_every': 0,
     'train.sample_tokens': 0, 'train.sample_temperature': 0,
     'optim.peak_lr': 0, 'optim.warmup_steps': 0, 'optim.decay_steps': 0, 'optim.eps': 0,
     'optim.weight_decay': 0, 'optim.clip_norm': 0, 'optim.skip_nonfinite': 0,

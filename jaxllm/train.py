@@ -21,6 +21,7 @@ from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
 from jaxllm import data as data_lib
 from jaxllm import distill
+from jaxllm import layerstats
 from jaxllm import metrics as metrics_lib
 from jaxllm import model as model_lib
 from jaxllm import monitor as monitor_lib
@@ -289,6 +290,8 @@ def _train_loop(config, trainer: trainer_lib.Trainer, state, train_iter, pipelin
 
 def _finish_step(step: int, device_metrics, reporter, guard: NonFiniteGuard, t, ckpt,
                  monitor: monitor_lib.Monitor) -> dict:
+  device_metrics = dict(device_metrics)
+  layer_stats = device_metrics.pop('layer_stats', None)  # train.layer_stats_every > 0
   host = monitor.fetch(step, device_metrics)  # the loop's one wait on the device per step
   guard.check(step, host, resume_hint=lambda: resume_hint(ckpt, step))
   if step % t.log_every == 0 or step == t.num_steps:
@@ -296,6 +299,9 @@ def _finish_step(step: int, device_metrics, reporter, guard: NonFiniteGuard, t, 
     if guard.max_in_a_row:
       scalars['skipped_steps'] = guard.skipped
     monitor.observe(reporter.report(step, scalars))
+  if layer_stats is not None and step % t.layer_stats_every == 0 and jax.process_index() == 0:
+    # The step is done (fetch waited for it): this copies its results and waits on nothing.
+    reporter.writer.write_scalars(step, layerstats.scalars(jax.device_get(layer_stats)))
   return host
 
 

@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import distill
+from jaxllm import layerstats
 from jaxllm import lora as lora_lib
 from jaxllm import loss as loss_lib
 from jaxllm import metrics as metrics_lib
@@ -70,6 +71,7 @@ class Trainer:
   compiler_options: dict | None = None  # XLA options for init, train and eval steps (runtime.py)
   lora: lora_lib.LoraConfig | None = None  # adapters on a frozen base; None: every parameter trains
   teacher: distill.Teacher | None = None  # distillation: state['teacher'] holds its parameters
+  layer_stats: bool = False  # metrics['layer_stats']: per-layer norms (jaxllm/layerstats.py)
   # train.microbatch_gather='once' (with micro-batches): what the parameters are gathered to before
   # the micro-batch scan (shape, dtype, sharding per leaf); None: gathered inside it, per use.
   gathered_params: dict | None = None
@@ -251,6 +253,7 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
                      fusion_emitters=config.train.cpu_fusion_emitters,
                      platform=mesh.devices.flat[0].platform),
                  lora=lcfg, teacher=teacher, update_shardings=update_shardings,
+                 layer_stats=config.train.layer_stats_every > 0,
                  gathered_params=(_gathered_params(config, shardings['params'], abs_params,
                                                    param_specs, mesh)
                                   if config.train.microbatch_gather == 'once' else None))
@@ -346,6 +349,8 @@ def _train_step(trainer: Trainer, state, batch):
   metrics = {'loss': loss_sum / tokens, 'grad_norm': optax.tree.norm(grads),
              'params_finite': params_finite.astype(jnp.float32),
              'lr': trainer.schedule(state['step']), 'tokens': tokens}
+  if trainer.layer_stats:
+    metrics['layer_stats'] = layerstats.norms(params=params, grads=grads, updates=updates)
   if trainer.skip_nonfinite:
     # A bad step leaves params and optimizer state as they were; its batch is still consumed.
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm']) & params_finite

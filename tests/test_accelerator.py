@@ -1,6 +1,6 @@
-"""GPU/TPU checks: cuDNN flash attention (dense, and packed rows in cuDNN's packed layout) and the
-Pallas kernel agree with XLA's; `model.attention=auto` picks cuDNN for bf16 on a GPU; a bf16 train
-step learns.
+"""GPU/TPU checks: cuDNN flash attention (dense, and packed rows in cuDNN's packed layout), the
+Pallas kernel and TPU splash attention agree with XLA's; `model.attention=auto` picks cuDNN for
+bf16 on a GPU (splash on a TPU); a bf16 train step learns.
 
 Run on an accelerator host: JAXLLM_TEST_ACCELERATOR=1 pytest -m accelerator. The bf16 train step is
 also marked `also_on_cpu` (XLA:CPU computes in bfloat16 too): every run of the suite checks it,
@@ -110,6 +110,18 @@ def test_pallas_matches_xla_on_gpu(kv_heads):
   compare('pallas', *inputs(kv_heads), packed_segment_ids([300, 17, 200, 1, 150, 100, 200]))
 
 
+@pytest.mark.parametrize('kv_heads,window', [(8, 0), (2, 0), (1, 192)])
+def test_splash_matches_xla_on_tpu(kv_heads, window):
+  """TPU splash attention (model.attention=pallas on a TPU): MHA, GQA, and MQA with a window."""
+  if jax.default_backend() != 'tpu':
+    pytest.skip('splash attention compiles for a TPU (tests/test_attention.py runs it in '
+                'interpret mode on the CPU)')
+  assert attention.kernel('pallas', dtype='bfloat16', head_dim=128, seq_len=L, packed=True,
+                          sliding_window=window) == 'splash'
+  compare('pallas', *inputs(kv_heads), packed_segment_ids([300, 17, 200, 1, 150, 100, 200]),
+          window)
+
+
 def test_auto_attention_picks_cudnn_for_bf16_on_gpu():
   cfg = model_lib.ModelConfig(vocab_size=256, d_model=64, n_layers=1, n_heads=4, n_kv_heads=4,
                               head_dim=16, mlp_dim=128, dtype='bfloat16', attention='auto')
@@ -118,6 +130,9 @@ def test_auto_attention_picks_cudnn_for_bf16_on_gpu():
     return attention.kernel(cfg.attention, dtype=cfg.dtype, head_dim=cfg.head_dim, seq_len=L,
                             packed=packed, sliding_window=cfg.sliding_window)
   on_gpu = jax.default_backend() == 'gpu'
+  if jax.default_backend() == 'tpu':  # splash attention, whatever the dtype
+    assert pick(cfg, False) == pick(cfg, True) == 'splash'
+    return
   assert pick(cfg, False) == ('cudnn' if on_gpu else 'xla')
   hopper = on_gpu and attention._gpu_capability() >= (9, 0)
   assert pick(cfg, True) == ('cudnn_packed' if hopper else 'cudnn' if on_gpu else 'xla')

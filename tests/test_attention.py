@@ -31,8 +31,9 @@ def reference(q, k, v, segment_ids=None, window=0):
   g = q.shape[2] // k.shape[2]
   k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
-  i, j = np.arange(L)[:, None], np.arange(L)[None, :]
-  visible = np.broadcast_to(j <= i, (q.shape[0], L, L))
+  n = q.shape[1]
+  i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+  visible = np.broadcast_to(j <= i, (q.shape[0], n, n))
   if window:
     visible = visible & (i - j < window)
   if segment_ids is not None:
@@ -41,20 +42,23 @@ def reference(q, k, v, segment_ids=None, window=0):
   return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(logits, axis=-1), v)
 
 
-def packed_rows():
-  """Row 0: documents of 20, 30 and 9 tokens, then 5 of padding; row 1: one of 64."""
-  seg = np.zeros((B, L), np.int32)
-  seg[0, :20], seg[0, 20:50], seg[0, 50:59] = 1, 2, 3
+def packed_rows(doc_lengths=(20, 30, 9), length=L):
+  """Row 0: documents of `doc_lengths` tokens, then padding (64: 20, 30, 9 and 5 of padding);
+  row 1: one of `length`."""
+  seg = np.zeros((B, length), np.int32)
+  ends = np.cumsum(doc_lengths)
+  for i, (start, end) in enumerate(zip(ends - doc_lengths, ends)):
+    seg[0, start:end] = i + 1
   seg[1] = 1
   return seg
 
 
-def qkv(kv_heads, seed=0):
+def qkv(kv_heads, seed=0, length=L):
   keys = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(keys[0], (B, L, H, DH))
-  k = jax.random.normal(keys[1], (B, L, kv_heads, DH))
-  v = jax.random.normal(keys[2], (B, L, kv_heads, DH))
-  return q, k, v, jax.random.normal(keys[3], (B, L, H, DH))
+  q = jax.random.normal(keys[0], (B, length, H, DH))
+  k = jax.random.normal(keys[1], (B, length, kv_heads, DH))
+  v = jax.random.normal(keys[2], (B, length, kv_heads, DH))
+  return q, k, v, jax.random.normal(keys[3], (B, length, H, DH))
 
 
 def value_and_grads(fn, q, k, v, ct):
@@ -66,10 +70,34 @@ def value_and_grads(fn, q, k, v, ct):
     ('xla', 4, 0), ('xla', 2, 0), ('xla', 1, 0), ('xla', 2, 24),
     ('pallas', 4, 0), ('pallas', 2, 0)])
 def test_kernel_matches_reference(implementation, kv_heads, window):
+  check_against_reference(implementation, kv_heads, window, packed_rows())
+
+
+@pytest.fixture
+def as_on_tpu(monkeypatch):
+  """Kernels chosen as on a TPU, so 'pallas' is splash attention, which runs here in interpret
+  mode (the kernel code Mosaic compiles on a TPU). Tiles of 128 positions: rows of 256 span two,
+  so splash's tile skipping (whole tiles above the diagonal or outside the window) runs too."""
+  monkeypatch.setattr(attention, '_backend', lambda: 'tpu')
+  monkeypatch.setattr(attention, 'SPLASH_MAX_BLOCK', 128)
+
+
+SPLASH_L = 256
+SPLASH_DOCS = (100, 90, 40)  # the second crosses the tile boundary at 128; 26 of padding
+
+
+@pytest.mark.parametrize('kv_heads,window', [(4, 0), (2, 0), (1, 40)])
+def test_splash_matches_reference(as_on_tpu, kv_heads, window):
+  """MHA, GQA (two query heads a kv head), and MQA (splash's own kernel) with a sliding window."""
+  assert attention.kernel('pallas', dtype='float32', head_dim=DH, seq_len=SPLASH_L, packed=True,
+                          sliding_window=window) == 'splash'
+  check_against_reference('pallas', kv_heads, window, packed_rows(SPLASH_DOCS, SPLASH_L))
+
+
+def check_against_reference(implementation, kv_heads, window, seg):
   """Unpacked and packed rows, output and gradients; padding queries get a zero cotangent (their
   output is unspecified), so every gradient must match, padding keys and values included."""
-  q, k, v, ct = qkv(kv_heads)
-  seg = packed_rows()
+  q, k, v, ct = qkv(kv_heads, length=seg.shape[1])
   ct_packed = ct * (seg > 0)[:, :, None, None]
 
   @jax.jit
@@ -91,7 +119,8 @@ def test_kernel_matches_reference(implementation, kv_heads, window):
   for got, want in zip(grads + grads_p, ref_grads + ref_grads_p):
     np.testing.assert_allclose(got, want, atol=ATOL)
   # The packed result really differs from the unpacked one (the mask is not a no-op).
-  assert np.abs(np.asarray(out_p)[0, 20:59] - np.asarray(out)[0, 20:59]).max() > 0.1
+  later_docs = real[0] & (seg[0] > 1)
+  assert np.abs(np.asarray(out_p)[0, later_docs] - np.asarray(out)[0, later_docs]).max() > 0.1
 
 
 def test_packed_layout_matches_a_loop():
@@ -157,6 +186,24 @@ def test_kernel_choice_on_cpu(implementation, window, packed, expected):
                           packed=packed, sliding_window=window) == expected
 
 
+@pytest.mark.parametrize('implementation,seq_len,window,expected', [
+    ('pallas', 256, 0, 'splash'), ('auto', 4096, 0, 'splash'), ('auto', 4096, 512, 'splash'),
+    ('pallas', 200, 0, 'xla'), ('cudnn', 256, 0, 'xla'), ('xla', 256, 0, 'xla')])
+def test_kernel_choice_on_tpu(monkeypatch, implementation, seq_len, window, expected):
+  """On a TPU 'pallas' and 'auto' are splash attention (windows included) where it tiles the
+  sequence (a multiple of 128), else XLA with the reason logged; cuDNN is XLA there."""
+  logged = []
+  monkeypatch.setattr(attention, '_backend', lambda: 'tpu')
+  monkeypatch.setattr(attention, '_logged', set())
+  monkeypatch.setattr(attention.logging, 'log', lambda level, msg: logged.append(msg))
+  assert attention.kernel(implementation, dtype='bfloat16', head_dim=64, seq_len=seq_len,
+                          packed=True, sliding_window=window) == expected
+  if implementation == 'pallas' and expected == 'xla':
+    assert logged == ['attention: XLA, not TPU splash attention: data.seq_len=200 is not a '
+                      'multiple of 128 (splash tiles the sequence in 128 to 512 positions)']
+  assert attention._splash_block(4096) == 512 and attention._splash_block(384) == 128
+
+
 def test_kernel_choice_logs_the_fallback_once(monkeypatch):
   logged = []
   monkeypatch.setattr(attention, '_logged', set())
@@ -197,29 +244,64 @@ def test_model_with_pallas_matches_xla_on_packed_rows():
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
-def test_pallas_runs_per_device_shard_on_a_mesh():
-  """On a mesh the Pallas call runs inside shard_map over the rows and heads the logical rules
-  shard (XLA cannot partition it): the same values as the reference, and the batch really is
-  split (each device holds 1 of the 2 rows and 2 of the 4 heads)."""
+@pytest.mark.parametrize('kernel', ['pallas', 'splash'])
+def test_pallas_runs_per_device_shard_on_a_mesh(request, kernel):
+  """On a mesh the Pallas call (the GPU kernel, or TPU splash) runs inside shard_map over the rows
+  and heads the logical rules shard (XLA cannot partition it): the same values as the reference,
+  and the batch really is split (each device holds 1 of the 2 rows, 2 of the 4 query heads and 1
+  of the 2 kv heads: splash runs its MQA kernel there)."""
   from jaxllm import config as config_lib, sharding
+  if kernel == 'splash':
+    request.getfixturevalue('as_on_tpu')
+  length = SPLASH_L if kernel == 'splash' else L
   mesh = jax.make_mesh((2, 1, 2), ('data', 'fsdp', 'tensor'),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:4])
-  q, k, v, ct = qkv(2)
-  seg = packed_rows()
+  q, k, v, ct = qkv(2, length=length)
+  seg = packed_rows(SPLASH_DOCS, length) if kernel == 'splash' else packed_rows()
   ct = ct * (seg > 0)[:, :, None, None]
   shapes = []
 
   def f(q, k, v):
     out = attention.attend(q, k, v, jnp.asarray(seg), implementation='pallas', dtype='float32')
     return out
-  local = attention._pallas_local
+  name = f'_{kernel}_local'
+  local = getattr(attention, name)
   with sharding.activate(mesh, config_lib.DEFAULT_RULES):
     with pytest.MonkeyPatch.context() as mp:
-      mp.setattr(attention, '_pallas_local', lambda q, *a: shapes.append(q.shape) or local(q, *a))
+      mp.setattr(attention, name,
+                 lambda q, k, *a, **kw: shapes.append((q.shape, k.shape)) or local(q, k, *a, **kw))
       out, grads = jax.jit(lambda q, k, v: value_and_grads(f, q, k, v, ct))(q, k, v)
-  assert shapes[0] == (1, L, 2, DH)
+  assert shapes[0] == ((1, length, 2, DH), (1, length, 1, DH))
   ref, ref_grads = value_and_grads(lambda q, k, v: reference(q, k, v, seg), q, k, v, ct)
   real = seg > 0
   np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=ATOL)
   for got, want in zip(grads, ref_grads):
     np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+def test_splash_compiles_for_a_tpu_slice_through_libtpu():
+  """On a mesh of TPU devices (a v5e-8 slice, compiled on this CPU through libtpu) 'pallas' is
+  splash, chosen from the mesh's platform, and Mosaic compiles it: its forward and both backward
+  kernels are TPU custom calls in the HLO, with no interpret-mode loop left."""
+  pytest.importorskip('libtpu', reason="libtpu is not installed (pip install 'jax[tpu]' in a "
+                      'separate venv: it makes JAX look for TPUs); the TPU compile needs it')
+  from jaxllm import aot, config as config_lib, sharding
+  devices = aot.topology_devices('v5e-8')
+  mesh = jax.sharding.Mesh(np.array(devices[:4]).reshape(2, 1, 2), ('data', 'fsdp', 'tensor'),
+                           axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  q_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp'), None,
+                                                                       'tensor'))
+  q = jax.ShapeDtypeStruct((2, 512, 4, 64), jnp.bfloat16, sharding=q_spec)
+  kv = jax.ShapeDtypeStruct((2, 512, 2, 64), jnp.bfloat16, sharding=q_spec)
+  seg = jax.ShapeDtypeStruct((2, 512), jnp.int32, sharding=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(('data', 'fsdp'))))
+
+  def loss(q, k, v, seg):
+    out = attention.attend(q, k, v, seg, implementation='pallas', dtype='bfloat16')
+    return out.astype(jnp.float32).sum()
+  with sharding.activate(mesh, config_lib.DEFAULT_RULES):
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, seg)
+  text = lowered.compile().as_text()
+  assert text.count('custom_call_target="tpu_custom_call"') == 3
+  for name in ('fwd', 'dq', 'dkv'):
+    assert f'splash_mqa_{name}_segmented' in text  # one kv head a device

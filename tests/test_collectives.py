@@ -52,6 +52,14 @@ def test_replica_group_formats_and_axes():
   assert collectives.axes_of([[0, 4], [1, 5]], MESH) == 'data'
   assert collectives.axes_of(None, MESH) == 'data+fsdp+tensor'
   assert collectives._bytes('(f32[64,32]{1,0}, bf16[8]{0})') == 64 * 32 * 4 + 16
+  # XLA:CPU's named groups on a data=2 x fsdp=4 mesh: its own axes (4, 1, 2) over the device
+  # order arange(8).reshape(2, 4).T, so varying axis_0 walks fsdp ({0..3}, {4..7}), not ids
+  # 0, 2, 4, 6 (which would span data and fsdp).
+  line = ("x = f32[128,128]{1,0} all-gather(y), replica_groups=mesh['axis_0'=4,'axis_1'=1,"
+          "'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_0'}, dimensions={0}")
+  groups = collectives.replica_groups(line)
+  assert groups == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert collectives.axes_of(groups, {'data': 2, 'fsdp': 4, 'tensor': 1}) == 'fsdp'
 
 
 def test_fsdp_train_step_gathers_every_sharded_parameter_on_the_fsdp_axis():

@@ -1,6 +1,7 @@
 """Monitoring: goodput accounting (jaxllm/goodput.py), the Prometheus endpoint (jaxllm/monitor.py)
 scraped over HTTP from a real tiny run, the Grafana dashboard and alert rules against that scrape,
-goodput across a kill -9 and resume, and tools/plot_runs.py."""
+goodput across a kill -9 and resume, tools/plot_runs.py, and per-layer norms in TensorBoard
+(jaxllm/layerstats.py, on in the same run)."""
 
 import json
 import os
@@ -22,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from jaxllm import config as config_lib
 from jaxllm import data as data_lib
 from jaxllm import goodput as goodput_lib
+from jaxllm import metrics as metrics_lib
 from jaxllm import monitor as monitor_lib
 from jaxllm import rundir
 from jaxllm import train
@@ -203,12 +205,13 @@ def prometheus(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def live_run(tmp_path_factory, shared_data, prometheus):
-  """8 steps in process with the endpoint on, eval at 4 and 8, checkpoints at 3, 6 and 8; scraped
-  after step 3's results are read (mid-run) and once more just before the endpoint closes (and
-  then kept open until a real Prometheus, if any, has scraped step 8)."""
+  """8 steps in process with the endpoint on, eval at 4 and 8, checkpoints at 3, 6 and 8, and
+  per-layer norms written at 4 and 8; scraped after step 3's results are read (mid-run) and once
+  more just before the endpoint closes (and then kept open until a real Prometheus, if any, has
+  scraped step 8)."""
   workdir = tmp_path_factory.mktemp('live') / 'run'
   port = prometheus['target_port'] if prometheus else free_port()
-  config = tiny_config(shared_data, train={'num_steps': 8, 'eval_every': 4},
+  config = tiny_config(shared_data, train={'num_steps': 8, 'eval_every': 4, 'layer_stats_every': 4},
                        checkpoint={'every': 3}, monitor={'prometheus_port': port})
   scrapes = {}
   fetch, close = monitor_lib.Monitor.fetch, monitor_lib.Monitor.close
@@ -289,6 +292,22 @@ def test_goodput_adds_up_to_the_wall_time_and_reaches_tensorboard(live_run):
   acc.Reload()
   assert [e.step for e in acc.Scalars('goodput/ratio')] == [8]
   assert acc.Scalars('goodput/train_seconds')[0].value > 0
+
+
+def test_layer_stats_reach_tensorboard_every_n_steps(live_run):
+  """train.layer_stats_every=4: a tag per layer (2) and stacked leaf, one per other leaf, at steps
+  4 and 8 only; at each, the gradient norms together make the step's global one."""
+  scalars = metrics_lib.read_scalars(rundir.RunDir(str(live_run['workdir'])).tensorboard)
+  stats = {tag: series for tag, series in scalars.items() if tag.startswith(('layers/', 'params/'))}
+  assert {'layers/00/self_attn/q_proj/grad_norm', 'layers/01/mlp/down_proj/update_norm',
+          'params/embed_tokens/param_norm', 'params/norm/weight/grad_norm'} <= set(stats)
+  assert {tag.split('/')[1] for tag in stats if tag.startswith('layers/')} == {'00', '01'}
+  assert all(steps == [4, 8] for steps, _ in stats.values())
+  grads = [values for tag, (_, values) in stats.items() if tag.endswith('/grad_norm')]
+  steps, global_norms = scalars['train/grad_norm']
+  for i, step in enumerate([4, 8]):
+    total = sum(v[i] ** 2 for v in grads) ** 0.5
+    assert total == pytest.approx(global_norms[steps.index(step)], rel=1e-5)
 
 
 def test_endpoint_is_off_by_default_and_port_is_freed(live_run):

@@ -2,6 +2,7 @@
 
     python tools/aot_compile.py --config=configs/7b.py --devices=8 --hbm_gib=80 [--plan]
     python tools/aot_compile.py --config=configs/7b.py --topology=v5p-128 --hbm_gib=95
+    python tools/aot_compile.py --config=configs/1b.py --devices=64 --plan_mesh --device_kind=h100
 
 From abstract shapes (no weights allocated), on N fake CPU devices or, with --topology and libtpu
 installed, for a TPU slice with the TPU compiler. Prints per-device memory, collective bytes and
@@ -9,6 +10,9 @@ FLOPs per step and whether it fits `--hbm_gib`; `--plan` ranks per-device batch 
 policies by tokens per step that fit (jaxllm/aot.py says which figures are measured). A LoRA
 config (--config.lora.rank=16, --config.lora.quantize=int4 for QLoRA) is planned the same way:
 params, opt and ~grads are then the adapters', and the frozen base is printed apart.
+`--plan_mesh` also searches the mesh split (data x fsdp x tensor; with --slices, which of data and
+fsdp crosses slices) at the config's global batch and ranks the splits by an estimated step time
+for --device_kind (jaxllm/meshplan.py: its model and its device table).
 """
 
 import dataclasses
@@ -31,7 +35,47 @@ _BATCHES = flags.DEFINE_list('plan_batches', ['1', '2', '4', '8', '16'],
                              "Per-device batch sizes the planner tries (as 'auto' does).")
 _REMATS = flags.DEFINE_list('plan_remat', ['none', 'save_dots', 'full'],
                             "Remat policies the planner tries (as 'auto' does).")
+_PLAN_MESH = flags.DEFINE_bool('plan_mesh', False, 'Also search the mesh split (data x fsdp x '
+                                'tensor, DCN with --slices); rank by estimated step time.')
+_SLICES = flags.DEFINE_integer('slices', 1, '--plan_mesh: slices (hosts or TPU slices) joined by '
+                               'DCN; the devices are split evenly among them.')
+_KIND = flags.DEFINE_string('device_kind', '', '--plan_mesh: the device of the step-time model '
+                            '(h100, h200, v5e, v5p, v6e, cpu; default: the --topology generation, '
+                            'else h100); its HBM is the budget unless --hbm_gib is given.')
+_PEAK = flags.DEFINE_float('peak_tflops', 0, '--plan_mesh: peak bf16 TFLOP/s per device; 0 = '
+                           'the device table\'s.')
+_ICI = flags.DEFINE_float('ici_gb_s', 0, '--plan_mesh: GB/s per device and direction within a '
+                          'slice (NVLink, ICI); 0 = the device table\'s.')
+_DCN = flags.DEFINE_float('dcn_gb_s', 0, '--plan_mesh: GB/s per device and direction across '
+                          'slices; 0 = the device table\'s.')
 flags.mark_flags_as_required(['config'])
+
+
+def plan_mesh(config, devices) -> None:
+  """--plan_mesh: the ranked table, the skipped splits and the best split's flags."""
+  from jaxllm import meshplan
+  kind = _KIND.value or next((g for g in ('v5e', 'v5p', 'v6e') if _TOPOLOGY.value.startswith(g)),
+                             'h100')
+  dev = meshplan.device(kind, peak_tflops=_PEAK.value, ici_gb_s=_ICI.value, dcn_gb_s=_DCN.value)
+  budget = _HBM_GIB.value if flags.FLAGS['hbm_gib'].present else dev.hbm_gib
+  print(f'{config.name}: {len(devices)} devices in {_SLICES.value} slice(s), global batch '
+        f'{config.train.global_batch_size}, budget {budget:g} GiB per device; step time for '
+        f'{dev.name}: {dev.peak_flops / 1e12:g} TFLOP/s, ICI {dev.ici_bytes_s / 1e9:g} GB/s, '
+        f'DCN {dev.dcn_bytes_s / 1e9:g} GB/s')
+  ranked, skipped = meshplan.search(config, devices, dev=dev, budget_gib=budget,
+                                    batches=[int(b) for b in _BATCHES.value],
+                                    remats=_REMATS.value, slices=_SLICES.value)
+  print(meshplan.HEADER)
+  for c in ranked:
+    print(meshplan.row(c, budget))
+  for split, why in skipped:
+    print(f'skipped {split.label}: {why}')
+  if not ranked or not ranked[0].estimate.fits(budget):
+    raise SystemExit(f'no split fits {budget:g} GiB per device; add devices, lower data.seq_len '
+                     'or widen --plan_batches/--plan_remat')
+  best = ranked[0]
+  print(f'best: {best.split.flags()} --config.train.microbatches={best.estimate.microbatches} '
+        f'--config.model.remat={best.estimate.remat}')
 
 
 def main(argv):
@@ -43,6 +87,8 @@ def main(argv):
   from jaxllm import aot, collectives
   config, budget = _CONFIG.value, _HBM_GIB.value
   devices = aot.topology_devices(_TOPOLOGY.value) if _TOPOLOGY.value else jax.devices()
+  if _PLAN_MESH.value:
+    return plan_mesh(config, devices)
   print(f'{config.name}: {len(devices)} devices, budget {budget:g} GiB per device '
         f'({devices[0].device_kind})')
   print(aot.HEADER)
