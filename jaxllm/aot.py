@@ -40,6 +40,7 @@ from absl import logging
 
 from jaxllm import collectives
 from jaxllm import config as config_lib
+from jaxllm import metrics
 from jaxllm import model as model_lib
 from jaxllm import sharding
 from jaxllm import trainer as trainer_lib
@@ -158,7 +159,7 @@ def plan(config: ml_collections.ConfigDict, batches: list[int], remats: list[str
   divide it are skipped)."""
   found = []
   ways = batch_ways(config, jax.devices() if devices is None else devices)
-  for remat in remats:
+  for remat in metrics.progress(remats, desc='planner', total=len(remats), unit='remat policy'):
     for batch in sorted(batches, reverse=True):
       if global_batch and global_batch % (batch * ways):
         continue
