@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import glob
 import math
 import os
+import tempfile
 import time
 from collections.abc import Mapping
 
@@ -147,6 +149,29 @@ def estimate(config: ml_collections.ConfigDict, per_device_batch: int, remat: st
       compile_s=compile_s,
       collective_bytes=collectives.count(compiled.as_text(), dict(trainer.mesh.shape))['bytes'],
       microbatches=microbatches)
+
+
+def partitioned_collectives(config: ml_collections.ConfigDict, devices=None) -> dict:
+  """{kind: {mesh axes: bytes}} per device and step (collectives.count) in the train step's HLO
+  right after SPMD partitioning, before the backend's passes: what the partitioner asks the
+  devices to move. XLA:CPU widens bf16 collectives to float32 later (the optimized HLO that
+  `estimate` reads), so on fake CPU devices this is the figure closer to a GPU's or TPU's. The
+  config's batch and settings as they are ('auto' must be resolved)."""
+  devices = jax.devices() if devices is None else list(devices)
+  trainer = build_trainer(config, devices)
+  with sharding.activate(trainer.mesh, trainer.rules):
+    lowered = trainer.train_step.lower(
+        trainer.abstract_state,
+        trainer.abstract_batch(config.train.global_batch_size, config.data.seq_len))
+  with tempfile.TemporaryDirectory() as dump:
+    lowered.compile(compiler_options={**(trainer.compiler_options or {}), 'xla_dump_to': dump,
+                                      'xla_dump_hlo_pass_re': 'spmd-partitioning'})
+    found = sorted(glob.glob(os.path.join(dump, '*after_spmd-partitioning*.txt')),
+                   key=os.path.getsize)
+    if not found:
+      raise RuntimeError(f'XLA wrote no HLO after SPMD partitioning into {dump}')
+    with open(found[-1]) as f:  # the train step's module (the largest)
+      return collectives.count(f.read(), dict(trainer.mesh.shape))['bytes']
 
 
 def plan(config: ml_collections.ConfigDict, batches: list[int], remats: list[str],
