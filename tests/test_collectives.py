@@ -234,6 +234,21 @@ def test_gathering_once_per_step_keeps_the_loss_and_gathers_at_most_one_batch_wo
   assert once['temp'] > per['temp']
 
 
+def test_gathering_once_keeps_a_tied_embedding_in_its_own_dtype():
+  """A tied table is used twice (lookup and head); per micro-batch each use casts it and their
+  gradients add in float32. Gathered once it stays float32 (not one bf16 copy, whose two
+  gradients would add in bf16), so the values are those of gathering per micro-batch."""
+  runs = {gather: _run(_small(**{
+      'model.dtype': 'bfloat16', 'model.gather_in_compute_dtype': True,
+      'model.tie_embeddings': True, 'mesh.data': 1, 'mesh.fsdp': 8, 'mesh.tensor': 1,
+      'train.microbatches': 4, 'train.microbatch_gather': gather})) for gather in ('per_micro', 'once')}
+  (trainer, _, once, once_state), (_, _, per, per_state) = runs['once'], runs['per_micro']
+  assert jax.tree.leaves(trainer.gathered_params['embed_tokens'])[0].dtype == jnp.float32
+  np.testing.assert_allclose(once, per, rtol=1e-6)
+  np.testing.assert_allclose(*(np.asarray(jax.tree.leaves(s['params']['embed_tokens'])[0])
+                               for s in (once_state, per_state)), rtol=1e-5, atol=1e-7)
+
+
 def _device_bytes(tree) -> int:
   return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
              for a in jax.tree.leaves(tree))
