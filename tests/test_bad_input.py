@@ -256,6 +256,12 @@ CASES = [
     ('aot_compile batch not dividing', ('tools/aot_compile.py', '--config=configs/tiny.py',
                                         '--config.train.global_batch_size=3'),
      'train.global_batch_size=3'),
+    ('aot_compile --slices without --plan_mesh', ('tools/aot_compile.py', '--config=configs/tiny.py',
+                                                  '--slices=2'),
+     '--slices apply to --plan_mesh only: add it'),
+    ('aot_compile --partitioned with --plan', ('tools/aot_compile.py', '--config=configs/tiny.py',
+                                               '--plan', '--partitioned'),
+     '--partitioned counts one compiled step: drop --plan/--plan_mesh'),
     # Conversion to and from Hugging Face.
     ('to_hf non-empty --out', ('tools/convert_to_hf.py', '--workdir={run}', '--out={hf}'),
      '--out={hf} is not empty'),

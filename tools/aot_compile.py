@@ -83,8 +83,23 @@ def plan_mesh(config, devices) -> None:
         f'--config.model.remat={best.estimate.remat}')
 
 
+def check_flags() -> None:
+  """Flags that would be ignored in this combination are a usage error, naming them."""
+  given = lambda name: flags.FLAGS[name].present
+  mesh_only = [f'--{n}' for n in ('slices', 'device_kind', 'peak_tflops', 'ici_gb_s', 'dcn_gb_s')
+               if given(n)]
+  if mesh_only and not _PLAN_MESH.value:
+    raise ValueError(f'{", ".join(mesh_only)} apply to --plan_mesh only: add it')
+  if _PLAN_MESH.value and _PLAN.value:
+    raise ValueError('--plan_mesh plans batch and remat for each split already: drop '
+                                '--plan')
+  if _PARTITIONED.value and (_PLAN.value or _PLAN_MESH.value):
+    raise ValueError('--partitioned counts one compiled step: drop --plan/--plan_mesh')
+
+
 def main(argv):
   del argv
+  check_flags()
   import jax
   # Fake devices must be requested before JAX starts its backends (jaxllm.aot imports jax only).
   jax.config.update('jax_platforms', 'cpu')
