@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import glob
 import math
 import os
+import tempfile
 import time
 from collections.abc import Mapping
 
@@ -40,6 +42,7 @@ from absl import logging
 
 from jaxllm import collectives
 from jaxllm import config as config_lib
+from jaxllm import metrics
 from jaxllm import model as model_lib
 from jaxllm import sharding
 from jaxllm import trainer as trainer_lib
@@ -148,6 +151,29 @@ def estimate(config: ml_collections.ConfigDict, per_device_batch: int, remat: st
       microbatches=microbatches)
 
 
+def partitioned_collectives(config: ml_collections.ConfigDict, devices=None) -> dict:
+  """{kind: {mesh axes: bytes}} per device and step (collectives.count) in the train step's HLO
+  right after SPMD partitioning, before the backend's passes: what the partitioner asks the
+  devices to move. XLA:CPU widens bf16 collectives to float32 later (the optimized HLO that
+  `estimate` reads), so on fake CPU devices this is the figure closer to a GPU's or TPU's. The
+  config's batch and settings as they are ('auto' must be resolved)."""
+  devices = jax.devices() if devices is None else list(devices)
+  trainer = build_trainer(config, devices)
+  with sharding.activate(trainer.mesh, trainer.rules):
+    lowered = trainer.train_step.lower(
+        trainer.abstract_state,
+        trainer.abstract_batch(config.train.global_batch_size, config.data.seq_len))
+  with tempfile.TemporaryDirectory() as dump:
+    lowered.compile(compiler_options={**(trainer.compiler_options or {}), 'xla_dump_to': dump,
+                                      'xla_dump_hlo_pass_re': 'spmd-partitioning'})
+    found = sorted(glob.glob(os.path.join(dump, '*after_spmd-partitioning*.txt')),
+                   key=os.path.getsize)
+    if not found:
+      raise RuntimeError(f'XLA wrote no HLO after SPMD partitioning into {dump}')
+    with open(found[-1]) as f:  # the train step's module (the largest)
+      return collectives.count(f.read(), dict(trainer.mesh.shape))['bytes']
+
+
 def plan(config: ml_collections.ConfigDict, batches: list[int], remats: list[str],
          budget_gib: float, devices=None, *, microbatches: int = 1,
          global_batch: int = 0) -> list[Estimate]:
@@ -158,7 +184,7 @@ def plan(config: ml_collections.ConfigDict, batches: list[int], remats: list[str
   divide it are skipped)."""
   found = []
   ways = batch_ways(config, jax.devices() if devices is None else devices)
-  for remat in remats:
+  for remat in metrics.progress(remats, desc='planner', total=len(remats), unit='remat policy'):
     for batch in sorted(batches, reverse=True):
       if global_batch and global_batch % (batch * ways):
         continue

@@ -325,7 +325,15 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> N
     errors.append(f'train.loss_chunk={t.loss_chunk} must be 0 or divide data.seq_len='
                   f'{config.data.seq_len}')
   errors += _lora_errors(config)
+  if t.microbatch_gather == 'once' and (config.lora.rank or config.distill.teacher):
+    errors.append("train.microbatch_gather='once' gathers the trained parameters only; with "
+                  f"lora.rank={config.lora.rank} / distill.teacher={config.distill.teacher!r} the "
+                  "frozen base or teacher would still be gathered per micro-batch: use 'per_micro'")
   o = config.optim
+  if o.shard_over_data and mesh_shape['data'] == 1:
+    errors.append('optim.shard_over_data splits the AdamW moments over mesh.data, which is 1 here '
+                  '(mesh.fsdp already splits them): set mesh.data (or mesh.dcn_data) > 1, or leave '
+                  'it off')
   if o.decay_steps == 0 and o.warmup_steps >= t.num_steps:
     errors.append(f'optim.warmup_steps={o.warmup_steps} leaves no steps of decay before '
                   f'train.num_steps={t.num_steps}; lower it or set optim.decay_steps > 0')

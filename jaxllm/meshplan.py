@@ -249,7 +249,8 @@ def search(config: ml_collections.ConfigDict, devices, *, dev: Device, budget_gi
                      'fixed; set --config.train.global_batch_size')
   devices = list(devices)
   found, skipped, compiled = [], [], {}
-  for split in splits(len(devices), slices=slices):
+  todo = splits(len(devices), slices=slices)
+  for split in metrics.progress(todo, desc='mesh search', total=len(todo), unit='split'):
     reason = why_not(config, split, devices)
     ways = split.total['data'] * split.total['fsdp']
     if reason is None and not any((rows // ways) % b == 0 for b in batches):

@@ -19,7 +19,9 @@ Choices:
   parameters and workdir, so the retry resumes from the lost trial's last checkpoint. A trial
   process dies with its worker (SIGTERM on the worker's death: it checkpoints and stops).
 - `trials` counts the study's trials over all workers and restarts, lost ones excepted: the same
-  command after a kill runs only what is missing, and never a finished trial again.
+  command after a kill runs only what is missing, and never a finished trial again. Two workers
+  that ask for the last trial at once get two numbers; the higher is told FAIL as surplus,
+  untrained and not counted, so a study never runs more than `trials`.
 """
 
 from __future__ import annotations
@@ -213,9 +215,24 @@ def _recover(study: optuna.Study, worker: Worker, stale_s: float) -> None:
 
 
 def counted(trials) -> list[optuna.trial.FrozenTrial]:
-  """The trials that count towards --trials: all but those lost and enqueued again."""
+  """The trials that count towards --trials: all but those lost and enqueued again, and those
+  asked for beyond the count (surplus)."""
   lost = retried(trials)
-  return [t for t in trials if not (t.state == TrialState.FAIL and t.number in lost)]
+  return [t for t in trials if not (t.state == TrialState.FAIL and
+                                    (t.number in lost or SURPLUS in t.user_attrs))]
+
+
+SURPLUS = 'surplus'  # user attr of a trial asked for after the study had its --trials
+
+
+def surplus(study: optuna.Study, trial: optuna.Trial, total: int) -> bool:
+  """Whether `trial`, just asked for, is beyond the study's `total`: two workers that both saw
+  one trial missing both ask for one, and the later (higher number) must not train. A retry of
+  a lost trial is never surplus (it replaces one that counted)."""
+  if 'retry_of' in trial.user_attrs:
+    return False
+  earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
+  return len(counted(earlier)) >= total
 
 
 class FitCheck:
@@ -282,7 +299,14 @@ def run(config: ml_collections.ConfigDict, *, space: Space, workdir: str, option
     waiting = any(t.state == TrialState.WAITING for t in trials)
     if len(counted(trials)) >= total and not waiting:
       return study
-    _run_trial(study, study.ask(space.distributions), config, study_dir, worker, check, options)
+    trial = study.ask(space.distributions)
+    if surplus(study, trial, total):
+      trial.set_user_attr(SURPLUS, True)
+      study.tell(trial, state=TrialState.FAIL)
+      logging.info('trial %d not run: the study has its %d trials (another worker started the '
+                   'last one)', trial.number, total)
+      continue
+    _run_trial(study, trial, config, study_dir, worker, check, options)
     if on_trial:
       on_trial(study)
 

@@ -40,10 +40,13 @@ def write(study: optuna.Study, workdir: str) -> str:
 
 
 def status(trial: optuna.trial.FrozenTrial, retried: set[int]) -> str:
-  """complete | pruned | rejected | failed | lost (retried as another trial) | running | waiting."""
+  """complete | pruned | rejected | failed | lost (retried as another trial) | surplus (asked for
+  beyond --trials, never trained) | running | waiting."""
   if trial.state == TrialState.FAIL:
     if trial.number in retried:
       return 'lost'
+    if study_lib.SURPLUS in trial.user_attrs:
+      return 'surplus'
     return 'rejected' if 'rejected' in trial.user_attrs else 'failed'
   return trial.state.name.lower()
 

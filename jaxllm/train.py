@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 
@@ -293,15 +294,21 @@ def _finish_step(step: int, device_metrics, reporter, guard: NonFiniteGuard, t, 
   device_metrics = dict(device_metrics)
   layer_stats = device_metrics.pop('layer_stats', None)  # train.layer_stats_every > 0
   host = monitor.fetch(step, device_metrics)  # the loop's one wait on the device per step
+  finite = all(math.isfinite(host[k]) for k in ('loss', 'grad_norm'))
+  if (layer_stats is not None and (step % t.layer_stats_every == 0 or not finite)
+      and jax.process_index() == 0):
+    # The step is done (fetch waited for it): this copies its results and waits on nothing. A
+    # step that is not finite is written whatever N is (before the guard may stop the run): its
+    # norms say which layer blew up.
+    reporter.writer.write_scalars(step, layerstats.scalars(jax.device_get(layer_stats)))
+    if not finite:
+      reporter.writer.flush()
   guard.check(step, host, resume_hint=lambda: resume_hint(ckpt, step))
   if step % t.log_every == 0 or step == t.num_steps:
     scalars = {k: host[k] for k in ('loss', 'lr', 'grad_norm')}
     if guard.max_in_a_row:
       scalars['skipped_steps'] = guard.skipped
     monitor.observe(reporter.report(step, scalars))
-  if layer_stats is not None and step % t.layer_stats_every == 0 and jax.process_index() == 0:
-    # The step is done (fetch waited for it): this copies its results and waits on nothing.
-    reporter.writer.write_scalars(step, layerstats.scalars(jax.device_get(layer_stats)))
   return host
 
 

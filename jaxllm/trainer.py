@@ -271,11 +271,16 @@ def _gathered_params(config: ml_collections.ConfigDict, shardings, abstract, log
   """The parameters as train.microbatch_gather='once' holds them through the micro-batch scan:
   whole over the batch axes (data, fsdp), still split over `tensor`; weight matrices in the
   compute dtype when model.gather_in_compute_dtype (as model._weight casts them; norm scales and
-  biases keep their dtype, as the model reads them). LoRA adapters keep theirs."""
+  biases keep their dtype, as the model reads them; so does a tied embedding). LoRA adapters
+  keep theirs."""
   axes = sharding.batch_axes(config.sharding.rules)
   matrices = (optim.weight_decay_mask(logical_specs)
               if config.model.gather_in_compute_dtype and not config.lora.rank
               else jax.tree.map(lambda _: False, abstract))
+  if config.model.tie_embeddings and 'embed_tokens' in matrices:
+    # Two uses (lookup and head) whose gradients per_micro adds in float32: one bf16 copy would
+    # add them in bf16 (other values), so the tied table is gathered in its own dtype.
+    matrices['embed_tokens'] = jax.tree.map(lambda _: False, matrices['embed_tokens'])
   return jax.tree.map(
       lambda s, a, matrix: jax.ShapeDtypeStruct(
           a.shape, jnp.dtype(config.model.dtype) if matrix else a.dtype,

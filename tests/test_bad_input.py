@@ -134,13 +134,20 @@ def _lora_inputs(run: pathlib.Path, d: pathlib.Path) -> None:
 
   write(d / 'adapter')
   write(d / 'adapter_wider', d_model=model['d_model'] * 2)
-  for name in ('adapter_bad_json', 'adapter_pickled', 'adapter_dora'):
+  for name in ('adapter_bad_json', 'adapter_pickled', 'adapter_dora', 'adapter_bias',
+               'adapter_extra'):
     shutil.copytree(d / 'adapter', d / name)
+  from safetensors import numpy as st  # a tensor plain LoRA has not: a bias on lora_B
+  tensors = st.load_file(str(d / 'adapter_extra' / 'adapter_model.safetensors'))
+  name = next(n for n in tensors if n.endswith('q_proj.lora_B.weight'))
+  tensors[name.replace('.weight', '.bias')] = np.zeros(tensors[name].shape[0], np.float32)
+  st.save_file(tensors, str(d / 'adapter_extra' / 'adapter_model.safetensors'))
   (d / 'adapter_bad_json' / 'adapter_config.json').write_text('{"r": 4,')
   (d / 'adapter_pickled' / 'adapter_model.safetensors').rename(
       d / 'adapter_pickled' / 'adapter_model.bin')
   config = json.loads((d / 'adapter' / 'adapter_config.json').read_text())
   (d / 'adapter_dora' / 'adapter_config.json').write_text(json.dumps({**config, 'use_dora': True}))
+  (d / 'adapter_bias' / 'adapter_config.json').write_text(json.dumps({**config, 'lora_bias': True}))
   proc = run_cli('tools/convert_from_hf.py', f'--adapter={d / "adapter"}', f'--base={run}',
                  f'--out={d / "lora_run"}')
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -249,6 +256,12 @@ CASES = [
     ('aot_compile batch not dividing', ('tools/aot_compile.py', '--config=configs/tiny.py',
                                         '--config.train.global_batch_size=3'),
      'train.global_batch_size=3'),
+    ('aot_compile --slices without --plan_mesh', ('tools/aot_compile.py', '--config=configs/tiny.py',
+                                                  '--slices=2'),
+     '--slices apply to --plan_mesh only: add it'),
+    ('aot_compile --partitioned with --plan', ('tools/aot_compile.py', '--config=configs/tiny.py',
+                                               '--plan', '--partitioned'),
+     '--partitioned counts one compiled step: drop --plan/--plan_mesh'),
     # Conversion to and from Hugging Face.
     ('to_hf non-empty --out', ('tools/convert_to_hf.py', '--workdir={run}', '--out={hf}'),
      '--out={hf} is not empty'),
@@ -323,6 +336,15 @@ CASES += [
     ('lora.adapter other base', (*LORA, '--config.lora.rank=4', '--config.lora.targets=q,v',
                                  '--config.lora.adapter={in}/adapter_wider'),
      'it was trained on another base'),
+    ('lora.adapter fewer layers', (*LORA, '--config.lora.rank=4', '--config.lora.targets=q,v',
+                                   '--config.model.n_layers=2', '--config.lora.adapter={in}/adapter'),
+     'adapts 1 layers but this model has 2: it was trained on another base'),
+    ('lora.adapter lora_bias', (*LORA, '--config.lora.rank=4', '--config.lora.targets=q,v',
+                                '--config.lora.adapter={in}/adapter_bias'),
+     'lora_bias=True (a bias on lora_B) is not supported'),
+    ('lora.adapter extra tensor', (*LORA, '--config.lora.rank=4', '--config.lora.targets=q,v',
+                                   '--config.lora.adapter={in}/adapter_extra'),
+     'q_proj.lora_B.bias, which plain LoRA adapters do not have'),
     ('from_hf --adapter without --base', ('tools/convert_from_hf.py', '--adapter={in}/adapter',
                                           '--out={new}'), '--adapter and --base go together'),
     ('from_hf --adapter on a LoRA base', ('tools/convert_from_hf.py', '--adapter={in}/adapter',

@@ -18,6 +18,8 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import data as data_lib
+from jaxllm import metrics
+from jaxllm import rundir
 from jaxllm import config as config_lib
 from jaxllm import sharding
 from jaxllm import train
@@ -233,10 +235,13 @@ def test_keep_latest_k_plus_every_mth(tmp_path):
 def test_non_finite_step_is_never_saved(tmp_path, shared_data):
   workdir = tmp_path / 'run'
   proc = subprocess.run(cli(workdir, shared_data, 20, '--config.optim.peak_lr=1e10',
-                            '--config.checkpoint.every=1'),
+                            '--config.checkpoint.every=1', '--config.train.layer_stats_every=1000'),
                         cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=600)
   assert proc.returncode != 0
   bad = int(re.search(r'non-finite loss or gradient at step (\d+)', proc.stderr).group(1))
+  # The bad step's per-layer norms are written, although 1000 does not divide its number.
+  scalars = metrics.read_scalars(rundir.RunDir(str(workdir)).tensorboard)
+  assert scalars['layers/00/mlp/down_proj/grad_norm'][0] == [bad]
   steps = sorted(map(int, os.listdir(workdir / 'checkpoints')))
   assert steps and steps[-1] == bad - 1  # the last good step is the latest
   # ... and the message says a rerun resumes there, whose parameters gave the bad step.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxllm import aot
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import collectives
 from jaxllm import config as config_lib
@@ -102,6 +103,23 @@ def test_gathering_in_the_compute_dtype_keeps_every_loss_bit():
                                                                          trainer.batch_sharding))
         losses[gather].append(float(metrics['loss']))
   assert losses[True] == losses[False] and losses[True][2] != losses[True][0]
+
+
+def test_partitioned_hlo_gathers_bf16_weights_in_half_the_bytes():
+  """aot.partitioned_collectives reads the HLO right after SPMD partitioning, before XLA:CPU
+  widens bf16 collectives: with bf16 compute the layers' weights are gathered in bf16, so the
+  step's all-gathers fall to about half of float32 compute's (not exactly: the head's matmul
+  returns float32 logits and the norm scales stay float32), while the CPU's optimized HLO
+  counts more than the partitioned one (its bf16 gathers widened)."""
+  parted, optimized = {}, {}
+  for dtype in ('float32', 'bfloat16'):
+    config = _small(**{'model.dtype': dtype, 'mesh.data': 1, 'mesh.fsdp': 8, 'mesh.tensor': 1})
+    parted[dtype] = sum(aot.partitioned_collectives(config)['all-gather'].values())
+    optimized[dtype] = sum(collectives.count(train.setup(config).compile_train_step(32, 32)
+                                             .as_text(), MESH_FSDP)['bytes']['all-gather'].values())
+  assert parted['float32'] == optimized['float32']  # nothing to widen: the two HLOs agree
+  assert 0.45 * parted['float32'] <= parted['bfloat16'] <= 0.7 * parted['float32']
+  assert optimized['bfloat16'] > parted['bfloat16']
 
 
 TPU_STYLE_HLO = """
@@ -214,6 +232,21 @@ def test_gathering_once_per_step_keeps_the_loss_and_gathers_at_most_one_batch_wo
   assert per['losses'][2] < per['losses'][0]
   # The cost: the whole (bf16) parameters are held through the scan.
   assert once['temp'] > per['temp']
+
+
+def test_gathering_once_keeps_a_tied_embedding_in_its_own_dtype():
+  """A tied table is used twice (lookup and head); per micro-batch each use casts it and their
+  gradients add in float32. Gathered once it stays float32 (not one bf16 copy, whose two
+  gradients would add in bf16), so the values are those of gathering per micro-batch."""
+  runs = {gather: _run(_small(**{
+      'model.dtype': 'bfloat16', 'model.gather_in_compute_dtype': True,
+      'model.tie_embeddings': True, 'mesh.data': 1, 'mesh.fsdp': 8, 'mesh.tensor': 1,
+      'train.microbatches': 4, 'train.microbatch_gather': gather})) for gather in ('per_micro', 'once')}
+  (trainer, _, once, once_state), (_, _, per, per_state) = runs['once'], runs['per_micro']
+  assert jax.tree.leaves(trainer.gathered_params['embed_tokens'])[0].dtype == jnp.float32
+  np.testing.assert_allclose(once, per, rtol=1e-6)
+  np.testing.assert_allclose(*(np.asarray(jax.tree.leaves(s['params']['embed_tokens'])[0])
+                               for s in (once_state, per_state)), rtol=1e-5, atol=1e-7)
 
 
 def _device_bytes(tree) -> int:

@@ -79,6 +79,10 @@ def test_mesh_that_does_not_divide_devices():
     ({'train.microbatches': 3}, 'train.microbatches=3'),
     ({'train.loss_chunk': 100}, 'train.loss_chunk=100 must be 0 or divide data.seq_len'),
     ({'train.microbatch_gather': 'twice'}, "train.microbatch_gather='twice' must be one of"),
+    ({'train.microbatch_gather': 'once', 'lora.rank': 4},
+     "train.microbatch_gather='once' gathers the trained parameters only"),
+    ({'optim.shard_over_data': True}, 'optim.shard_over_data splits the AdamW moments over '
+                                      'mesh.data, which is 1 here'),
 ])
 def test_validate_names_the_keys(overrides, keys):
   config = load('configs/tiny.py')

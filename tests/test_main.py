@@ -199,7 +199,8 @@ def _on_a_terminal(args, timeout=300) -> str:
 
 def test_converters_and_data_tools_show_progress_on_a_terminal(run, tmp_path):
   """The long tools draw a bar with rate on a terminal: the HF export and import tensor by
-  tensor, and the pre-tokenizing pass of prepare_data over each source."""
+  tensor, the pre-tokenizing pass of prepare_data over each source, and the AOT planner's
+  search over its candidates."""
   workdir, _, _ = run
   out = _on_a_terminal(['tools/convert_to_hf.py', f'--workdir={workdir}', f'--out={tmp_path / "hf"}'])
   assert 'export' in out and 'tensor/s' in out, out[-2000:]
@@ -209,3 +210,6 @@ def test_converters_and_data_tools_show_progress_on_a_terminal(run, tmp_path):
   out = _on_a_terminal(['tools/prepare_data.py', *RUN_FLAGS, f'--workdir={tmp_path / "prep"}',
                         f'--config.data.tokenizer={workdir / "tokenizer.model"}'])
   assert 'tokenizing' in out and 'block/s' in out, out[-2000:]
+  out = _on_a_terminal(['tools/aot_compile.py', *RUN_FLAGS, '--devices=2', '--plan',
+                        '--plan_batches=1', '--plan_remat=none,full', '--hbm_gib=80'])
+  assert 'planner' in out and 'remat policy/s' in out, out[-2000:]

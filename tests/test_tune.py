@@ -212,6 +212,27 @@ def test_an_impossible_memory_budget_rejects_every_trial_before_it_trains(tmp_pa
   assert not os.path.exists(rundir.StudyDir(workdir).best_config)
 
 
+def test_a_trial_asked_for_beyond_the_count_is_surplus_and_not_counted():
+  """Two workers that both saw one trial missing both ask for one: the higher number is surplus
+  (the study runs no more than --trials), a retry of a lost trial never is, and the report says
+  'surplus' and counts it nowhere."""
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
+  study = optuna.create_study()
+  for _ in range(2):
+    study.tell(study.ask(), 1.0)
+  first, second = study.ask(), study.ask()  # two workers, each seeing 2 of 3 trials
+  assert not study_lib.surplus(study, first, 3) and study_lib.surplus(study, second, 3)
+  second.set_user_attr(study_lib.SURPLUS, True)
+  study.tell(second, state=TrialState.FAIL)
+  study.tell(first, 1.0)
+  trials = study.get_trials()
+  assert len(study_lib.counted(trials)) == 3
+  assert study_report.status(trials[3], set()) == 'surplus'
+  retry = study.ask()
+  retry.set_user_attr('retry_of', 0)  # as _retry enqueues a lost one
+  assert not study_lib.surplus(study, retry, 3)
+
+
 def test_a_trial_config_that_does_not_validate_is_rejected_naming_the_key():
   check = study_lib.FitCheck(load('configs/tiny.py'))  # no budget on CPU: validation only
   config = study_lib.trial_config(load('configs/tiny.py'), {'optim.warmup_steps': 900})

@@ -3,6 +3,7 @@
     python tools/aot_compile.py --config=configs/7b.py --devices=8 --hbm_gib=80 [--plan]
     python tools/aot_compile.py --config=configs/7b.py --topology=v5p-128 --hbm_gib=95
     python tools/aot_compile.py --config=configs/1b.py --devices=64 --plan_mesh --device_kind=h100
+    python tools/aot_compile.py --config=configs/7b.py --devices=8 --partitioned
 
 From abstract shapes (no weights allocated), on N fake CPU devices or, with --topology and libtpu
 installed, for a TPU slice with the TPU compiler. Prints per-device memory, collective bytes and
@@ -10,6 +11,8 @@ FLOPs per step and whether it fits `--hbm_gib`; `--plan` ranks per-device batch 
 policies by tokens per step that fit (jaxllm/aot.py says which figures are measured). A LoRA
 config (--config.lora.rank=16, --config.lora.quantize=int4 for QLoRA) is planned the same way:
 params, opt and ~grads are then the adapters', and the frozen base is printed apart.
+`--partitioned` adds the collective bytes of the HLO right after SPMD partitioning, before XLA:CPU
+widens bf16 collectives to float32 (what a GPU or TPU would move, as the partitioner decides).
 `--plan_mesh` also searches the mesh split (data x fsdp x tensor; with --slices, which of data and
 fsdp crosses slices) at the config's global batch and ranks the splits by an estimated step time
 for --device_kind (jaxllm/meshplan.py: its model and its device table).
@@ -48,6 +51,8 @@ _ICI = flags.DEFINE_float('ici_gb_s', 0, '--plan_mesh: GB/s per device and direc
                           'slice (NVLink, ICI); 0 = the device table\'s.')
 _DCN = flags.DEFINE_float('dcn_gb_s', 0, '--plan_mesh: GB/s per device and direction across '
                           'slices; 0 = the device table\'s.')
+_PARTITIONED = flags.DEFINE_bool('partitioned', False, 'Also count the collectives in the HLO '
+                                  'right after SPMD partitioning (XLA:CPU widens bf16 ones later).')
 flags.mark_flags_as_required(['config'])
 
 
@@ -78,8 +83,23 @@ def plan_mesh(config, devices) -> None:
         f'--config.model.remat={best.estimate.remat}')
 
 
+def check_flags() -> None:
+  """Flags that would be ignored in this combination are a usage error, naming them."""
+  given = lambda name: flags.FLAGS[name].present
+  mesh_only = [f'--{n}' for n in ('slices', 'device_kind', 'peak_tflops', 'ici_gb_s', 'dcn_gb_s')
+               if given(n)]
+  if mesh_only and not _PLAN_MESH.value:
+    raise ValueError(f'{", ".join(mesh_only)} apply to --plan_mesh only: add it')
+  if _PLAN_MESH.value and _PLAN.value:
+    raise ValueError('--plan_mesh plans batch and remat for each split already: drop '
+                                '--plan')
+  if _PARTITIONED.value and (_PLAN.value or _PLAN_MESH.value):
+    raise ValueError('--partitioned counts one compiled step: drop --plan/--plan_mesh')
+
+
 def main(argv):
   del argv
+  check_flags()
   import jax
   # Fake devices must be requested before JAX starts its backends (jaxllm.aot imports jax only).
   jax.config.update('jax_platforms', 'cpu')
@@ -108,6 +128,9 @@ def main(argv):
       print(f'LoRA: frozen base {est.base_bytes / aot.GIB:.2f} GiB per device; params, opt and '
             '~grads above are the adapters\'')
     print('collectives per device and step (HLO):\n' + collectives.summary(est.collective_bytes))
+    if _PARTITIONED.value:
+      print('collectives per device and step (HLO after SPMD partitioning):\n'
+            + collectives.summary(aot.partitioned_collectives(config, devices)))
     print(json.dumps({**dataclasses.asdict(est), 'fits': est.fits(budget)}))
     return
   ranked = aot.plan(config, [int(b) for b in _BATCHES.value], _REMATS.value, budget, devices)

@@ -175,10 +175,15 @@ def read_adapter(folder: str, abstract: Mapping, *, lcfg: lora_lib.LoraConfig,
   weights = os.path.join(folder, ADAPTER_WEIGHTS)
   header = safetensors_io.read_header(weights)
   n_layers = next(iter(jax.tree.leaves(abstract))).shape[0]
-  if extra := sorted({int(n.split('.')[4]) for n in header
-                      if n.startswith('base_model.model.model.layers.')} - set(range(n_layers))):
-    raise ValueError(f'{what}={folder} adapts layer {extra[0]} but this model has {n_layers} '
-                     'layers: it was trained on another base (set checkpoint.init_from to it)')
+  layers = {int(n.split('.')[4]) for n in header if n.startswith('base_model.model.model.layers.')}
+  if layers and layers != set(range(n_layers)):
+    raise ValueError(f'{what}={folder} adapts {max(layers) + 1} layers but this model has '
+                     f'{n_layers}: it was trained on another base (set checkpoint.init_from to it)')
+  used = {name for name, *_ in _names(lcfg, n_layers)}
+  if unread := sorted(n for n in header if n != '__metadata__' and n not in used):
+    raise UnsupportedError(f'{what}={folder}: {ADAPTER_WEIGHTS} holds {unread[0]}, which plain '
+                           'LoRA adapters do not have (DoRA, biases or embedding adapters): only '
+                           'plain LoRA adapters convert')
   out: dict = {}
   for target in lcfg.targets:
     like = hf.at_path(abstract, lora_lib.target_path(target))
@@ -215,7 +220,8 @@ def _peft_shape(shape: tuple[int, ...], ab: str) -> tuple[int, int]:
 _UNSUPPORTED = {'use_dora': 'DoRA', 'use_rslora': 'rsLoRA (alpha / sqrt(r))',
                 'rank_pattern': 'per-module ranks', 'alpha_pattern': 'per-module alphas',
                 'layers_to_transform': 'adapters on some layers only',
-                'modules_to_save': 'fully trained extra modules'}
+                'modules_to_save': 'fully trained extra modules',
+                'lora_bias': 'a bias on lora_B', 'layer_replication': 'replicated layers'}
 
 
 def check_adapter_config(saved: Mapping[str, Any], lcfg: lora_lib.LoraConfig, *, what: str) -> None:
