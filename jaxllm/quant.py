@@ -72,7 +72,9 @@ def quantize(w, *, fmt: str, group_size: int = 64):
 
 
 def dequantize(values, scale, *, fmt: str, dtype='float32'):
-  """(values, scale) -> W [..., K, N] in `dtype` (the scale multiply is done in float32)."""
+  """(values, scale) -> W [..., K, N] in `dtype`. int8's scale multiply is done in float32;
+  int4's in `dtype` (its codes -8..7 are exact in bf16): a bf16 unpack halves the one-layer
+  temporaries it makes, and the product is rounded to bf16 for the matmul either way."""
   if fmt == 'int8':
     return (values.astype(jnp.float32) * scale).astype(dtype)
   if fmt != 'int4':
@@ -82,8 +84,8 @@ def dequantize(values, scale, *, fmt: str, dtype='float32'):
   q = jnp.stack([low, high], axis=-2)  # [..., K/2, 2, N]
   k, n = values.shape[-2] * 2, values.shape[-1]
   groups = q.reshape(*values.shape[:-2], scale.shape[-2], k // scale.shape[-2], n)
-  w = groups.astype(jnp.float32) * scale[..., None, :]
-  return w.reshape(*values.shape[:-2], k, n).astype(dtype)
+  w = groups.astype(dtype) * scale.astype(dtype)[..., None, :]
+  return w.reshape(*values.shape[:-2], k, n)
 
 
 def bytes_per_weight(fmt: str, group_size: int = 64) -> float:
