@@ -253,13 +253,16 @@ def _train_loop(config, trainer: trainer_lib.Trainer, state, train_iter, pipelin
                                                    config.model.dtype),
       writer=writer)
   guard = NonFiniteGuard(config.optim.skip_nonfinite)
-  last, pending, step = {}, None, int(state['step'])
+  last, pending, step, train_step = {}, None, int(state['step']), None
   monitor.begin(step)
   with runtime.PreemptionWatch() as watch, sharding.activate(trainer.mesh, trainer.rules):
     for step in range(step + 1, t.num_steps + 1):
       with monitor.data_wait():
         batch = sharding.global_batch(next(train_iter), trainer.batch_sharding)
-      state, step_metrics = trainer.train_step(state, batch)
+      if train_step is None:  # compiled for this batch's shapes; the base moves to its layout
+        train_step = trainer.compile_step_for(batch)
+        state = trainer.place_frozen(state, train_step)
+      state, step_metrics = train_step(state, batch)
       # Read step N-1's metrics only now that step N is queued: the device never waits on us.
       if pending is not None:
         last.update(_finish_step(*pending, reporter, guard, t, ckpt, monitor))

@@ -140,6 +140,43 @@ def test_quantized_base_reaches_the_layer_only_through_a_barrier(fmt):
   assert all(uses == {'optimization_barrier'} for uses in checked.values()), checked
 
 
+def test_the_frozen_base_moves_to_the_layout_the_compiled_step_takes():
+  """The step is compiled with the base's memory layout left to XLA (a TPU wants q/k/v head-major
+  and would otherwise copy the whole stack each step). A base in another layout (here the TPU's
+  choice, on CPU, whose compiler keeps the default) is refused by the step, and `place_frozen`
+  moves it: the old buffer freed, the values and every other array untouched, and the step hands
+  it back in the layout it took."""
+  from jax.experimental.layout import Format, Layout
+  from jaxllm import sharding, train
+  from test_config import load
+  config = load('configs/tiny.py', '--config.lora.rank=4', '--config.data.seq_len=32',
+                '--config.train.global_batch_size=8', '--config.model.n_layers=2')
+  trainer = train.setup(config)
+  tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (8, 33), dtype=np.int32)
+  batch = sharding.global_batch({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]},
+                                trainer.batch_sharding)
+  compiled = trainer.compile_step_for(batch)
+  state = trainer.init_state()
+  host = jax.device_get(state['base'])
+  attn = state['base']['layers']['self_attn']
+  want = compiled.input_formats[0][0]['base']['layers']['self_attn']['q_proj'].layout
+  head_major = Format(Layout(major_to_minor=(0, 2, 3, 1)), attn['q_proj'].sharding)
+  assert want != head_major.layout
+  attn['q_proj'] = elsewhere = jax.device_put(attn['q_proj'], head_major)
+  untouched = attn['k_proj']
+  with pytest.raises(ValueError, match='layouts'):
+    compiled(state, batch)
+  placed = trainer.place_frozen(state, compiled)
+  q = placed['base']['layers']['self_attn']['q_proj']
+  assert q.format.layout == want and elsewhere.is_deleted()
+  assert placed['base']['layers']['self_attn']['k_proj'] is untouched
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(placed['base']), host)
+  after, metrics = compiled(placed, batch)
+  assert np.isfinite(float(metrics['loss']))
+  assert after['base']['layers']['self_attn']['q_proj'].format.layout == want
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(after['base']), host)
+
+
 def test_targets_from_a_flag_and_from_peft_configs():
   """--config.lora.targets=q,v reaches the config as ('q,v',): it means q and v; PEFT's
   'all-linear' means the seven projections, and a regex is refused by name, not misread."""

@@ -103,7 +103,7 @@ def run(config, steps: int, warmup: int, *, packed: bool = False,
   keys = trainer_lib.BATCH_KEYS if packed else ('inputs', 'targets')
   compiled = trainer.compile_train_step(batch, seq, keys=keys)
   compile_s = time.perf_counter() - start
-  state = trainer.init_state()
+  state = trainer.place_frozen(trainer.init_state(), compiled)
   if packed:
     batches, packing = packed_batches(trainer, 4, batch, seq, config.model.vocab_size,
                                       bytes_per_token, config.model.attention_max_segments)
