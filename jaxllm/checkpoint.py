@@ -61,8 +61,9 @@ def _flat(tree) -> dict[str, Any]:
   return {name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def check_shapes(saved, target, *, where: str) -> None:
-  """Raises CheckpointError naming the first parameter whose saved shape differs from `target`."""
+def check_shapes(saved, target, *, where: str, exact: bool = True) -> None:
+  """Raises CheckpointError naming the first parameter whose saved shape differs from `target`
+  or that `target` lacks (`exact`) or has and the checkpoint has not."""
   saved_flat, target_flat = _flat(saved), _flat(target)
   for key, want in target_flat.items():
     if key not in saved_flat:
@@ -73,7 +74,7 @@ def check_shapes(saved, target, *, where: str) -> None:
       raise CheckpointError(f'{where}: parameter {key!r} has shape {got} in the checkpoint but '
                             f'{tuple(want.shape)} in this config; restore with the model.* keys '
                             'the checkpoint was written with, or use a fresh workdir')
-  extra = sorted(set(saved_flat) - set(target_flat))
+  extra = sorted(set(saved_flat) - set(target_flat)) if exact else []
   if extra:
     raise CheckpointError(f'{where} has parameter {extra[0]!r} that this config does not: it was '
                           'written by a different model config')
@@ -167,14 +168,11 @@ class Checkpointer:
     files afresh on each write, so a base rewritten since (even in place) hashes differently,
     while a copy or move keeps it; nothing is read but the directory listing."""
     root = os.path.join(self.step_dir(step), 'params')
-    if not os.path.isdir(root):
+    if not files.isdir(root):
       raise CheckpointError(f'{self.step_dir(step)} has no parameters')
     h = hashlib.sha256()
-    for folder, dirs, names in sorted(os.walk(root)):
-      dirs.sort()
-      for name in sorted(names):
-        path = os.path.join(folder, name)
-        h.update(f'{os.path.relpath(path, root)}:{os.path.getsize(path)}\n'.encode())
+    for path, size in files.file_sizes(root).items():
+      h.update(f'{path}:{size}\n'.encode())
     return h.hexdigest()[:16]
 
   def params_metadata(self, step: int):
@@ -203,9 +201,16 @@ class Checkpointer:
     return {'step': jax.device_put(np.int32(out['meta']['step']), step_sharding),
             'params': out['params'], 'opt_state': out['opt_state']}
 
-  def restore_params(self, step: int, abstract_params: Mapping[str, Any]) -> dict:
-    """Only the parameters at `step` (fine-tuning from another run)."""
-    check_shapes(self.params_metadata(step), abstract_params, where=self.step_dir(step))
+  def restore_params(self, step: int, abstract_params: Mapping[str, Any], *,
+                     partial: bool = False) -> dict:
+    """Only the parameters at `step` (fine-tuning from another run). `partial`: only those that
+    `abstract_params` names, the rest left on disk (a quantized base is read a stack at a time)."""
+    check_shapes(self.params_metadata(step), abstract_params, where=self.step_dir(step),
+                 exact=not partial)
+    if partial:
+      return self._read_some(step, abstract_params, jax.tree.map(
+          lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype,
+                                         global_shape=a.shape), abstract_params))
     try:
       out = self._manager.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(abstract_params)))
@@ -213,20 +218,24 @@ class Checkpointer:
       raise self._unreadable(step, e) from e
     return out['params']
 
+  def _read_some(self, step: int, item, restore_args):
+    reader = ocp.PyTreeCheckpointer()
+    try:
+      return reader.restore(os.path.join(self.step_dir(step), 'params'),
+                            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                        partial_restore=True))
+    except Exception as e:
+      raise self._unreadable(step, e) from e
+    finally:
+      reader.close()
+
   def read_param(self, step: int, path: Sequence[str], like: jax.ShapeDtypeStruct) -> np.ndarray:
     """One parameter (`path` into the params dict) as a host array, the rest left on disk: a
     converter can stream a checkpoint larger than host memory."""
     item, args = like, ocp.RestoreArgs(restore_type=np.ndarray, dtype=like.dtype)
     for key in reversed(path):
       item, args = {key: item}, {key: args}
-    reader = ocp.PyTreeCheckpointer()
-    try:
-      out = reader.restore(os.path.join(self.step_dir(step), 'params'), args=ocp.args.PyTreeRestore(
-          item=item, restore_args=args, partial_restore=True))
-    except Exception as e:
-      raise self._unreadable(step, e) from e
-    finally:
-      reader.close()
+    out = self._read_some(step, item, args)
     for key in path:
       out = out[key]
     if not isinstance(out, np.ndarray):  # a partial restore leaves a missing leaf as it was

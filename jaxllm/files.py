@@ -91,6 +91,24 @@ def listdir(path: str) -> list[str]:
   return sorted(os.listdir(path))
 
 
+def file_sizes(root: str) -> dict[str, int]:
+  """{path relative to the folder `root` ('/'-separated): size in bytes} of every file under it,
+  in os.walk's order (a folder's files, then its subfolders', each sorted by name)."""
+  if is_url(root):  # epath refuses a recursive glob on a bucket: one listing per folder
+    def walk(folder, prefix):
+      for p in folder.iterdir():
+        if p.is_dir():
+          yield from walk(p, f'{prefix}{p.name}/')
+        else:
+          yield prefix + p.name, p.stat().length
+    found = dict(walk(_epath(root), ''))
+  else:
+    found = {os.path.relpath(os.path.join(folder, name), root):
+             os.path.getsize(os.path.join(folder, name))
+             for folder, _, names in os.walk(root) for name in names}
+  return dict(sorted(found.items(), key=lambda kv: os.path.split(kv[0])))
+
+
 def read_bytes(path: str) -> bytes:
   if is_url(path):
     return _epath(path).read_bytes()

@@ -163,9 +163,12 @@ def quantize_base(model: model_lib.Llama, lcfg: LoraConfig) -> None:
   for target in TARGETS:
     module, name, n_in = _weight_of(model, target)
     param = getattr(module, name)
-    setattr(module, name, quant.QuantizedWeight(
-        param[...], n_lead=1, n_in=n_in, names=param.get_metadata()['out_sharding'],
-        fmt=lcfg.quantize, group_size=lcfg.group_size))
+    setattr(module, name, _quantized(param[...], param.get_metadata()['out_sharding'], n_in, lcfg))
+
+
+def _quantized(w, names, n_in: int, lcfg: LoraConfig) -> quant.QuantizedWeight:
+  return quant.QuantizedWeight(w, n_lead=1, n_in=n_in, names=names, fmt=lcfg.quantize,
+                               group_size=lcfg.group_size)
 
 
 def build(cfg: model_lib.ModelConfig, lcfg: LoraConfig, *, seed: int) -> model_lib.Llama:
@@ -177,16 +180,20 @@ def build(cfg: model_lib.ModelConfig, lcfg: LoraConfig, *, seed: int) -> model_l
   return model
 
 
-def quantize_params(base: dict, cfg: model_lib.ModelConfig, lcfg: LoraConfig) -> dict:
-  """A float base params dict (a checkpoint's layout, in base_dtype) -> the stored form of
-  `build`'s base (its seven projections quantized); unchanged when lcfg.quantize is 'none'."""
-  if lcfg.quantize == 'none':
-    return base
-  graphdef, _ = nnx.split(nnx.eval_shape(
-      lambda: model_lib.Llama(lcfg.base_model_config(cfg), rngs=nnx.Rngs(0))))
-  model = nnx.merge(graphdef, base)
-  quantize_base(model, lcfg)
-  return nnx.to_pure_dict(nnx.state(model))
+def weight_path(target: str) -> tuple[str, str, str]:
+  """Where the stacked base weight of `target` sits in a params dict."""
+  sub, name, _ = TARGETS[target]
+  return ('layers', sub, name)
+
+
+def weight_quantizer(target: str, cfg: model_lib.ModelConfig, lcfg: LoraConfig):
+  """A function from the stacked float base weight of `target` (a checkpoint's, in base_dtype)
+  to its stored form in `build`'s quantized base (`{'values', 'scale'}`), to jit: a quantized
+  base is read and quantized one weight at a time (trainer.load_base)."""
+  model = nnx.eval_shape(lambda: model_lib.Llama(lcfg.base_model_config(cfg), rngs=nnx.Rngs(0)))
+  module, name, n_in = _weight_of(model, target)
+  names = getattr(module, name).get_metadata()['out_sharding']
+  return lambda w: nnx.to_pure_dict(nnx.state(_quantized(w, names, n_in, lcfg)))
 
 
 def is_adapter(path) -> bool:

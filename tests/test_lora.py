@@ -177,6 +177,50 @@ def test_the_frozen_base_moves_to_the_layout_the_compiled_step_takes():
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(after['base']), host)
 
 
+def test_a_quantized_base_is_read_and_quantized_one_stack_at_a_time(tmp_path, monkeypatch):
+  """QLoRA's base from a checkpoint: bit for bit the base `lora.build` quantizes from the same
+  float weights, read one projection stack at a time, so the device never holds the whole float
+  base (8B: 5.6 GiB of 4-bit base and one 3.5 GiB bf16 stack, not 15 GiB of bf16)."""
+  from jaxllm import train
+  from test_config import load
+  config = load('configs/tiny.py', '--config.lora.rank=4', '--config.lora.quantize=int4',
+                '--config.lora.group_size=32')
+  trainer = train.setup(config)
+  cfg, lcfg = trainer.model_cfg, trainer.lora
+  saved = checkpoint_lib.Checkpointer(str(tmp_path / 'base'), async_save=False)
+  saved.save_params(1, jax.device_get(nnx.to_pure_dict(nnx.state(model_lib.Llama(
+      lcfg.base_model_config(cfg), rngs=nnx.Rngs(5))))), {})
+  saved.close()
+  live_bytes = lambda: sum(a.nbytes for a in jax.live_arrays())
+  after_reads, restore = [], checkpoint_lib.Checkpointer.restore_params
+  def counted(self, *args, **kwargs):
+    out = restore(self, *args, **kwargs)
+    after_reads.append(live_bytes())
+    return out
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, 'restore_params', counted)
+  before = live_bytes()
+  base, _ = trainer.load_base(str(tmp_path / 'base'))
+  nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+  floats = trainer._abstract_float_base
+  stacks = [nbytes(_at(floats, lora_lib.weight_path(t))) for t in lora_lib.TARGETS]
+  quantized = sum(nbytes(_at(base, lora_lib.weight_path(t))) for t in lora_lib.TARGETS)
+  # Everything but the stacks, the quantized stacks, and one float stack being quantized.
+  bound = nbytes(floats) - sum(stacks) + quantized + max(stacks)
+  assert len(after_reads) == 8 and max(after_reads) - before <= bound < nbytes(floats), (
+      max(after_reads) - before, bound, nbytes(floats))
+  _, want = lora_lib.split(nnx.to_pure_dict(nnx.state(lora_lib.build(cfg, lcfg, seed=5))))
+  assert jax.tree.structure(base) == jax.tree.structure(want)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(base), jax.device_get(want))
+  jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim) or pytest.fail(str(s)),
+               base, trainer.state_shardings['base'])
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
 def test_targets_from_a_flag_and_from_peft_configs():
   """--config.lora.targets=q,v reaches the config as ('q,v',): it means q and v; PEFT's
   'all-linear' means the seven projections, and a regex is refused by name, not misread."""

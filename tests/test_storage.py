@@ -174,6 +174,20 @@ def test_files_on_a_bucket(gcs):
   assert files.listdir(f'gs://{BUCKET}/files') == ['notes.json']
 
 
+def test_file_sizes_are_listed_alike_on_a_bucket_and_a_disk(gcs, tmp_path):
+  """What checkpoint.params_fingerprint hashes (a LoRA run's base may be on a bucket): every
+  file's relative path and size, a folder's own files before its subfolders'."""
+  tree = {'b': 3, 'a/x': 5, 'a/c/y': 7, 'a-b': 2, 'z/q': 11}
+  for rel, size in tree.items():
+    for root in (str(tmp_path), f'gs://{BUCKET}/sizes'):
+      files.makedirs(os.path.dirname(os.path.join(root, rel)))
+      with files.replacing(os.path.join(root, rel)) as f:
+        f.write('x' * size)
+  want = {'a-b': 2, 'b': 3, 'a/x': 5, 'a/c/y': 7, 'z/q': 11}
+  assert list(files.file_sizes(str(tmp_path)).items()) == list(want.items())
+  assert list(files.file_sizes(f'gs://{BUCKET}/sizes').items()) == list(want.items())
+
+
 def test_tensorboard_on_a_bucket_keeps_every_event(gcs):
   """An events file grows by appends; gcsfs would turn each into an overwrite."""
   from jaxllm import metrics

@@ -7,6 +7,7 @@
 #   7b shape cut to 16 layers, batch 8 save_dots, packed
 #   7b whole (32 layers), batch 2, full remat, packed
 #   [fp8 rows: see the marked block below]
+#   1b packed as above with LoRA rank 16 on a bf16 base (issue 17)
 # then, only if time is left, a row with a smaller segment bound and a Pallas row for comparison. Each row has its own timeout and the
 # whole script a budget (BUDGET_S, default 570 s): a row that cannot fit is recorded as skipped.
 # JSON lines (one per row, with "name") go to $OUT/bench.jsonl; logs to $OUT/<name>.log; a table
@@ -72,6 +73,10 @@ if [ $(( BUDGET_S - SECONDS )) -gt 100 ]; then
     bash tools/fp8_check.sh 2>&1 | tail -6 | tee "$OUT/fp8_summary.txt"
 fi
 bench 7b_b2_full_packed 170 --packed $B7W
+# Issue 17: the 1B LoRA step (rank 16, all seven projections, bf16 base), its tokens/s and peak
+# memory beside the full 1b rows above; also the first GPU compile of a base layout left to XLA.
+bench 1b_b12_save_dots_packed_lora16 150 --packed $B1 --config.lora.rank=16 \
+  --config.lora.base_dtype=bfloat16
 # Extras, only if time is left: cuDNN planning for fewer segments per row (its cost grows with
 # model.attention_max_segments; the packing line's segments_per_row_max must stay <= it), then the
 # Pallas kernel, on the 1B packed row.
