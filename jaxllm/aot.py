@@ -159,10 +159,8 @@ def partitioned_collectives(config: ml_collections.ConfigDict, devices=None) -> 
   config's batch and settings as they are ('auto' must be resolved)."""
   devices = jax.devices() if devices is None else list(devices)
   trainer = build_trainer(config, devices)
-  with sharding.activate(trainer.mesh, trainer.rules):
-    lowered = trainer.train_step.lower(
-        trainer.abstract_state,
-        trainer.abstract_batch(config.train.global_batch_size, config.data.seq_len))
+  lowered = trainer.lower_step_for(
+      trainer.abstract_batch(config.train.global_batch_size, config.data.seq_len))
   with tempfile.TemporaryDirectory() as dump:
     lowered.compile(compiler_options={**(trainer.compiler_options or {}), 'xla_dump_to': dump,
                                       'xla_dump_hlo_pass_re': 'spmd-partitioning'})

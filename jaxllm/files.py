@@ -93,7 +93,7 @@ def listdir(path: str) -> list[str]:
 
 def file_sizes(root: str) -> dict[str, int]:
   """{path relative to the folder `root` ('/'-separated): size in bytes} of every file under it,
-  in os.walk's order (a folder's files, then its subfolders', each sorted by name)."""
+  sorted by (folder, name): a folder's own files before those of its subfolders."""
   if is_url(root):  # epath refuses a recursive glob on a bucket: one listing per folder
     def walk(folder, prefix):
       for p in folder.iterdir():

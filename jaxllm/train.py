@@ -188,7 +188,9 @@ def _log_config_changes(saved: Mapping, config: ml_collections.ConfigDict) -> No
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last train
-  and eval metrics, the final state, and `preempted_at` (a step) if a signal stopped it."""
+  and eval metrics, the final state, and `preempted_at` (a step) if a signal stopped it. The
+  state's frozen base or teacher is in the memory layout the compiled step took (jit adapts to
+  it; an ahead-of-time compiled function wants `Trainer.place_frozen` first)."""
   started = time.monotonic()  # goodput's start-up is timed from here
   if runtime.prepare(xla_gpu_flags=config.train.xla_gpu_flags,  # before JAX starts its backends
                      cpu_reuse_memory=config.train.cpu_reuse_memory):

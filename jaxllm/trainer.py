@@ -14,7 +14,7 @@ evaluation and sampling. A checkpoint saves `params` and `opt_state` (the adapte
 base checkpoint (`base_reference`), which `load_base` reads back, refusing one that changed (a
 quantized base is read and quantized one stack at a time, never whole in float). The loop runs
 the step compiled by `compile_step_for`, which leaves the frozen base's and teacher's memory
-layout to XLA; `place_frozen` moves them there once.
+layout to the TPU (and CPU) compiler; `place_frozen` moves them there once.
 
 A distillation (jaxllm/distill.py) adds `teacher`: the frozen teacher's parameters, handed back
 by the step as they came (donated in, aliased out: no copy) and never saved. With `ptq.format`
@@ -147,10 +147,8 @@ class Trainer:
             f'the adapters were trained on base {expect.get("path")} step {expect.get("step")}, '
             f'but {what}={path!r} step {step} holds other parameters (written since, or another '
             'model): restore that base, or start the adapters afresh in a new workdir')
-      if self.lora.quantize == 'none':
-        base = source.restore_params(step, self._abstract_float_base)
-      else:
-        base = self._read_quantized(source, step)
+      base = (source.restore_params(step, self._abstract_float_base)
+              if self.lora.quantize == 'none' else self._read_quantized(source, step))
     finally:
       source.close()
     return base, ref
@@ -172,8 +170,8 @@ class Trainer:
                          out_shardings=out)
       w = read({path: floats[path]})[path]
       with sharding.activate(self.mesh, self.rules):
-        base[path] = quantize(w)
-      del w  # freed once its quantization is done, before the next stack is read
+        base[path] = jax.block_until_ready(quantize(w))
+      del w  # freed before the next stack is read
     return traverse_util.unflatten_dict(base)
 
   def restore_params(self, ckpt: checkpoint_lib.Checkpointer, step: int) -> dict:
@@ -191,10 +189,14 @@ class Trainer:
 
   @functools.cached_property
   def train_step(self):
-    """(state, batch) -> (state, metrics); compiled once, state donated."""
+    """(state, batch) -> (state, metrics); compiled once, state donated; any layouts (the loop
+    runs compile_step_for's step instead)."""
+    return self._jit_step(self.state_shardings)
+
+  def _jit_step(self, state_shardings):
     return jax.jit(functools.partial(_train_step, self), donate_argnums=(0,),
-                   in_shardings=(self.state_shardings, self.batch_sharding),
-                   out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())),
+                   in_shardings=(state_shardings, self.batch_sharding),
+                   out_shardings=(state_shardings, NamedSharding(self.mesh, P())),
                    compiler_options=self.compiler_options)
 
   @functools.cached_property
@@ -217,36 +219,42 @@ class Trainer:
     """Ahead-of-time lower + compile from abstract shapes (no weights allocated)."""
     return self.compile_step_for(self.abstract_batch(batch_size, seq_len, keys))
 
-  @functools.cached_property
-  def _step_with_frozen_layouts(self):
-    """train_step, but the frozen base's and teacher's memory layout is left to XLA (AUTO)."""
-    shardings = {k: (jax.tree.map(lambda s: Format(Layout.AUTO, s), s) if k in FROZEN else s)
-                 for k, s in self.state_shardings.items()}
-    return jax.jit(functools.partial(_train_step, self), donate_argnums=(0,),
-                   in_shardings=(shardings, self.batch_sharding),
-                   out_shardings=(shardings, NamedSharding(self.mesh, P())),
-                   compiler_options=self.compiler_options)
-
-  def compile_step_for(self, batch: Mapping):
-    """The train step compiled for batches shaped like `batch` (arrays or ShapeDtypeStructs),
-    from abstract state. The frozen base and teacher are in whatever memory layout the compiler
-    wants for them: a TPU lays a layer's q/k/v out head-major for its matmuls, and with the
-    default layout it would copy the whole stacked q/k/v into that order before the layer scan
-    (1.5 GiB at 8B in bf16). `place_frozen(state, compiled)` moves a state's there."""
+  def lower_step_for(self, batch: Mapping, frozen_formats: Mapping | None = None):
+    """The train step lowered from abstract state for batches shaped like `batch`. The frozen
+    parts' memory layouts: `frozen_formats` ({key: tree of Format}) or, on the TPU (and CPU)
+    compiler, XLA's choice: a TPU wants q/k/v head-major, and from the default layout it copies
+    the whole stacked q/k/v before the layer scan (1.5 GiB at 8B in bf16). XLA:GPU keeps the
+    default layouts, so a GPU step is compiled with them."""
+    shardings = dict(self.state_shardings)
+    for key in sorted(FROZEN & shardings.keys()):
+      if frozen_formats:
+        shardings[key] = frozen_formats[key]
+      elif self.mesh.devices.flat[0].platform in ('cpu', 'tpu'):
+        shardings[key] = jax.tree.map(lambda s: Format(Layout.AUTO, s), shardings[key])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                             dict(batch))
     with sharding.activate(self.mesh, self.rules):
-      return self._step_with_frozen_layouts.lower(self.abstract_state, abstract).compile()
+      return self._jit_step(shardings).lower(self.abstract_state, abstract)
+
+  def compile_step_for(self, batch: Mapping):
+    """lower_step_for(batch), compiled; `place_frozen` moves a state's frozen parts into the
+    layouts it takes. XLA picks the output's apart: should they differ, the step is compiled
+    again with what it takes pinned on both sides (so the base it hands back can go in again)."""
+    compiled = self.lower_step_for(batch).compile()
+    ins, outs = compiled.input_formats[0][0], compiled.output_formats[0]
+    frozen = sorted(FROZEN & ins.keys())
+    if any(i.layout != o.layout for k in frozen
+           for i, o in zip(jax.tree.leaves(ins[k]), jax.tree.leaves(outs[k]))):
+      compiled = self.lower_step_for(batch, {k: ins[k] for k in frozen}).compile()
+    return compiled
 
   @staticmethod
   def place_frozen(state: dict, compiled) -> dict:
-    """`state` with its base and teacher in the layouts `compiled` (compile_step_for) takes.
-    Each array that moves is copied alone and its old buffer freed (donated) before the next,
-    so the base is never held twice; on CPU and wherever the layout is already right nothing
-    moves."""
+    """`state` with its base and teacher in the layouts `compiled` takes, moved one array at a
+    time, each old buffer donated (the base is never held twice); the rest is not copied."""
     formats = compiled.input_formats[0][0]
     placed = dict(state)
-    for key in FROZEN & state.keys():
+    for key in sorted(FROZEN & state.keys()):
       placed[key] = jax.tree.map(lambda a, f: a if a.format.layout == f.layout else
                                  jax.device_put(a, f, donate=True).block_until_ready(),
                                  state[key], formats[key])

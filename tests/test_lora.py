@@ -142,10 +142,10 @@ def test_quantized_base_reaches_the_layer_only_through_a_barrier(fmt):
 
 def test_the_frozen_base_moves_to_the_layout_the_compiled_step_takes():
   """The step is compiled with the base's memory layout left to XLA (a TPU wants q/k/v head-major
-  and would otherwise copy the whole stack each step). A base in another layout (here the TPU's
-  choice, on CPU, whose compiler keeps the default) is refused by the step, and `place_frozen`
-  moves it: the old buffer freed, the values and every other array untouched, and the step hands
-  it back in the layout it took."""
+  and would otherwise copy the whole stack each step); XLA:CPU keeps the default. With the TPU's
+  head-major q pinned instead, the step refuses a base in the default layout; `place_frozen`
+  moves it (the old buffer freed, the other arrays untouched) and the step takes it, computes
+  the same loss, and hands it back in the layout it took, bit-identical."""
   from jax.experimental.layout import Format, Layout
   from jaxllm import sharding, train
   from test_config import load
@@ -155,25 +155,29 @@ def test_the_frozen_base_moves_to_the_layout_the_compiled_step_takes():
   tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (8, 33), dtype=np.int32)
   batch = sharding.global_batch({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]},
                                 trainer.batch_sharding)
-  compiled = trainer.compile_step_for(batch)
+  default = trainer.compile_step_for(batch)
+  formats = default.input_formats[0][0]['base']
+  q_default = formats['layers']['self_attn']['q_proj']
+  head_major = Layout(major_to_minor=(0, 2, 3, 1))
+  assert q_default.layout != head_major
+  formats['layers']['self_attn']['q_proj'] = Format(head_major, q_default.sharding)
+  pinned = trainer.lower_step_for(batch, {'base': formats}).compile()
   state = trainer.init_state()
   host = jax.device_get(state['base'])
+  _, want = default(trainer.place_frozen(jax.tree.map(jnp.copy, state), default), batch)
   attn = state['base']['layers']['self_attn']
-  want = compiled.input_formats[0][0]['base']['layers']['self_attn']['q_proj'].layout
-  head_major = Format(Layout(major_to_minor=(0, 2, 3, 1)), attn['q_proj'].sharding)
-  assert want != head_major.layout
-  attn['q_proj'] = elsewhere = jax.device_put(attn['q_proj'], head_major)
-  untouched = attn['k_proj']
+  q_before, k_before = attn['q_proj'], attn['k_proj']
   with pytest.raises(ValueError, match='layouts'):
-    compiled(state, batch)
-  placed = trainer.place_frozen(state, compiled)
+    pinned(state, batch)
+  placed = trainer.place_frozen(state, pinned)
   q = placed['base']['layers']['self_attn']['q_proj']
-  assert q.format.layout == want and elsewhere.is_deleted()
-  assert placed['base']['layers']['self_attn']['k_proj'] is untouched
+  taken = q.format.layout
+  assert taken.major_to_minor == head_major.major_to_minor and q_before.is_deleted()
+  assert placed['base']['layers']['self_attn']['k_proj'] is k_before
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(placed['base']), host)
-  after, metrics = compiled(placed, batch)
-  assert np.isfinite(float(metrics['loss']))
-  assert after['base']['layers']['self_attn']['q_proj'].format.layout == want
+  after, metrics = pinned(placed, batch)
+  np.testing.assert_allclose(float(metrics['loss']), float(want['loss']), rtol=1e-6)
+  assert after['base']['layers']['self_attn']['q_proj'].format.layout == taken
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(after['base']), host)
 
 

@@ -39,8 +39,8 @@ def _variant(config, every: int):
   tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (batch, seq + 1),
                                              dtype=np.int32)
   host = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
-  return trainer, step, [trainer.place_frozen(trainer.init_state(), step), None], sharding.global_batch(
-      host, trainer.batch_sharding)
+  state = trainer.place_frozen(trainer.init_state(), step)
+  return trainer, step, [state, None], sharding.global_batch(host, trainer.batch_sharding)
 
 
 def main(argv):
