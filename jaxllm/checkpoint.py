@@ -317,10 +317,11 @@ def fingerprint_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> st
   return ''
 
 
-def open_read_only(path: str, step: int = -1, *, what: str, step_flag: str,
+def open_read_only(path: str, step: int = -1, *, what: str, step_flag: str, fix: str = '',
                    ) -> tuple[Checkpointer, int]:
   """A read-only Checkpointer on a checkpoint directory and the step to read (-1: the latest).
-  Errors name `what` (the flag or key that gave `path`) and `step_flag` (the one that gave `step`)."""
+  Errors name `what` (the flag or key that gave `path`) and `step_flag` (the one that gave `step`);
+  `fix` ends the error of a step that is not there."""
   if not files.isdir(path):
     raise CheckpointError(f'{what}: checkpoint directory {path} does not exist (no checkpoint was '
                           'saved there yet)')
@@ -334,7 +335,8 @@ def open_read_only(path: str, step: int = -1, *, what: str, step_flag: str,
     step = steps[-1]
   elif step not in steps:
     ckpt.close()
-    raise CheckpointError(f'{step_flag}={step} is not a checkpoint of {what}: it has steps {steps}')
+    raise CheckpointError(f'{step_flag}={step} is not a checkpoint of {what}: it has steps '
+                          f'{steps}{fix}')
   return ckpt, step
 
 

@@ -141,6 +141,7 @@ def _trained_state(trainer: trainer_lib.Trainer, ckpt: checkpoint_lib.Checkpoint
   ckpt.data_restart_step = restart  # later saves are positions in this order too
   train_iter = pipeline.train_iter(restart_step=restart)
   try:
+    _check_same_adapters(ckpt.saved_config(latest).get('lora', {}), config, ckpt.step_dir(latest))
     # Abstract targets carry this run's shardings: Orbax reshards onto whatever mesh we have now.
     state = ckpt.restore(latest, trainer.abstract_state, train_iter if restore_data else None)
   except BaseException:
@@ -209,6 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pipeline = make_pipeline(config, workdir,
                            trainer.process_batch_size(t.global_batch_size, config.data.seq_len))
   distill.check_teacher_tokenizer(config, pipeline.tokenizer)
+  check_base_tokenizer(config, pipeline.tokenizer)
   ckpt = make_checkpointer(config, workdir)
   train_iter = None
   monitor = monitor_lib.Monitor(goodput_path=rundir.RunDir(workdir).goodput, started=started,
@@ -228,6 +230,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if hasattr(train_iter, 'close'):
       train_iter.close()  # stops grain's worker processes, if any
   return last
+
+
+def _check_same_adapters(saved: Mapping, config: ml_collections.ConfigDict, where: str) -> None:
+  """A resume must build the adapters its checkpoint holds (or none, as it does)."""
+  names = lambda t: ','.join(sorted(x for item in ((t,) if isinstance(t, str) else t)
+                                    for x in str(item).split(',') if x))
+  said = lambda rank, t: f'lora.rank={rank}' + (f' on {names(t)}' if rank else '')
+  was, now = said(saved.get('rank', 0), saved.get('targets', ())), said(config.lora.rank,
+                                                                        config.lora.targets)
+  if was != now:
+    fix = f'--config.lora.rank={saved.get("rank", 0)}' + (
+        f' --config.lora.targets={names(saved["targets"])}' if saved.get('rank') else '')
+    raise ValueError(f'{where} was written with {was}, not {now}: resume with {fix}, or start '
+                     'afresh in a new workdir')
+
+
+def check_base_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> None:
+  """Refuses to fine-tune a base (checkpoint.init_from, in a run directory) that is a LoRA run,
+  or on data tokenized otherwise than its run's (its embeddings would be read with other ids)."""
+  base = config.checkpoint.init_from
+  run = rundir.RunDir(base.rstrip('/').rsplit('/', 1)[0]) if base else None
+  saved = run and run.saved_config()
+  if saved is not None and saved.lora.rank:
+    raise ValueError(f'checkpoint.init_from={base!r} is a LoRA run (adapters on its own base): '
+                     'export it merged (tools/convert_to_hf.py), import that '
+                     '(tools/convert_from_hf.py) and start from the import')
+  if saved is None or not run.has_tokenizer(saved):
+    return  # not a run directory's checkpoints: nothing to compare with
+  saved.data.chat_template = config.data.chat_template  # a chat fine-tune may add one
+  theirs = run.tokenizer(saved)
+  if theirs.fingerprint() != tokenizer.fingerprint():
+    raise ValueError(f'checkpoint.init_from={base!r} was trained with the tokenizer {theirs.path}, '
+                     f"which differs from this run's {tokenizer.path}: set "
+                     f'--config.data.tokenizer={theirs.path}')
 
 
 def _start_logging(config, workdir: str, trainer: trainer_lib.Trainer):
@@ -289,7 +325,7 @@ def _train_loop(config, trainer: trainer_lib.Trainer, state, train_iter, pipelin
     if pending is not None:
       last.update(_finish_step(*pending, reporter, guard, t, ckpt, monitor))
   with monitor.timed('eval'):
-    last.update(monitor.observe(_run_eval(config, trainer, state, pipeline, t.num_steps, writer)))
+    last.update(monitor.observe(_run_eval(config, trainer, state, pipeline, step, writer)))
   last['state'] = state
   return last
 

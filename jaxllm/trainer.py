@@ -138,8 +138,10 @@ class Trainer:
     """(the frozen base of a LoRA state, its base_reference) from the parameters of checkpoint
     `path` at `step` (-1: latest), cast to lora.base_dtype and quantized as configured. `expect`:
     the reference a LoRA checkpoint saved; a base that differs from it is a CheckpointError."""
-    source, step = checkpoint_lib.open_read_only(path, step, what=f'{what}={path!r}',
-                                                 step_flag='checkpoint.init_from_step')
+    source, step = checkpoint_lib.open_read_only(
+        path, step, what=f'{what}={path!r}', **(dict(
+            step_flag="the adapters' base step", fix=': restore it, or start the adapters afresh '
+            'in a new workdir') if expect else dict(step_flag='checkpoint.init_from_step')))
     try:
       ref = base_reference(source, step)
       if expect is not None and expect.get('fingerprint') != ref['fingerprint']:
@@ -154,9 +156,8 @@ class Trainer:
     return base, ref
 
   def _read_quantized(self, source: checkpoint_lib.Checkpointer, step: int) -> dict:
-    """The base of a quantized run, read and quantized one projection stack at a time: the device
-    never holds the whole float base (8B: the quantized base, 5.6 GiB, and one bf16 MLP stack,
-    3.5 GiB, where the whole bf16 base is 15)."""
+    """A quantized base, read and quantized one projection stack at a time, never whole in float
+    (8B: the 5.6 GiB quantized base and one 3.5 GiB bf16 MLP stack, not 15 GiB of bf16)."""
     floats = traverse_util.flatten_dict(self._abstract_float_base)
     checkpoint_lib.check_shapes(source.params_metadata(step), self._abstract_float_base,
                                 where=source.step_dir(step))  # the whole base, before any part
@@ -220,11 +221,9 @@ class Trainer:
     return self.compile_step_for(self.abstract_batch(batch_size, seq_len, keys))
 
   def lower_step_for(self, batch: Mapping, frozen_formats: Mapping | None = None):
-    """The train step lowered from abstract state for batches shaped like `batch`. The frozen
-    parts' memory layouts: `frozen_formats` ({key: tree of Format}) or, on the TPU (and CPU)
-    compiler, XLA's choice: a TPU wants q/k/v head-major, and from the default layout it copies
-    the whole stacked q/k/v before the layer scan (1.5 GiB at 8B in bf16). XLA:GPU keeps the
-    default layouts, so a GPU step is compiled with them."""
+    """The train step lowered from abstract state for batches like `batch`; the frozen parts'
+    memory layouts `frozen_formats`'s ({key: tree of Format}) or, on TPU (and CPU), XLA's choice
+    (from the default a TPU copies the stacked q/k/v head-major: 1.5 GiB at 8B in bf16)."""
     shardings = dict(self.state_shardings)
     for key in sorted(FROZEN & shardings.keys()):
       if frozen_formats:

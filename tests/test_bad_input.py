@@ -77,6 +77,10 @@ def root(tmp_path_factory) -> pathlib.Path:
   spm.SentencePieceTrainer.train(sentence_iterator=iter(DOCS.split('\n') * 20), vocab_size=24,
                                  model_prefix=str(d / 'no_bos'), bos_id=-1, eos_id=-1,
                                  minloglevel=2)
+  # A tokenizer of the run's vocabulary size trained on other text (the corpus in capitals).
+  corpus = sorted((REPO / 'jaxllm' / 'corpus' / 'shakespeare').glob('*.txt'))[0].read_text()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus.upper().split('\n')),
+                                 vocab_size=512, model_prefix=str(d / 'other'), minloglevel=2)
   # Copies of the run, each with one file damaged: the checkpoint's metadata, the tokenizer.
   shutil.copytree(run, d / 'run_cut_checkpoint')
   meta = d / 'run_cut_checkpoint' / 'checkpoints' / '1' / 'params' / '_METADATA'
@@ -299,6 +303,9 @@ CASES = [
 # LoRA (jaxllm/lora.py, convert/peft.py): its keys, PEFT folders, and LoRA runs where a whole
 # model is needed. Each fails before a step is compiled.
 LORA = (*MAIN, *NEW, TOK, '--config.checkpoint.init_from={run}/checkpoints')
+# The imported adapter run, resumed as its config.json says (the base's tokenizer and data cache).
+LORA_RUN = (*MAIN, '--workdir={in}/lora_run', TOK, '--config.data.cache_dir={run}/data',
+            '--config.checkpoint.init_from={run}/checkpoints')
 CASES += [
     ('lora.rank=-1', (*LORA, '--config.lora.rank=-1'), 'lora.rank=-1 must be >= 0'),
     ('lora.alpha=0', (*LORA, '--config.lora.rank=16', '--config.lora.alpha=0'),
@@ -311,6 +318,20 @@ CASES += [
      "lora.quantize='int3' must be one of none, int8, int4"),
     ('lora.quantize without rank', (*LORA, '--config.lora.quantize=int4'),
      "lora.quantize='int4' quantizes the frozen base of adapters: set lora.rank > 0"),
+    ('init_from with another tokenizer', (*MAIN, *NEW, '--config.lora.rank=4',
+                                          '--config.checkpoint.init_from={run}/checkpoints',
+                                          '--config.data.tokenizer={in}/other.model'),
+     'set --config.data.tokenizer={run}/tokenizer.model'),
+    ('resume with another lora.rank', (*LORA_RUN, '--config.lora.rank=8', '--config.lora.targets=q,v'),
+     '--config.lora.rank=4 --config.lora.targets=q,v, or start afresh'),
+    ('resume a LoRA run without lora', LORA_RUN,
+     'was written with lora.rank=4 on q,v, not lora.rank=0'),
+    ('init_from a LoRA run', (*MAIN, *NEW, TOK, '--config.checkpoint.init_from={in}/lora_run/checkpoints'),
+     "checkpoint.init_from='{in}/lora_run/checkpoints' is a LoRA run"),
+    ('import an adapter over a run', ('tools/convert_from_hf.py', '--adapter={in}/adapter',
+                                      '--base={run}', '--out={in}/run_cut_checkpoint',
+                                      '--overwrite'),
+     '--out={in}/run_cut_checkpoint holds the checkpoints of a run'),
     ('lora.adapter without rank', (*LORA, '--config.lora.adapter={in}/adapter'),
      'lora.adapter={in}/adapter needs adapters to load into: set lora.rank'),
     ('lora with ptq.format', (*LORA, '--config.lora.rank=16', '--config.ptq.format=int8'),

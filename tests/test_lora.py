@@ -217,6 +217,11 @@ def test_a_quantized_base_is_read_and_quantized_one_stack_at_a_time(tmp_path, mo
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(base), jax.device_get(want))
   jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim) or pytest.fail(str(s)),
                base, trainer.state_shardings['base'])
+  # The step a LoRA checkpoint names, gone from its base (a keep policy removed it): said so.
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match=r"the adapters' base step=5 is not a checkpoint .* it has steps \[1\]: "
+                           'restore it, or start the adapters afresh'):
+    trainer.load_base(str(tmp_path / 'base'), 5, expect={'fingerprint': 'x'}, what='the base')
 
 
 def _at(tree, path):

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from jaxllm import checkpoint as checkpoint_lib
+from jaxllm import files
 from jaxllm import lora as lora_lib
 from jaxllm import rundir
 from jaxllm.convert import UnsupportedError, check_out, hf, replacing, safetensors_io
@@ -282,6 +283,9 @@ def import_adapter(folder: str, base_workdir: str, out: str, *, overwrite: bool 
   checkpoints), checkpoints/0 with the adapters naming that base. `jaxllm.sample` and
   `jaxllm.evaluate` reopen it; returns its config.json path."""
   check_out(out, source=folder, overwrite=overwrite)
+  if files.listdir(rundir.RunDir(out).checkpoints()):
+    raise FileExistsError(f'--out={out} holds the checkpoints of a run, which an imported adapter '
+                          'would not replace (--overwrite or not): pick a new --out')
   saved = load_adapter_config(folder, what='--adapter')
   base_run = rundir.RunDir(base_workdir)
   try:
@@ -291,8 +295,9 @@ def import_adapter(folder: str, base_workdir: str, out: str, *, overwrite: bool 
                             '(or tools/convert_from_hf.py --out) of the base model the adapter '
                             'was trained on') from None
   if config.lora.rank:
+    base_of_base = config.checkpoint.init_from.rstrip('/').rsplit('/', 1)[0]
     raise ValueError(f'--base={base_workdir} is a LoRA run (lora.rank={config.lora.rank}): pass '
-                     'the run (or HF import) its adapters apply to, i.e. its checkpoint.init_from')
+                     f'the run (or HF import) its adapters apply to: --base={base_of_base}')
   config.lora.update(lora_section(saved, what=f'--adapter={folder}'))
   lcfg = lora_lib.LoraConfig.from_section(config.lora)
   source, step = base_run.open_checkpoint(config)
