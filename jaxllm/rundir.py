@@ -78,6 +78,11 @@ class RunDir:
   def __post_init__(self):
     files.check_storage(self.workdir, '--workdir')
 
+  @classmethod
+  def of_checkpoints(cls, path: str) -> 'RunDir':
+    """The workdir whose checkpoints folder is `path` (checkpoint.init_from's usual value)."""
+    return cls(str(path).rstrip('/').rsplit('/', 1)[0])
+
   def path(self, name: str) -> str:
     return os.path.join(self.workdir, name)
 

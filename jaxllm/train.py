@@ -23,6 +23,7 @@ from jaxllm import config as config_lib
 from jaxllm import data as data_lib
 from jaxllm import distill
 from jaxllm import layerstats
+from jaxllm import lora as lora_lib
 from jaxllm import metrics as metrics_lib
 from jaxllm import model as model_lib
 from jaxllm import monitor as monitor_lib
@@ -234,8 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _check_same_adapters(saved: Mapping, config: ml_collections.ConfigDict, where: str) -> None:
   """A resume must build the adapters its checkpoint holds (or none, as it does)."""
-  names = lambda t: ','.join(sorted(x for item in ((t,) if isinstance(t, str) else t)
-                                    for x in str(item).split(',') if x))
+  names = lambda t: ','.join(sorted(lora_lib.parse_targets(t)))
   said = lambda rank, t: f'lora.rank={rank}' + (f' on {names(t)}' if rank else '')
   was, now = said(saved.get('rank', 0), saved.get('targets', ())), said(config.lora.rank,
                                                                         config.lora.targets)
@@ -250,7 +250,7 @@ def check_base_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> None:
   """Refuses to fine-tune a base (checkpoint.init_from, in a run directory) that is a LoRA run,
   or on data tokenized otherwise than its run's (its embeddings would be read with other ids)."""
   base = config.checkpoint.init_from
-  run = rundir.RunDir(base.rstrip('/').rsplit('/', 1)[0]) if base else None
+  run = rundir.RunDir.of_checkpoints(base) if base else None
   saved = run and run.saved_config()
   if saved is not None and saved.lora.rank:
     raise ValueError(f'checkpoint.init_from={base!r} is a LoRA run (adapters on its own base): '

@@ -91,8 +91,7 @@ def check_flags() -> None:
   if mesh_only and not _PLAN_MESH.value:
     raise ValueError(f'{", ".join(mesh_only)} apply to --plan_mesh only: add it')
   if _PLAN_MESH.value and _PLAN.value:
-    raise ValueError('--plan_mesh plans batch and remat for each split already: drop '
-                                '--plan')
+    raise ValueError('--plan_mesh plans batch and remat for each split already: drop --plan')
   if _PARTITIONED.value and (_PLAN.value or _PLAN_MESH.value):
     raise ValueError('--partitioned counts one compiled step: drop --plan/--plan_mesh')
 

@@ -295,7 +295,7 @@ def import_adapter(folder: str, base_workdir: str, out: str, *, overwrite: bool 
                             '(or tools/convert_from_hf.py --out) of the base model the adapter '
                             'was trained on') from None
   if config.lora.rank:
-    base_of_base = config.checkpoint.init_from.rstrip('/').rsplit('/', 1)[0]
+    base_of_base = rundir.RunDir.of_checkpoints(config.checkpoint.init_from).workdir
     raise ValueError(f'--base={base_workdir} is a LoRA run (lora.rank={config.lora.rank}): pass '
                      f'the run (or HF import) its adapters apply to: --base={base_of_base}')
   config.lora.update(lora_section(saved, what=f'--adapter={folder}'))
